@@ -1,0 +1,173 @@
+"""Typed configuration: the network architecture and the fitting recipe.
+
+Both are plain frozen dataclasses, saved as JSON beside the weights, so a model file
+always says how to rebuild the network that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Architecture of a TBSN (a 3-level parity-preserving U-Net of transformer blocks)."""
+
+    dim: int = 48
+    encoder_blocks: tuple[int, int, int] = (4, 4, 4)
+    decoder_blocks: tuple[int, int] = (4, 4)
+    refinement_blocks: int = 4
+    channel_heads: tuple[int, int, int] = (1, 2, 4)
+    spatial_heads: tuple[int, int, int] = (2, 2, 3)
+    window: int = 8
+    overlap: float = 0.5
+    spatial_head_dim: int = 16
+    ffn_expansion: float = 1.0
+    in_channels: int = 1
+    out_channels: int = 1
+
+    def __post_init__(self) -> None:
+        # JSON gives lists back; keep tuples so configs compare and hash.
+        for name in ("encoder_blocks", "decoder_blocks", "channel_heads", "spatial_heads"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        self.validate()
+
+    @property
+    def key_window(self) -> int:
+        return self.window + round(self.window * self.overlap)
+
+    @property
+    def size_multiple(self) -> int:
+        """H and W must divide by this: two parity downsamplings, then whole windows."""
+        return 4 * self.window
+
+    def validate(self) -> None:
+        if self.dim % 2:
+            raise ValueError(f"dim must be even (parity downsampling halves it), got {self.dim}")
+        extra = self.window * self.overlap
+        if abs(extra - round(extra)) > 1e-9:
+            raise ValueError(
+                f"window {self.window} with overlap {self.overlap} gives a key window of "
+                f"{self.window + extra} pixels; choose an overlap that makes it a whole number"
+            )
+        padding_per_side = round(extra) / 2
+        if padding_per_side % 2:
+            raise ValueError(
+                f"window {self.window} with overlap {self.overlap} pads the key window by "
+                f"{padding_per_side:g} pixels per side; the M-WSA dilation mask needs an even "
+                "padding, or the lattice it keeps shifts to odd offsets and the blind spot "
+                "leaks. Use e.g. window 8 with overlap 0.5, or window 4 with overlap 1.0"
+            )
+        dims = (self.dim, 2 * self.dim, 4 * self.dim)
+        for level, (heads, channels) in enumerate(zip(self.channel_heads, dims)):
+            if channels % heads:
+                raise ValueError(f"level {level}: {channels} channels do not split into {heads} heads")
+        if 2 * self.dim % self.channel_heads[0]:
+            raise ValueError("the decoder's first level needs 2*dim divisible by channel_heads[0]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "NetworkConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown network settings {sorted(unknown)}")
+        return cls(**values)
+
+
+NETWORK_PRESETS: dict[str, NetworkConfig] = {
+    # The paper's network: 12.7 M trainable parameters, ~650 GFLOP per 256x256 forward.
+    "paper": NetworkConfig(),
+    # CPU-friendly: the same architecture, narrower and one block per stage.
+    "small": NetworkConfig(
+        dim=24,
+        encoder_blocks=(1, 1, 1),
+        decoder_blocks=(1, 1),
+        refinement_blocks=1,
+        channel_heads=(1, 2, 4),
+        spatial_heads=(1, 2, 2),
+        window=8,
+        overlap=0.5,
+        spatial_head_dim=12,
+    ),
+    # For tests and quick looks: seconds on a CPU.
+    "tiny": NetworkConfig(
+        dim=8,
+        encoder_blocks=(1, 1, 1),
+        decoder_blocks=(1, 1),
+        refinement_blocks=0,
+        channel_heads=(1, 2, 2),
+        spatial_heads=(1, 1, 1),
+        window=4,
+        overlap=1.0,
+        spatial_head_dim=8,
+    ),
+}
+
+PRESET_HINTS: dict[str, str] = {
+    "tiny": "tiny: seconds on a CPU, for a quick look",
+    "small": "small: the CPU default, minutes",
+    "paper": "paper: 12.7 M parameters, wants a GPU",
+}
+
+
+def network_preset(name: str, channels: int = 1, out_channels: int | None = None) -> NetworkConfig:
+    """The named preset for `channels` input channels (and as many outputs by default)."""
+    if name not in NETWORK_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(NETWORK_PRESETS)}")
+    if channels < 1:
+        raise ValueError(f"channels must be at least 1, got {channels}")
+    return dataclasses.replace(
+        NETWORK_PRESETS[name],
+        in_channels=channels,
+        out_channels=channels if out_channels is None else out_channels,
+    )
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a Denoiser fits its network to the user's noisy data."""
+
+    patch_size: int = 64
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.02
+    validation_fraction: float = 0.1
+    validation_patches_max: int = 16
+    validation_every: int = 25
+    default_iterations: int = 2000
+    max_training_pixels: int = 2**26
+    compile: str = "auto"  # "auto" (CUDA only), "always" or "never"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+FIT_PRESETS: dict[str, FitConfig] = {
+    "tiny": FitConfig(patch_size=64, batch_size=4, learning_rate=2e-3, default_iterations=300),
+    "small": FitConfig(patch_size=64, batch_size=4, learning_rate=1e-3, default_iterations=2000),
+    "paper": FitConfig(patch_size=128, batch_size=4, learning_rate=3e-4, default_iterations=20000),
+}
+
+
+@dataclass
+class TrainingSummary:
+    """What a fit did, saved with the model."""
+
+    iterations: int = 0
+    seconds: float = 0.0
+    best_iteration: int = 0
+    best_validation_loss: float | None = None
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)

@@ -1,0 +1,92 @@
+"""Small layers that keep the blind spot: every one of them lets a feature at position p
+read only features at p + 2Z^2 (both offsets even), except the centre-masked input conv."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+class CentreMaskedConv2d(nn.Conv2d):
+    """3x3 convolution whose centre tap is zero: the only layer that creates the blind spot.
+
+    The mask multiplies the weight inside forward (never the stored parameter), so no saved,
+    loaded or exported weight can switch the centre pixel back on.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        mask = torch.ones(1, 1, 3, 3)
+        mask[..., 1, 1] = 0
+        self.register_buffer("centre_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight * self.centre_mask, None, padding=1)
+
+
+def dilated_conv3x3(in_channels: int, out_channels: int, groups: int = 1) -> nn.Conv2d:
+    """3x3 convolution with dilation 2: reads only same-parity neighbours."""
+    return nn.Conv2d(in_channels, out_channels, 3, padding=2, dilation=2, groups=groups, bias=False)
+
+
+class BiasFreeLayerNorm(nn.Module):
+    """LayerNorm over channels at each position, with a scale and no bias (Restormer style)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.var(dim=1, keepdim=True, unbiased=False)
+        return x * torch.rsqrt(variance + self.eps) * self.weight.view(1, -1, 1, 1)
+
+
+class FeedForward(nn.Module):
+    """Two dense dilation-2 3x3 convolutions with GELU between."""
+
+    def __init__(self, dim: int, expansion: float) -> None:
+        super().__init__()
+        hidden = max(1, round(dim * expansion))
+        self.expand = dilated_conv3x3(dim, hidden)
+        self.project = dilated_conv3x3(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(F.gelu(self.expand(x)))
+
+
+class ParityDownsample(nn.Module):
+    """Halve H and W without mixing parity classes.
+
+    A 4x4 block holds four pixels of each parity class (y % 2, x % 2); the four pixels of
+    one class go into one low-resolution cell, and that cell keeps the class as its own
+    parity. (PixelUnshuffle(2) would put all four classes into one cell.)
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(dim, dim // 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(x)
+        return rearrange(
+            x, "b c (cell_y pair_y py) (cell_x pair_x px) -> b (c pair_y pair_x) (cell_y py) (cell_x px)",
+            pair_y=2, py=2, pair_x=2, px=2,
+        )
+
+
+class ParityUpsample(nn.Module):
+    """The inverse of ParityDownsample: double H and W, halving the channels."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(dim, dim * 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.expand(x)
+        return rearrange(
+            x, "b (c pair_y pair_x) (cell_y py) (cell_x px) -> b c (cell_y pair_y py) (cell_x pair_x px)",
+            pair_y=2, py=2, pair_x=2, px=2,
+        )

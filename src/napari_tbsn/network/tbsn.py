@@ -1,0 +1,89 @@
+"""TBSN: a parity-preserving 3-level U-Net of transformer blocks behind a masked input conv."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import NetworkConfig, network_preset
+from .attention import MaskedWindowAttention, ParityChannelAttention
+from .layers import BiasFreeLayerNorm, CentreMaskedConv2d, FeedForward, ParityDownsample, ParityUpsample
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: channel attention, FFN, spatial attention, FFN."""
+
+    def __init__(self, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig) -> None:
+        super().__init__()
+        self.norm_channel = BiasFreeLayerNorm(dim)
+        self.channel_attention = ParityChannelAttention(dim, channel_heads)
+        self.norm_ffn_1 = BiasFreeLayerNorm(dim)
+        self.ffn_1 = FeedForward(dim, config.ffn_expansion)
+        self.norm_spatial = BiasFreeLayerNorm(dim)
+        self.spatial_attention = MaskedWindowAttention(
+            dim, spatial_heads, config.spatial_head_dim, config.window, config.key_window
+        )
+        self.norm_ffn_2 = BiasFreeLayerNorm(dim)
+        self.ffn_2 = FeedForward(dim, config.ffn_expansion)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.channel_attention(self.norm_channel(x))
+        x = x + self.ffn_1(self.norm_ffn_1(x))
+        x = x + self.spatial_attention(self.norm_spatial(x))
+        return x + self.ffn_2(self.norm_ffn_2(x))
+
+
+def _stage(count: int, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig) -> nn.Sequential:
+    return nn.Sequential(*(TransformerBlock(dim, channel_heads, spatial_heads, config) for _ in range(count)))
+
+
+class TBSN(nn.Module):
+    """Transformer-Based Blind-Spot Network (arXiv 2404.07846), exactly blind.
+
+    Maps (B, C_in, H, W) to (B, C_out, H, W). Output pixel p never depends on any input
+    pixel at p + 2Z^2 (p itself included): the masked input conv removes the offsets with
+    both components even, and every later layer keeps parity classes apart. H and W must
+    divide by `size_multiple`.
+    """
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        dim = config.dim
+        ch, sp = config.channel_heads, config.spatial_heads
+        self.input_conv = CentreMaskedConv2d(config.in_channels, dim)
+        self.encoder_1 = _stage(config.encoder_blocks[0], dim, ch[0], sp[0], config)
+        self.down_1 = ParityDownsample(dim)
+        self.encoder_2 = _stage(config.encoder_blocks[1], 2 * dim, ch[1], sp[1], config)
+        self.down_2 = ParityDownsample(2 * dim)
+        self.latent = _stage(config.encoder_blocks[2], 4 * dim, ch[2], sp[2], config)
+        self.up_2 = ParityUpsample(4 * dim)
+        self.reduce_2 = nn.Conv2d(4 * dim, 2 * dim, 1, bias=False)
+        self.decoder_2 = _stage(config.decoder_blocks[0], 2 * dim, ch[1], sp[1], config)
+        self.up_1 = ParityUpsample(2 * dim)
+        self.decoder_1 = _stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config)
+        self.refinement = _stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config)
+        self.output_conv = nn.Conv2d(2 * dim, config.out_channels, 1, bias=True)
+
+    @classmethod
+    def from_preset(cls, name: str, channels: int = 1, out_channels: int | None = None) -> "TBSN":
+        return cls(network_preset(name, channels, out_channels))
+
+    @property
+    def size_multiple(self) -> int:
+        return self.config.size_multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        multiple = self.size_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(f"TBSN needs H and W divisible by {multiple}, got {height}x{width}")
+        level_1 = self.encoder_1(self.input_conv(x))
+        level_2 = self.encoder_2(self.down_1(level_1))
+        latent = self.latent(self.down_2(level_2))
+        decoded_2 = self.reduce_2(torch.cat([self.up_2(latent), level_2], dim=1))
+        decoded_2 = self.decoder_2(decoded_2)
+        decoded_1 = torch.cat([self.up_1(decoded_2), level_1], dim=1)
+        decoded_1 = self.refinement(self.decoder_1(decoded_1))
+        return self.output_conv(decoded_1)
