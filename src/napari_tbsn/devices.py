@@ -1,0 +1,44 @@
+"""Choosing a torch device, and naming the ones present."""
+
+from __future__ import annotations
+
+import torch
+
+
+def available_devices() -> list[tuple[str, str]]:
+    """(device string, human name) for every device torch can use here."""
+    found = [("cpu", "CPU")]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            found.append((f"cuda:{index}", f"CUDA {index}: {torch.cuda.get_device_name(index)}"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append(("mps", "Apple MPS"))
+    return found
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA, then MPS, then CPU; anything else must exist here."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use 'auto' or 'cpu'")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' asked for, but Apple MPS is not available here; use 'auto' or 'cpu'")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from error
+
+
+def out_of_memory_error(device: torch.device, what: str) -> MemoryError:
+    return MemoryError(
+        f"{device.type.upper()} ran out of memory while {what}; lower the tile size or batch size, "
+        "choose a smaller preset, or use device='cpu'"
+    )

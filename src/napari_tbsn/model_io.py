@@ -1,0 +1,77 @@
+"""Model files: safetensors weights with the JSON description in the file's header.
+
+One file holds everything; loading reads tensors and a JSON string and never unpickles.
+Files are written to a temporary name and renamed, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "napari-tbsn-model"
+FORMAT_VERSION = 1
+METADATA_KEY = "napari_tbsn"
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, corrupt, or not a napari-tbsn model."""
+
+
+def atomic_target(path: Path) -> Path:
+    """A temporary path beside `path`, to be renamed over it once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    return Path(name)
+
+
+def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], description: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **description}
+    tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
+    temporary = atomic_target(path)
+    try:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(header)})
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, description) from a file written by save_model."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"no model file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt: "
+            "save the model again"
+        ) from error
+    if METADATA_KEY not in metadata:
+        raise ModelFileError(f"{path} is a safetensors file but not a napari-tbsn model (no {METADATA_KEY} header)")
+    try:
+        description = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ModelFileError(f"{path} has a damaged napari-tbsn header: {error}") from error
+    if description.get("format") != FORMAT_NAME:
+        raise ModelFileError(f"{path} is not a napari-tbsn model file")
+    if int(description.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} was written by a newer napari-tbsn (format {description['format_version']}); upgrade napari-tbsn"
+        )
+    return state, description

@@ -1,0 +1,56 @@
+"""Robust percentile normalisation, per channel, stored with the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .axes import PlaneLayout
+
+LOW_PERCENTILE = 1.0
+HIGH_PERCENTILE = 99.8
+SAMPLE_PLANES = 16
+SAMPLE_PIXELS_PER_PLANE = 2**20
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """Maps intensities to roughly [0, 1] per channel: (x - low) / (high - low)."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+    @classmethod
+    def from_data(cls, data, layout: PlaneLayout) -> "Normalizer":
+        """Percentiles from up to 16 evenly spaced planes, subsampled: never loads a whole stack."""
+        count = layout.plane_count
+        picks = np.unique(np.linspace(0, count - 1, min(count, SAMPLE_PLANES)).round().astype(int))
+        stride = max(1, int(np.sqrt(layout.height * layout.width / SAMPLE_PIXELS_PER_PLANE)))
+        samples = [layout.read_plane(data, layout.plane_index(i))[:, ::stride, ::stride] for i in picks]
+        values = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
+        low = np.percentile(values, LOW_PERCENTILE, axis=1)
+        high = np.percentile(values, HIGH_PERCENTILE, axis=1)
+        # A flat channel would divide by zero; give it a unit range.
+        high = np.where(high - low > 1e-12, high, low + 1.0)
+        return cls(tuple(float(v) for v in low), tuple(float(v) for v in high))
+
+    @property
+    def scale(self) -> np.ndarray:
+        return (np.asarray(self.high) - np.asarray(self.low)).astype(np.float32)
+
+    def normalize(self, block: np.ndarray) -> np.ndarray:
+        """(C, ...) float32 in input units -> normalised units."""
+        low = np.asarray(self.low, dtype=np.float32).reshape(-1, *([1] * (block.ndim - 1)))
+        return (block - low) / self.scale.reshape(low.shape)
+
+    def denormalize(self, block: np.ndarray) -> np.ndarray:
+        low = np.asarray(self.low, dtype=np.float32).reshape(-1, *([1] * (block.ndim - 1)))
+        return block * self.scale.reshape(low.shape) + low
+
+    def to_dict(self) -> dict:
+        return {"low": list(self.low), "high": list(self.high)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Normalizer":
+        return cls(tuple(float(v) for v in values["low"]), tuple(float(v) for v in values["high"]))

@@ -1,0 +1,195 @@
+"""The self-supervised fitting loop: blind-spot loss on the noisy data itself."""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import FitConfig, TrainingSummary
+from .noise import pd_down
+from .patches import PatchSampler
+
+
+@dataclass(frozen=True)
+class FitProgress:
+    """What the progress callback receives after every iteration."""
+
+    iteration: int
+    total_iterations: int | None
+    loss: float
+    validation_loss: float | None
+    best_validation_loss: float | None
+    elapsed: float
+    eta: float | None
+    fraction: float
+
+
+def blind_spot_loss(output: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the blind-spot prediction and the noisy input.
+
+    For zero-mean pixel-independent noise its expectation is the true MSE plus the noise
+    variance (Noise2Self), so the validation loss tracks real quality.
+    """
+    return torch.mean((output.float() - noisy.float()) ** 2)
+
+
+def learning_rate_factor(progress: float, config: FitConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_fraction."""
+    progress = min(max(progress, 0.0), 1.0)
+    warmup = config.warmup_fraction
+    if warmup > 0 and progress < warmup:
+        return max(progress / warmup, 0.01)
+    span = (progress - warmup) / max(1.0 - warmup, 1e-9)
+    return config.min_lr_fraction + (1 - config.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * span))
+
+
+class Trainer:
+    """Fits a network with AdamW, keeping the weights with the best validation loss."""
+
+    def __init__(
+        self,
+        network: nn.Module,
+        sampler: PatchSampler,
+        config: FitConfig,
+        device: torch.device,
+        pd: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.network = network
+        self.sampler = sampler
+        self.config = config
+        self.device = device
+        self.pd = pd
+        self.rng = np.random.default_rng(seed)
+        torch.manual_seed(seed)
+        self.optimizer = torch.optim.AdamW(
+            network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.autocast = device.type == "cuda"
+        self.forward = self._maybe_compile(network)
+        self.validation = torch.from_numpy(sampler.validation)
+        self._cancel = threading.Event()
+
+    def _maybe_compile(self, network: nn.Module) -> Callable:
+        wanted = self.config.compile == "always" or (self.config.compile == "auto" and self.device.type == "cuda")
+        if not wanted or not hasattr(torch, "compile"):
+            return network
+        try:
+            return torch.compile(network, dynamic=False)
+        except Exception:  # compilation is an optimisation: never a reason to fail a fit
+            return network
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = pd_down(batch.to(self.device, non_blocking=True), self.pd)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            try:
+                output = self.forward(batch)
+            except Exception:
+                if self.forward is self.network:
+                    raise
+                self.forward = self.network  # a compile failure shows at the first call
+                output = self.network(batch)
+        return blind_spot_loss(output, batch)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        self.network.eval()
+        total = 0.0
+        for start in range(0, len(self.validation), self.config.batch_size):
+            chunk = self.validation[start : start + self.config.batch_size]
+            total += float(self._run(chunk)) * len(chunk)
+        self.network.train()
+        return total / len(self.validation)
+
+    def fit(
+        self,
+        iterations: int | None,
+        time_budget: float | None,
+        callback: Callable[[FitProgress], None] | None = None,
+    ) -> TrainingSummary:
+        """Train until `iterations` or `time_budget` seconds (whichever comes first) or cancel."""
+        if iterations is None and time_budget is None:
+            iterations = self.config.default_iterations
+        summary = TrainingSummary()
+        best_state = copy.deepcopy(self.network.state_dict())
+        best_loss = math.inf
+        start = time.perf_counter()
+        iteration = 0
+        validation = None
+        self._cancel.clear()
+        self.network.train()
+        while True:
+            elapsed = time.perf_counter() - start
+            fraction = max(
+                iteration / iterations if iterations else 0.0,
+                elapsed / time_budget if time_budget else 0.0,
+            )
+            if fraction >= 1.0 or self._cancel.is_set():
+                break
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.learning_rate * learning_rate_factor(fraction, self.config)
+            batch = torch.from_numpy(self.sampler.sample(self.rng, self.config.batch_size))
+            loss = self._run(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            iteration += 1
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"the training loss became {loss_value} at iteration {iteration}; "
+                    "lower the learning rate or check the input for extreme values"
+                )
+            validation = None
+            if iteration % self.config.validation_every == 0 or iteration == iterations:
+                validation = self.validation_loss()
+                if validation < best_loss:
+                    best_loss = validation
+                    best_state = copy.deepcopy(self.network.state_dict())
+                    summary.best_iteration = iteration
+                summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
+            elapsed = time.perf_counter() - start
+            fraction = max(
+                iteration / iterations if iterations else 0.0,
+                elapsed / time_budget if time_budget else 0.0,
+            )
+            if callback is not None:
+                eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+                callback(
+                    FitProgress(
+                        iteration=iteration,
+                        total_iterations=iterations,
+                        loss=loss_value,
+                        validation_loss=validation,
+                        best_validation_loss=None if best_loss == math.inf else best_loss,
+                        elapsed=elapsed,
+                        eta=max(eta, 0.0) if eta is not None else None,
+                        fraction=min(fraction, 1.0),
+                    )
+                )
+        # The last iterations since the last validation may hold the best weights.
+        if iteration > 0 and validation is None:
+            validation = self.validation_loss()
+            if validation < best_loss:
+                best_loss = validation
+                best_state = copy.deepcopy(self.network.state_dict())
+                summary.best_iteration = iteration
+            summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
+        self.network.load_state_dict(best_state)
+        self.network.eval()
+        summary.iterations = iteration
+        summary.seconds = time.perf_counter() - start
+        summary.best_validation_loss = None if best_loss == math.inf else best_loss
+        summary.stopped_early = self._cancel.is_set()
+        return summary
