@@ -107,3 +107,11 @@ def test_paper_preset_has_the_paper_size():
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert abs(trainable - 12.7e6) < 0.2e6
     assert net.size_multiple == 32
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_split_layout_equals_the_papers_full_resolution_formulation(preset):
+    net = _network(preset)
+    x = torch.randn(2, 2, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, layout="split"), net(x, layout="full"), rtol=1e-10, atol=1e-10)

@@ -1,5 +1,13 @@
 """Small layers that keep the blind spot: every one of them lets a feature at position p
-read only features at p + 2Z^2 (both offsets even), except the centre-masked input conv."""
+read only features at p + 2Z^2 (both offsets even), except the centre-masked input conv.
+
+Every layer after the input conv runs in one of two equivalent layouts:
+- "full": the paper's layout, features at full resolution, dilation-2 convolutions;
+- "split": each parity class (y % 2, x % 2) as its own half-resolution image in the batch,
+  where a dilation-2 convolution becomes an ordinary 3x3 convolution. The same weights give
+  the same function (a float64 test checks it) with a quarter of the attention work.
+The network runs split; the full layout is kept as the readable reference.
+"""
 
 from __future__ import annotations
 
@@ -26,9 +34,28 @@ class CentreMaskedConv2d(nn.Conv2d):
         return F.conv2d(x, self.weight * self.centre_mask, None, padding=1)
 
 
-def dilated_conv3x3(in_channels: int, out_channels: int, groups: int = 1) -> nn.Conv2d:
-    """3x3 convolution with dilation 2: reads only same-parity neighbours."""
-    return nn.Conv2d(in_channels, out_channels, 3, padding=2, dilation=2, groups=groups, bias=False)
+def split_parity(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) full resolution -> (4B, C, H/2, W/2), one image per parity class."""
+    return rearrange(x, "b c (h py) (w px) -> (py px b) c h w", py=2, px=2)
+
+
+def merge_parity(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of split_parity."""
+    return rearrange(x, "(py px b) c h w -> b c (h py) (w px)", py=2, px=2)
+
+
+class DilatedConv3x3(nn.Module):
+    """3x3 convolution with dilation 2 (full layout), i.e. a plain 3x3 conv (split layout)."""
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 1) -> None:
+        super().__init__()
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, 3, 3))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
+
+    def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
+        step = 1 if split else 2
+        return F.conv2d(x, self.weight, None, padding=step, dilation=step, groups=self.groups)
 
 
 class BiasFreeLayerNorm(nn.Module):
@@ -40,7 +67,8 @@ class BiasFreeLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.var(dim=1, keepdim=True, unbiased=False)
+        centred = x - x.mean(dim=1, keepdim=True)
+        variance = (centred * centred).mean(dim=1, keepdim=True)
         return x * torch.rsqrt(variance + self.eps) * self.weight.view(1, -1, 1, 1)
 
 
@@ -50,11 +78,11 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, expansion: float) -> None:
         super().__init__()
         hidden = max(1, round(dim * expansion))
-        self.expand = dilated_conv3x3(dim, hidden)
-        self.project = dilated_conv3x3(hidden, dim)
+        self.expand = DilatedConv3x3(dim, hidden)
+        self.project = DilatedConv3x3(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(F.gelu(self.expand(x)))
+    def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
+        return self.project(F.gelu(self.expand(x, split)), split)
 
 
 class ParityDownsample(nn.Module):
@@ -69,8 +97,11 @@ class ParityDownsample(nn.Module):
         super().__init__()
         self.reduce = nn.Conv2d(dim, dim // 2, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         x = self.reduce(x)
+        if split:  # within one parity class this is a plain pixel unshuffle
+            return rearrange(x, "b c (cell_y pair_y) (cell_x pair_x) -> b (c pair_y pair_x) cell_y cell_x",
+                             pair_y=2, pair_x=2)
         return rearrange(
             x, "b c (cell_y pair_y py) (cell_x pair_x px) -> b (c pair_y pair_x) (cell_y py) (cell_x px)",
             pair_y=2, py=2, pair_x=2, px=2,
@@ -84,8 +115,11 @@ class ParityUpsample(nn.Module):
         super().__init__()
         self.expand = nn.Conv2d(dim, dim * 2, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         x = self.expand(x)
+        if split:
+            return rearrange(x, "b (c pair_y pair_x) cell_y cell_x -> b c (cell_y pair_y) (cell_x pair_x)",
+                             pair_y=2, pair_x=2)
         return rearrange(
             x, "b (c pair_y pair_x) (cell_y py) (cell_x px) -> b c (cell_y pair_y py) (cell_x pair_x px)",
             pair_y=2, py=2, pair_x=2, px=2,

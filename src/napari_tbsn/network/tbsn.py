@@ -7,7 +7,15 @@ from torch import nn
 
 from ..config import NetworkConfig, network_preset
 from .attention import MaskedWindowAttention, ParityChannelAttention
-from .layers import BiasFreeLayerNorm, CentreMaskedConv2d, FeedForward, ParityDownsample, ParityUpsample
+from .layers import (
+    BiasFreeLayerNorm,
+    CentreMaskedConv2d,
+    FeedForward,
+    ParityDownsample,
+    ParityUpsample,
+    merge_parity,
+    split_parity,
+)
 
 
 class TransformerBlock(nn.Module):
@@ -26,15 +34,23 @@ class TransformerBlock(nn.Module):
         self.norm_ffn_2 = BiasFreeLayerNorm(dim)
         self.ffn_2 = FeedForward(dim, config.ffn_expansion)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.channel_attention(self.norm_channel(x))
-        x = x + self.ffn_1(self.norm_ffn_1(x))
-        x = x + self.spatial_attention(self.norm_spatial(x))
-        return x + self.ffn_2(self.norm_ffn_2(x))
+    def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
+        x = x + self.channel_attention(self.norm_channel(x), split)
+        x = x + self.ffn_1(self.norm_ffn_1(x), split)
+        x = x + self.spatial_attention(self.norm_spatial(x), split)
+        return x + self.ffn_2(self.norm_ffn_2(x), split)
 
 
-def _stage(count: int, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig) -> nn.Sequential:
-    return nn.Sequential(*(TransformerBlock(dim, channel_heads, spatial_heads, config) for _ in range(count)))
+class Stage(nn.ModuleList):
+    """Consecutive transformer blocks at one resolution."""
+
+    def __init__(self, count: int, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig) -> None:
+        super().__init__(TransformerBlock(dim, channel_heads, spatial_heads, config) for _ in range(count))
+
+    def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
+        for block in self:
+            x = block(x, split)
+        return x
 
 
 class TBSN(nn.Module):
@@ -53,17 +69,17 @@ class TBSN(nn.Module):
         dim = config.dim
         ch, sp = config.channel_heads, config.spatial_heads
         self.input_conv = CentreMaskedConv2d(config.in_channels, dim)
-        self.encoder_1 = _stage(config.encoder_blocks[0], dim, ch[0], sp[0], config)
+        self.encoder_1 = Stage(config.encoder_blocks[0], dim, ch[0], sp[0], config)
         self.down_1 = ParityDownsample(dim)
-        self.encoder_2 = _stage(config.encoder_blocks[1], 2 * dim, ch[1], sp[1], config)
+        self.encoder_2 = Stage(config.encoder_blocks[1], 2 * dim, ch[1], sp[1], config)
         self.down_2 = ParityDownsample(2 * dim)
-        self.latent = _stage(config.encoder_blocks[2], 4 * dim, ch[2], sp[2], config)
+        self.latent = Stage(config.encoder_blocks[2], 4 * dim, ch[2], sp[2], config)
         self.up_2 = ParityUpsample(4 * dim)
         self.reduce_2 = nn.Conv2d(4 * dim, 2 * dim, 1, bias=False)
-        self.decoder_2 = _stage(config.decoder_blocks[0], 2 * dim, ch[1], sp[1], config)
+        self.decoder_2 = Stage(config.decoder_blocks[0], 2 * dim, ch[1], sp[1], config)
         self.up_1 = ParityUpsample(2 * dim)
-        self.decoder_1 = _stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config)
-        self.refinement = _stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config)
+        self.decoder_1 = Stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config)
+        self.refinement = Stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config)
         self.output_conv = nn.Conv2d(2 * dim, config.out_channels, 1, bias=True)
 
     @classmethod
@@ -74,16 +90,30 @@ class TBSN(nn.Module):
     def size_multiple(self) -> int:
         return self.config.size_multiple
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: str = "split") -> torch.Tensor:
+        """`layout="full"` runs the paper's full-resolution formulation (dilated convs, masked
+        window attention); the default "split" runs each parity class as its own image: the
+        same function with the same weights, and faster."""
         height, width = x.shape[-2:]
         multiple = self.size_multiple
         if height % multiple or width % multiple:
             raise ValueError(f"TBSN needs H and W divisible by {multiple}, got {height}x{width}")
-        level_1 = self.encoder_1(self.input_conv(x))
-        level_2 = self.encoder_2(self.down_1(level_1))
-        latent = self.latent(self.down_2(level_2))
-        decoded_2 = self.reduce_2(torch.cat([self.up_2(latent), level_2], dim=1))
-        decoded_2 = self.decoder_2(decoded_2)
-        decoded_1 = torch.cat([self.up_1(decoded_2), level_1], dim=1)
-        decoded_1 = self.refinement(self.decoder_1(decoded_1))
-        return self.output_conv(decoded_1)
+        if layout not in ("split", "full"):
+            raise ValueError(f"layout must be 'split' or 'full', got {layout!r}")
+        split = layout == "split"
+        features = self.input_conv(x)
+        if split:
+            features = split_parity(features)
+        decoded = self._body(features, split)
+        if split:
+            decoded = merge_parity(decoded)
+        return self.output_conv(decoded)
+
+    def _body(self, x: torch.Tensor, split: bool) -> torch.Tensor:
+        level_1 = self.encoder_1(x, split)
+        level_2 = self.encoder_2(self.down_1(level_1, split), split)
+        latent = self.latent(self.down_2(level_2, split), split)
+        decoded_2 = self.reduce_2(torch.cat([self.up_2(latent, split), level_2], dim=1))
+        decoded_2 = self.decoder_2(decoded_2, split)
+        decoded_1 = torch.cat([self.up_1(decoded_2, split), level_1], dim=1)
+        return self.refinement(self.decoder_1(decoded_1, split), split)

@@ -1,0 +1,227 @@
+"""`tbsn`: fit and denoise image files from the command line.
+
+    tbsn denoise IN -o OUT [--time-budget S | --iterations N] [--save-model M]
+    tbsn fit IN -o MODEL
+    tbsn predict IN --model MODEL -o OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from . import __version__
+from .axes import guess_axes, parse_axes
+from .config import NETWORK_PRESETS, PRESET_HINTS
+from .denoiser import Denoiser, PredictProgress
+from .image_io import ImageFile, open_output, read_image
+from .model_io import ModelFileError
+from .training import FitProgress
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr (redrawn at most ten times a second)."""
+
+    def __init__(self, label: str, enabled: bool = True, width: int = 28) -> None:
+        self.label = label
+        self.enabled = enabled
+        self.width = width
+        self._last = 0.0
+
+    def update(self, fraction: float, detail: str, eta: float | None, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.1):
+            return
+        self._last = now
+        filled = int(round(self.width * min(max(fraction, 0.0), 1.0)))
+        bar = "#" * filled + "." * (self.width - filled)
+        eta_text = "" if eta is None else f" ETA {format_seconds(eta)}"
+        sys.stderr.write(f"\r{self.label} |{bar}| {100 * fraction:5.1f}% {detail}{eta_text}   ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _input_axes(image: ImageFile, given: str | None) -> str:
+    if given:
+        return parse_axes(given, len(image.data.shape))
+    if image.axes and len(image.axes) == len(image.data.shape):
+        return image.axes
+    return guess_axes(tuple(image.data.shape))
+
+
+@contextlib.contextmanager
+def _interrupt_stops_fit(denoiser: Denoiser) -> Iterator[None]:
+    """The first Ctrl-C ends the fit early (keeping the best weights); a second one aborts."""
+
+    def stop(signum, frame):
+        sys.stderr.write("\nstopping the fit after this iteration (Ctrl-C again to abort)\n")
+        denoiser.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
+    denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed)
+    bar = ProgressBar("fit", enabled=not args.quiet)
+
+    def on_progress(progress: FitProgress) -> None:
+        validation = "" if progress.best_validation_loss is None else f" best val {progress.best_validation_loss:.5f}"
+        detail = f"it {progress.iteration} loss {progress.loss:.5f}{validation}"
+        bar.update(progress.fraction, detail, progress.eta)
+
+    _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
+         f"on {denoiser.device} (pd {args.pd})")
+    with _interrupt_stops_fit(denoiser):
+        denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget, callback=on_progress)
+    bar.close()
+    summary = denoiser.summary
+    assert summary is not None
+    _log(args, f"fitted: {summary.iterations} iterations in {format_seconds(summary.seconds)}, best validation "
+         f"loss {summary.best_validation_loss:.6f} at iteration {summary.best_iteration}"
+         + (" (stopped early)" if summary.stopped_early else ""))
+    return denoiser
+
+
+def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str) -> None:
+    bar = ProgressBar("denoise", enabled=not args.quiet)
+
+    def on_progress(progress: PredictProgress) -> None:
+        bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
+
+    with open_output(args.output, tuple(image.data.shape), axes, like=image) as out:
+        denoiser.predict(image.data, axes, out=out, callback=on_progress)
+    bar.close()
+    _log(args, f"wrote {args.output}")
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def command_fit(args: argparse.Namespace) -> None:
+    image = read_image(args.input)
+    axes = _input_axes(image, args.axes)
+    denoiser = _fit(args, image, axes)
+    denoiser.save(args.output)
+    _log(args, f"saved the model to {args.output}")
+
+
+def command_predict(args: argparse.Namespace) -> None:
+    denoiser = Denoiser.load(args.model, device=args.device)
+    if args.tile_size:
+        denoiser.tile_size = args.tile_size
+    image = read_image(args.input)
+    _predict(args, denoiser, image, _input_axes(image, args.axes))
+
+
+def command_denoise(args: argparse.Namespace) -> None:
+    image = read_image(args.input)
+    axes = _input_axes(image, args.axes)
+    denoiser = _fit(args, image, axes)
+    if args.tile_size:
+        denoiser.tile_size = args.tile_size
+    if args.save_model:
+        denoiser.save(args.save_model)
+        _log(args, f"saved the model to {args.save_model}")
+    _predict(args, denoiser, image, axes)
+
+
+def command_sample(args: argparse.Namespace) -> None:
+    from .samples import SAMPLE_AXES, clean_stack, noisy_stack
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name, stack in (("noisy.tif", noisy_stack()), ("clean.tif", clean_stack())):
+        with open_output(args.output / name, stack.shape, SAMPLE_AXES) as out:
+            out[:] = stack
+        _log(args, f"wrote {args.output / name} {stack.shape} ({SAMPLE_AXES}, photons)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tbsn",
+        description="Self-supervised TBSN denoising of microscopy images (TIFF, .npy, .zarr).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-tbsn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("input", type=Path, help="noisy image: .tif/.tiff, .npy or .zarr")
+        sub.add_argument("--axes", help="axis letters from STCZYX, e.g. ZYX (default: file metadata or shape)")
+        sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+        sub.add_argument("--quiet", action="store_true", help="no progress output")
+
+    def fitting(sub: argparse.ArgumentParser) -> None:
+        hints = "; ".join(PRESET_HINTS[name] for name in ("tiny", "small", "paper"))
+        sub.add_argument("--preset", default="small", choices=sorted(NETWORK_PRESETS), help=hints)
+        budget = sub.add_mutually_exclusive_group()
+        budget.add_argument("--iterations", type=int, help="training iterations")
+        budget.add_argument("--time-budget", type=float, help="training seconds (default: the preset's iterations)")
+        sub.add_argument("--pd", type=int, default=1, help="pixel-shuffle factor: 1 for pixel-independent noise, "
+                         "2-5 for spatially correlated noise (default 1)")
+        sub.add_argument("--seed", type=int, default=0)
+
+    def tiling(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 256)")
+
+    denoise = commands.add_parser("denoise", help="fit on the input itself, then denoise it")
+    common(denoise)
+    fitting(denoise)
+    tiling(denoise)
+    denoise.add_argument("-o", "--output", type=Path, required=True, help="denoised image (.tif, .npy, .zarr)")
+    denoise.add_argument("--save-model", type=Path, help="also save the fitted model here (.safetensors)")
+    denoise.set_defaults(run=command_denoise)
+
+    fit = commands.add_parser("fit", help="fit a model on the input and save it")
+    common(fit)
+    fitting(fit)
+    fit.add_argument("-o", "--output", type=Path, required=True, help="model file (.safetensors)")
+    fit.set_defaults(run=command_fit)
+
+    predict = commands.add_parser("predict", help="denoise with a saved model")
+    common(predict)
+    tiling(predict)
+    predict.add_argument("--model", type=Path, required=True, help="model file written by tbsn fit")
+    predict.add_argument("-o", "--output", type=Path, required=True, help="denoised image (.tif, .npy, .zarr)")
+    predict.set_defaults(run=command_predict)
+
+    sample = commands.add_parser("sample", help="write the bundled noisy sample stack and its clean reference")
+    sample.add_argument("-o", "--output", type=Path, default=Path("."), help="folder (default: here)")
+    sample.add_argument("--quiet", action="store_true")
+    sample.set_defaults(run=command_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, MemoryError, ModelFileError, RuntimeError) as error:
+        print(f"tbsn: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def noisy_image(shape=(96, 128), seed=0, peak=20.0) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth synthetic 'cells' image and its Poisson-Gaussian noisy version (photons)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.arange(shape[-2]), np.arange(shape[-1]), indexing="ij")
+    clean = np.zeros(shape[-2:])
+    for _ in range(12):
+        cy, cx = rng.uniform(0, shape[-2]), rng.uniform(0, shape[-1])
+        clean += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(4, 10) ** 2))
+    clean = peak * clean / clean.max()
+    clean = np.broadcast_to(clean, shape).copy()
+    noisy = rng.poisson(clean) + rng.normal(0, 1, shape)
+    return clean, noisy.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def fitted_tiny():
+    """A tiny Denoiser fitted briefly on a synthetic image (shared: fitting costs seconds)."""
+    from napari_tbsn import Denoiser
+
+    _, noisy = noisy_image((128, 128))
+    return Denoiser(preset="tiny", device="cpu", seed=0).fit(noisy, "YX", iterations=30)

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import tifffile
+
+from napari_tbsn.cli import main
+
+from .conftest import noisy_image
+
+
+@pytest.fixture
+def noisy_tiff(tmp_path):
+    _, noisy = noisy_image((2, 64, 96), seed=5)
+    path = tmp_path / "noisy.tif"
+    tifffile.imwrite(
+        path, noisy.astype(np.uint16), imagej=True, resolution=(1 / 0.2, 1 / 0.2),
+        metadata={"axes": "ZYX", "spacing": 0.5, "unit": "um"},
+    )
+    return path
+
+
+def test_denoise_writes_tiff_with_axes_and_pixel_size(noisy_tiff, tmp_path):
+    out = tmp_path / "clean.tif"
+    model = tmp_path / "model.safetensors"
+    code = main(["denoise", str(noisy_tiff), "-o", str(out), "--preset", "tiny", "--iterations", "3",
+                 "--device", "cpu", "--save-model", str(model), "--quiet"])
+    assert code == 0
+    with tifffile.TiffFile(out) as tif:
+        assert tif.series[0].axes == "ZYX" and tif.series[0].shape == (2, 64, 96)
+        assert tif.series[0].dtype == np.float32
+        assert tif.imagej_metadata["spacing"] == pytest.approx(0.5)
+        assert tif.pages[0].tags["XResolution"].value == tifffile.TiffFile(noisy_tiff).pages[0].tags["XResolution"].value
+    assert model.exists()
+
+
+def test_fit_then_predict_to_npy_and_zarr(noisy_tiff, tmp_path):
+    model = tmp_path / "model.safetensors"
+    assert main(["fit", str(noisy_tiff), "-o", str(model), "--preset", "tiny", "--iterations", "2", "--quiet"]) == 0
+    assert main(["predict", str(noisy_tiff), "--model", str(model), "-o", str(tmp_path / "o.npy"), "--quiet"]) == 0
+    assert np.load(tmp_path / "o.npy").shape == (2, 64, 96)
+    pytest.importorskip("zarr")
+    assert main(["predict", str(tmp_path / "o.npy"), "--model", str(model), "--axes", "ZYX",
+                 "-o", str(tmp_path / "o.zarr"), "--quiet"]) == 0
+    import zarr
+
+    stored = zarr.open(str(tmp_path / "o.zarr"), mode="r")
+    assert stored.shape == (2, 64, 96) and stored.attrs["axes"] == "ZYX"
+
+
+def test_bad_input_exits_non_zero_with_a_message(noisy_tiff, tmp_path, capsys):
+    out = tmp_path / "never.tif"
+    assert main(["denoise", str(noisy_tiff), "-o", str(out), "--axes", "ZYXQ", "--preset", "tiny", "--quiet"]) == 2
+    assert "axes" in capsys.readouterr().err
+    assert main(["predict", str(noisy_tiff), "--model", str(noisy_tiff), "-o", str(out), "--quiet"]) == 2
+    assert "not a readable safetensors" in capsys.readouterr().err
+    assert main(["denoise", str(tmp_path / "missing.tif"), "-o", str(out), "--quiet"]) == 2
+    assert not out.exists()
+
+
+def test_failed_prediction_leaves_no_partial_output(noisy_tiff, tmp_path, monkeypatch):
+    from napari_tbsn import Denoiser
+
+    model = tmp_path / "model.safetensors"
+    main(["fit", str(noisy_tiff), "-o", str(model), "--preset", "tiny", "--iterations", "1", "--quiet"])
+    out = tmp_path / "clean.tif"
+    out.write_bytes(b"previous result")
+
+    def explode(self, *args, **kwargs):
+        raise RuntimeError("simulated crash mid-way")
+
+    monkeypatch.setattr(Denoiser, "predict", explode)
+    assert main(["predict", str(noisy_tiff), "--model", str(model), "-o", str(out), "--quiet"]) == 2
+    assert out.read_bytes() == b"previous result"
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_tbsn import Denoiser
+
+from .conftest import noisy_image
+
+
+def test_fit_and_predict_keep_shape_units_and_the_input(fitted_tiny):
+    clean, noisy = noisy_image((2, 96, 128), seed=1)
+    original = noisy.copy()
+    out = fitted_tiny.predict(noisy, "ZYX")
+    assert out.shape == noisy.shape and out.dtype == np.float32
+    np.testing.assert_array_equal(noisy, original)
+    # Photon units in, photon units out, and closer to the truth than the input.
+    assert np.mean((out - clean) ** 2) < 0.5 * np.mean((noisy - clean) ** 2)
+
+
+def test_fit_with_channels_and_time():
+    _, noisy = noisy_image((2, 2, 64, 64), seed=2)  # T C Y X
+    denoiser = Denoiser(preset="tiny", device="cpu").fit(noisy, "TCYX", iterations=3)
+    assert denoiser.network.config.in_channels == 2
+    assert denoiser.predict(noisy, "TCYX").shape == noisy.shape
+    with pytest.raises(ValueError, match="channel"):
+        denoiser.predict(noisy[:, 0], "TYX")
+
+
+def test_fitting_is_deterministic_on_cpu():
+    _, noisy = noisy_image((64, 64))
+    first = Denoiser(preset="tiny", device="cpu", seed=5).fit(noisy, "YX", iterations=4)
+    second = Denoiser(preset="tiny", device="cpu", seed=5).fit(noisy, "YX", iterations=4)
+    for a, b in zip(first.network.state_dict().values(), second.network.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cancel_stops_within_one_iteration_and_keeps_the_best_weights():
+    _, noisy = noisy_image((128, 128))
+    denoiser = Denoiser(preset="tiny", device="cpu")
+    seen = []
+
+    def stop_at_seven(progress):
+        seen.append(progress)
+        if progress.iteration == 7:
+            denoiser.cancel()
+
+    denoiser.fit(noisy, "YX", iterations=1000, callback=stop_at_seven)
+    assert denoiser.summary.iterations == 7 and denoiser.summary.stopped_early
+    assert [p.iteration for p in seen] == list(range(1, 8))
+    assert denoiser.summary.best_validation_loss is not None
+    assert denoiser.is_fitted
+
+
+def test_time_budget_stops_the_fit():
+    _, noisy = noisy_image((64, 64))
+    denoiser = Denoiser(preset="tiny", device="cpu").fit(noisy, "YX", time_budget=1.0)
+    assert denoiser.summary.iterations >= 1 and denoiser.summary.seconds < 10
+
+
+@pytest.mark.parametrize(
+    "data, axes, error, message",
+    [
+        (np.zeros((64, 64), np.complex64), "YX", TypeError, "dtype"),
+        (np.zeros((64, 64), bool), "YX", TypeError, "dtype"),
+        (np.full((64, 64), np.nan, np.float32), "YX", ValueError, "NaN"),
+        (np.zeros((3, 64, 64), np.float32), "YX", ValueError, "dimensions"),
+        (np.zeros((8, 8), np.float32), "YX", ValueError, "at least"),
+    ],
+)
+def test_bad_input_is_explained(data, axes, error, message):
+    with pytest.raises(error, match=message):
+        Denoiser(preset="tiny", device="cpu").fit(data, axes, iterations=1)
+
+
+def test_predict_before_fit_is_explained():
+    with pytest.raises(RuntimeError, match="fit"):
+        Denoiser(preset="tiny").predict(np.zeros((64, 64), np.float32), "YX")
+
+
+def test_lazy_inputs_and_out_arrays(fitted_tiny, tmp_path):
+    dask_array = pytest.importorskip("dask.array")
+    _, noisy = noisy_image((3, 64, 96), seed=4)
+    expected = fitted_tiny.predict(noisy, "ZYX")
+    lazy = dask_array.from_array(noisy, chunks=(1, 64, 96))
+    np.testing.assert_allclose(fitted_tiny.predict(lazy, "ZYX"), expected, atol=1e-5)
+    memmap = np.lib.format.open_memmap(tmp_path / "in.npy", mode="w+", dtype=np.float32, shape=noisy.shape)
+    memmap[:] = noisy
+    out = np.lib.format.open_memmap(tmp_path / "out.npy", mode="w+", dtype=np.float32, shape=noisy.shape)
+    assert fitted_tiny.predict(memmap, "ZYX", out=out) is out
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+
+
+def test_unknown_preset_and_bad_pd_are_rejected():
+    with pytest.raises(ValueError, match="preset"):
+        Denoiser(preset="huge")
+    with pytest.raises(ValueError, match="pd"):
+        Denoiser(pd=0)
+
+
+def test_pixel_shuffle_fit_and_predict():
+    _, noisy = noisy_image((128, 128))
+    denoiser = Denoiser(preset="tiny", pd=2, device="cpu").fit(noisy, "YX", iterations=2)
+    assert denoiser.predict(noisy, "YX").shape == noisy.shape
