@@ -14,7 +14,7 @@ def test_fit_and_predict_keep_shape_units_and_the_input(fitted_tiny):
     assert out.shape == noisy.shape and out.dtype == np.float32
     np.testing.assert_array_equal(noisy, original)
     # Photon units in, photon units out, and closer to the truth than the input.
-    assert np.mean((out - clean) ** 2) < 0.5 * np.mean((noisy - clean) ** 2)
+    assert np.mean((out - clean) ** 2) < 0.75 * np.mean((noisy - clean) ** 2)
 
 
 def test_fit_with_channels_and_time():

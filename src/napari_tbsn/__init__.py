@@ -1,8 +1,22 @@
-"""napari-tbsn: self-supervised Transformer-Based Blind-Spot Network denoising for microscopy."""
+"""napari-tbsn: self-supervised Transformer-Based Blind-Spot Network denoising for microscopy.
+
+The core (network, fitting, tiling, files, CLI) imports neither Qt nor napari; the napari
+widget lives in `napari_tbsn._napari` and is imported only when asked for.
+"""
 
 from __future__ import annotations
 
-from .network import TBSN
-
 __version__ = "0.1.0"
-__all__ = ["TBSN", "__version__"]
+
+from .denoiser import Denoiser, FitProgress, PredictionCancelled, PredictProgress  # noqa: E402
+from .network import TBSN  # noqa: E402
+
+__all__ = ["TBSN", "Denoiser", "DenoiseWidget", "FitProgress", "PredictProgress", "PredictionCancelled", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "DenoiseWidget":  # needs napari and a Qt binding: import on demand
+        from ._napari.widget import DenoiseWidget
+
+        return DenoiseWidget
+    raise AttributeError(f"module 'napari_tbsn' has no attribute {name!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from .model_io import ModelFileError, load_model, save_model
 from .network import TBSN
 from .noise import pd_down, pd_up
 from .normalization import Normalizer
+from .progress import drive
 from .patches import PatchSampler, check_finite, fitting_patch_size, load_training_planes
 from .tiling import TiledPredictor
 from .training import FitProgress, Trainer
@@ -132,6 +133,16 @@ class Denoiser:
         callback: Callable[[FitProgress], None] | None = None,
     ) -> "Denoiser":
         """Fit (or fine-tune, after load) the network to the noisy `data` itself."""
+        return drive(self.fit_iter(data, axes, iterations, time_budget), callback)
+
+    def fit_iter(
+        self,
+        data,
+        axes: str,
+        iterations: int | None = None,
+        time_budget: float | None = None,
+    ) -> Generator[FitProgress, None, "Denoiser"]:
+        """fit() as a generator that yields progress after every iteration (for GUIs)."""
         check_data(data)
         layout = PlaneLayout.of(data.shape, axes)
         if iterations is not None and iterations < 1:
@@ -145,11 +156,12 @@ class Denoiser:
             )
         self._cancel.clear()
         normalizer = Normalizer.from_data(data, layout)
-        if self.network is None:
+        network = self.network
+        if network is None:
             torch.manual_seed(self.seed)
-            self.network = TBSN(network_preset(self.preset, layout.channels))
-        self.network.to(self.device)
-        granularity = self.network.size_multiple * self.pd
+            network = TBSN(network_preset(self.preset, layout.channels))
+        network.to(self.device)
+        granularity = network.size_multiple * self.pd
         patch = fitting_patch_size(
             max(self.fit_config.patch_size, granularity), layout.height, layout.width, granularity
         )
@@ -158,15 +170,16 @@ class Denoiser:
         sampler = PatchSampler(
             planes, patch, self.fit_config.validation_fraction, self.fit_config.validation_patches_max, rng
         )
-        self._trainer = Trainer(self.network, sampler, self.fit_config, self.device, self.pd, self.seed)
+        self._trainer = Trainer(network, sampler, self.fit_config, self.device, self.pd, self.seed)
         if self._cancel.is_set():  # cancel() arrived while the data loaded
             self._trainer.cancel()
         try:
-            self.summary = self._trainer.fit(iterations, time_budget, callback)
+            self.summary = yield from self._trainer.run(iterations, time_budget)
         except torch.OutOfMemoryError as error:
             raise out_of_memory_error(self.device, "fitting") from error
         finally:
             self._trainer = None
+        self.network = network
         self.normalizer = normalizer
         self.axes = layout.axes
         return self
@@ -204,6 +217,10 @@ class Denoiser:
         one plane at a time. With `out` (same shape, any array that accepts assignment) the
         result is written there and `out` is returned.
         """
+        return drive(self.predict_iter(data, axes, out), callback)
+
+    def predict_iter(self, data, axes: str | None = None, out=None) -> Generator[PredictProgress, None, Any]:
+        """predict() as a generator that yields progress after every batch of tiles."""
         if not self.is_fitted:
             raise RuntimeError("this Denoiser has not been fitted yet: call fit() or Denoiser.load() first")
         assert self.network is not None and self.normalizer is not None
@@ -229,25 +246,22 @@ class Denoiser:
         self.network.to(self.device).eval()
         predictor = self._predictor()
         planes = layout.plane_count
-        tiles = predictor.tile_count(layout.height, layout.width)
         start = time.perf_counter()
-
-        def on_tile(plane_number: int, done: int, total: int) -> None:
-            if self._cancel.is_set():
-                raise PredictionCancelled("prediction stopped by cancel()")
-            if callback is not None:
-                fraction = (plane_number + done / total) / planes
-                elapsed = time.perf_counter() - start
-                eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
-                callback(PredictProgress(plane_number, planes, done, total, elapsed, eta, fraction))
-
         for number, plane in enumerate(layout.plane_indices()):
             block = layout.read_plane(data, plane)
             check_finite(block, f"plane {plane} of the input")
+            steps = predictor.predict_iter(self.normalizer.normalize(block))
             try:
-                result = predictor.predict(
-                    self.normalizer.normalize(block), lambda done, total: on_tile(number, done, total)
-                )
+                while True:
+                    done, total = next(steps)
+                    if self._cancel.is_set():
+                        raise PredictionCancelled("prediction stopped by cancel()")
+                    fraction = (number + done / total) / planes
+                    elapsed = time.perf_counter() - start
+                    eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+                    yield PredictProgress(number, planes, done, total, elapsed, eta, fraction)
+            except StopIteration as finished:
+                result = finished.value
             except torch.OutOfMemoryError as error:
                 raise out_of_memory_error(self.device, "denoising") from error
             layout.write_plane(out, plane, self.normalizer.denormalize(result[: layout.channels]))

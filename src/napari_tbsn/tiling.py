@@ -6,10 +6,12 @@ Peak memory follows the tile size and the plane size, never the stack size.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
 import torch
+
+from .progress import drive
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -86,9 +88,12 @@ class TiledPredictor:
                 ramp_x = blend_ramp(tile_w, min(self.tile_overlap, tile_w // 2), x == xs[0], x == xs[-1])
                 yield y, x, tile_h, tile_w, ramp_y[:, None] * ramp_x[None, :]
 
-    @torch.no_grad()
-    def predict(self, plane: np.ndarray, on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def predict(self, plane: np.ndarray) -> np.ndarray:
         """(C, H, W) float32 -> (C_out, H, W) float32."""
+        return drive(self.predict_iter(plane))
+
+    def predict_iter(self, plane: np.ndarray) -> Generator[tuple[int, int], None, np.ndarray]:
+        """predict() as a generator yielding (tiles done, tiles in all) after each batch."""
         channels, height, width = plane.shape
         if min(height, width) < self.size_multiple:
             raise ValueError(
@@ -106,14 +111,14 @@ class TiledPredictor:
         for start in range(0, len(tiles), self.batch_size):
             group = tiles[start : start + self.batch_size]
             batch = np.stack([padded[:, y : y + h, x : x + w] for y, x, h, w, _ in group])
-            result = self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+            with torch.no_grad():
+                result = self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
             if accumulated is None:
                 accumulated = np.zeros((result.shape[1], padded_h, padded_w), dtype=np.float32)
             for (y, x, h, w, weights), tile_out in zip(group, result):
                 accumulated[:, y : y + h, x : x + w] += tile_out * weights
                 weight_sum[y : y + h, x : x + w] += weights
             done += len(group)
-            if on_tile is not None:
-                on_tile(done, len(tiles))
+            yield done, len(tiles)
         assert accumulated is not None
         return accumulated[:, :height, :width] / weight_sum[:height, :width]

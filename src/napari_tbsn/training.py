@@ -6,7 +6,7 @@ import copy
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,13 +112,9 @@ class Trainer:
         self.network.train()
         return total / len(self.validation)
 
-    def fit(
-        self,
-        iterations: int | None,
-        time_budget: float | None,
-        callback: Callable[[FitProgress], None] | None = None,
-    ) -> TrainingSummary:
-        """Train until `iterations` or `time_budget` seconds (whichever comes first) or cancel."""
+    def run(self, iterations: int | None, time_budget: float | None) -> Generator[FitProgress, None, TrainingSummary]:
+        """Train until `iterations` or `time_budget` seconds (whichever comes first) or cancel,
+        yielding progress after every iteration; returns the summary."""
         if iterations is None and time_budget is None:
             iterations = self.config.default_iterations
         summary = TrainingSummary()
@@ -164,20 +160,17 @@ class Trainer:
                 iteration / iterations if iterations else 0.0,
                 elapsed / time_budget if time_budget else 0.0,
             )
-            if callback is not None:
-                eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
-                callback(
-                    FitProgress(
-                        iteration=iteration,
-                        total_iterations=iterations,
-                        loss=loss_value,
-                        validation_loss=validation,
-                        best_validation_loss=None if best_loss == math.inf else best_loss,
-                        elapsed=elapsed,
-                        eta=max(eta, 0.0) if eta is not None else None,
-                        fraction=min(fraction, 1.0),
-                    )
-                )
+            eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+            yield FitProgress(
+                iteration=iteration,
+                total_iterations=iterations,
+                loss=loss_value,
+                validation_loss=validation,
+                best_validation_loss=None if best_loss == math.inf else best_loss,
+                elapsed=elapsed,
+                eta=max(eta, 0.0) if eta is not None else None,
+                fraction=min(fraction, 1.0),
+            )
         # The last iterations since the last validation may hold the best weights.
         if iteration > 0 and validation is None:
             validation = self.validation_loss()

@@ -1,0 +1,1 @@
+"""The napari plugin: a dock widget over the Denoiser facade, a loss plot, sample data."""

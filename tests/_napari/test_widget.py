@@ -1,0 +1,127 @@
+"""The dock widget, driven like a user would, in a real napari viewer (Xvfb in CI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+from qtpy.QtCore import QTimer  # noqa: E402
+
+from napari_tbsn import DenoiseWidget  # noqa: E402
+from napari_tbsn._napari.sample_data import noisy_nuclei  # noqa: E402
+
+from ..conftest import noisy_image  # noqa: E402
+
+WAIT_MS = 180_000
+
+
+@pytest.fixture
+def viewer_and_widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = DenoiseWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="TBSN Denoise")
+    widget.preset_select.value = "tiny"
+    return viewer, widget
+
+
+def _wait_idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
+
+
+def test_fit_stop_denoise_end_to_end(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    data, meta, _ = noisy_nuclei()[0]
+    layer = viewer.add_image(data[:3], scale=(2.0, 0.25, 0.25), translate=(0, 5, 5), **meta)
+    original = layer.data.copy()
+    assert widget.layer_select.value is layer and widget.axes.value == "ZYX"
+
+    widget.iterations.value = 100_000
+    widget.time_budget.value = 0
+    ticks: list[int] = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(25)
+    widget.fit_button.click()
+    assert widget.busy and not widget.fit_button.isEnabled() and widget.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: len(widget.loss_plot.training) >= 3, timeout=WAIT_MS)
+    ticks_during_fit = len(ticks)
+    widget.stop_button.click()
+    _wait_idle(qtbot, widget)
+    timer.stop()
+    assert ticks_during_fit >= 3, "the event loop stalled during the fit"
+    summary = widget.denoiser.summary
+    assert summary.stopped_early and 3 <= summary.iterations < 100_000
+    assert summary.best_validation_loss is not None
+
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    result = viewer.layers["noisy nuclei (TBSN)"]
+    assert result.data.shape == layer.data.shape and result.data.dtype == np.float32
+    np.testing.assert_allclose(result.scale, layer.scale)
+    np.testing.assert_allclose(result.translate, layer.translate)
+    assert tuple(result.axis_labels) == ("Z", "Y", "X")
+    np.testing.assert_array_equal(layer.data, original)
+    assert widget.fit_button.isEnabled() and not widget.stop_button.isEnabled()
+
+
+def test_bad_axes_are_shown_and_the_widget_recovers(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    assert widget.axes.value == "YX"
+    widget.axes.value = "YQ"
+    widget.fit_button.click()
+    assert not widget.busy and "unknown letters" in widget.status.text()
+    # An error inside the worker (NaN pixels) arrives as a message; the widget stays usable.
+    broken = noisy.copy()
+    broken[3, 3] = np.nan
+    viewer.add_image(broken, name="broken")
+    widget.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert "NaN" in widget.status.text()
+    widget.layer_select.value = viewer.layers["plain"]
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser is not None and widget.denoiser.is_fitted
+
+
+def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot, tmp_path):
+    dask_array = pytest.importorskip("dask.array")
+    viewer, widget = viewer_and_widget
+    _, series = noisy_image((3, 64, 96), seed=2)
+    lazy = dask_array.from_array(series, chunks=(1, 64, 96))
+    timelapse = viewer.add_image(lazy, name="timelapse", axis_labels=("T", "Y", "X"))
+    assert widget.axes.value == "TYX"
+    widget.iterations.value = 3
+    widget.fit_denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert viewer.layers["timelapse (TBSN)"].data.shape == (3, 64, 96)
+    assert timelapse.data is lazy
+
+    # A saved model loads and denoises a TZYX layer; Preview does the shown slice only.
+    path = widget.save_model(tmp_path / "model.safetensors")
+    widget.load_model(path)
+    _, stack = noisy_image((2, 2, 64, 64), seed=3)
+    viewer.add_image(stack, name="tzyx", axis_labels=("T", "Z", "Y", "X"))
+    assert widget.axes.value == "TZYX"
+    viewer.dims.set_current_step(0, 1)
+    viewer.dims.set_current_step(1, 1)
+    widget.preview_button.click()
+    _wait_idle(qtbot, widget)
+    preview = viewer.layers["tzyx (TBSN preview)"]
+    assert preview.data.shape == (1, 1, 64, 64)
+    np.testing.assert_allclose(preview.translate[:2], (1, 1))
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert viewer.layers["tzyx (TBSN)"].data.shape == (2, 2, 64, 64)
+
+
+def test_layer_choices_follow_the_viewer(viewer_and_widget):
+    viewer, widget = viewer_and_widget
+    first = viewer.add_image(np.zeros((64, 64), np.float32), name="a")
+    viewer.add_points(np.zeros((1, 2)), name="points")
+    assert widget.layer_select.choices == (first,)
+    viewer.layers.remove(first)
+    assert widget.layer_select.choices == ()
