@@ -14,7 +14,7 @@ import torch
 from napari_tbsn import TBSN
 from napari_tbsn.config import NETWORK_PRESETS
 
-SIZES = [(64, 64), (128, 128), (64, 96)]
+SIZES = [(64, 64), (128, 128), (64, 128)]
 
 
 def _parity_mask(height: int, width: int, py: int, px: int) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _network(preset: str, channels: int = 2) -> TBSN:
 
 
 def _sizes_for(preset: str):
-    if NETWORK_PRESETS[preset].size_multiple > 32:
+    if NETWORK_PRESETS[preset].size_multiple > 64:
         pytest.skip("sizes below the preset's size multiple")
     return SIZES
 
@@ -62,12 +62,13 @@ def test_exactly_blind_to_the_same_parity_lattice(preset):
 @pytest.mark.parametrize("preset", sorted(NETWORK_PRESETS))
 def test_single_pixels_see_their_neighbours_but_not_themselves(preset):
     net = _network(preset)
-    height, width = 64, 96
+    height, width = 64, 128
     x = torch.randn(2, 2, height, width, dtype=torch.float64, requires_grad=True)
     out = net(x)
     window = net.config.window
-    # Interior, corners, borders, window edges and low-resolution cell edges.
-    positions = [(31, 40), (0, 0), (height - 1, width - 1), (0, 37), (window - 1, window), (4 * window - 1, 3)]
+    # Interior, corners, borders, window edges, low-resolution cell edges, channel-block edges.
+    positions = [(31, 40), (0, 0), (height - 1, width - 1), (0, 37), (window - 1, window), (4 * window - 1, 3),
+                 (32, 63), (33, 64)]
     for y, x_pos in positions:
         (grad,) = torch.autograd.grad(out[1, :, y, x_pos].sum(), x, retain_graph=True)
         assert torch.count_nonzero(grad[0]) == 0
@@ -88,7 +89,7 @@ def test_centre_tap_cannot_be_switched_back_on():
     state = net.state_dict()
     reloaded = TBSN(net.config).double()
     reloaded.load_state_dict(state)
-    x = torch.randn(1, 1, 32, 32, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 1, 64, 64, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(reloaded(x)[0, 0, 10, 10], x)
     assert grad[0, 0, 10, 10] == 0
     assert "centre_mask" not in state
@@ -106,12 +107,12 @@ def test_paper_preset_has_the_paper_size():
     net = TBSN.from_preset("paper")
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert abs(trainable - 12.7e6) < 0.2e6
-    assert net.size_multiple == 32
+    assert net.size_multiple == 64
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_split_layout_equals_the_papers_full_resolution_formulation(preset):
     net = _network(preset)
-    x = torch.randn(2, 2, 64, 96, dtype=torch.float64)
+    x = torch.randn(2, 2, 64, 128, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(net(x, layout="split"), net(x, layout="full"), rtol=1e-10, atol=1e-10)

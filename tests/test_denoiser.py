@@ -101,3 +101,20 @@ def test_pixel_shuffle_fit_and_predict():
     _, noisy = noisy_image((128, 128))
     denoiser = Denoiser(preset="tiny", pd=2, device="cpu").fit(noisy, "YX", iterations=2)
     assert denoiser.predict(noisy, "YX").shape == noisy.shape
+
+
+def test_cancel_stops_a_prediction_and_keeps_finished_planes(fitted_tiny):
+    from napari_tbsn import PredictionCancelled
+
+    _, noisy = noisy_image((3, 64, 64), seed=6)
+    out = np.full(noisy.shape, -1.0, np.float32)
+
+    def stop_in_second_plane(progress):
+        assert 0 < progress.fraction <= 1 and progress.eta is not None
+        if progress.plane == 1:
+            fitted_tiny.cancel()
+
+    with pytest.raises(PredictionCancelled):
+        fitted_tiny.predict(noisy, "ZYX", out=out, callback=stop_in_second_plane)
+    assert np.all(out[0] != -1) and np.all(out[2] == -1)
+    assert fitted_tiny.predict(noisy[:1], "ZYX").shape == (1, 64, 64)  # usable again

@@ -7,6 +7,7 @@ always says how to rebuild the network that produced it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,11 @@ class NetworkConfig:
     overlap: float = 0.5
     spatial_head_dim: int = 16
     ffn_expansion: float = 1.0
+    # Channel attention statistics over blocks of this many full-resolution pixels (0: the
+    # whole image, as in the paper). Local statistics make the output independent of how
+    # far the image extends, so tiled prediction equals whole-image prediction, and match
+    # what the network saw on its training patches.
+    channel_block: int = 64
     in_channels: int = 1
     out_channels: int = 1
 
@@ -40,8 +46,8 @@ class NetworkConfig:
 
     @property
     def size_multiple(self) -> int:
-        """H and W must divide by this: two parity downsamplings, then whole windows."""
-        return 4 * self.window
+        """H and W must divide by this: two parity downsamplings, whole windows, whole blocks."""
+        return math.lcm(4 * self.window, self.channel_block or 1)
 
     def validate(self) -> None:
         if self.dim % 2:
@@ -60,6 +66,8 @@ class NetworkConfig:
                 "padding, or the lattice it keeps shifts to odd offsets and the blind spot "
                 "leaks. Use e.g. window 8 with overlap 0.5, or window 4 with overlap 1.0"
             )
+        if self.channel_block and self.channel_block % 16:
+            raise ValueError(f"channel_block must be a multiple of 16 pixels (or 0), got {self.channel_block}")
         dims = (self.dim, 2 * self.dim, 4 * self.dim)
         for level, (heads, channels) in enumerate(zip(self.channel_heads, dims)):
             if channels % heads:
@@ -134,13 +142,15 @@ class FitConfig:
 
     patch_size: int = 64
     batch_size: int = 4
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.02
     validation_fraction: float = 0.1
     validation_patches_max: int = 16
     validation_every: int = 25
+    ema_decay: float = 0.99  # weight averaging; 0 turns it off
+    mixed_precision: bool = True  # bfloat16 autocast where the device has fast bf16 (CUDA, AMX CPUs)
     default_iterations: int = 2000
     max_training_pixels: int = 2**26
     compile: str = "auto"  # "auto" (CUDA only), "always" or "never"
@@ -155,8 +165,8 @@ class FitConfig:
 
 
 FIT_PRESETS: dict[str, FitConfig] = {
-    "tiny": FitConfig(patch_size=64, batch_size=4, learning_rate=2e-3, default_iterations=300),
-    "small": FitConfig(patch_size=64, batch_size=4, learning_rate=1e-3, default_iterations=2000),
+    "tiny": FitConfig(patch_size=64, batch_size=4, learning_rate=3e-3, default_iterations=300),
+    "small": FitConfig(patch_size=64, batch_size=4, learning_rate=3e-3, default_iterations=2000),
     "paper": FitConfig(patch_size=128, batch_size=4, learning_rate=3e-4, default_iterations=20000),
 }
 

@@ -28,7 +28,7 @@ from .noise import pd_down, pd_up
 from .normalization import Normalizer
 from .progress import drive
 from .patches import PatchSampler, check_finite, fitting_patch_size, load_training_planes
-from .tiling import TiledPredictor
+from .tiling import TiledPredictor, round_up
 from .training import FitProgress, Trainer
 
 __all__ = ["Denoiser", "FitProgress", "PredictProgress", "PredictionCancelled"]
@@ -80,8 +80,8 @@ class Denoiser:
         seed: int = 0,
         *,
         fit_config: FitConfig | None = None,
-        tile_size: int = 256,
-        tile_overlap: int = 48,
+        tile_size: int = 768,
+        tile_overlap: int = 256,
         predict_batch_size: int = 4,
     ) -> None:
         if preset not in NETWORK_PRESETS:
@@ -188,14 +188,17 @@ class Denoiser:
     def _run_network(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.network is not None
         factor = self.predict_pd
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        # bfloat16 on CUDA; CPUs predict in float32, where tiles reproduce the whole image.
+        fast = self.fit_config.mixed_precision and self.device.type == "cuda"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=fast):
             return pd_up(self.network(pd_down(batch, factor)), factor).float()
 
     def _predictor(self) -> TiledPredictor:
         assert self.network is not None
         granularity = self.network.size_multiple * self.predict_pd
-        tile = max(granularity, (self.tile_size // granularity) * granularity)
-        overlap = min(self.tile_overlap, tile // 2)
+        overlap = min(self.tile_overlap, self.tile_size // 2)
+        # Tiles start on the network's grid, so a tile must exceed its overlap by a grid step.
+        tile = max(granularity, (self.tile_size // granularity) * granularity, round_up(overlap + granularity, granularity))
         return TiledPredictor(self._run_network, granularity, tile, overlap, self.predict_batch_size, self.device)
 
     def minimum_size(self) -> int:

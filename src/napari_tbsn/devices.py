@@ -42,3 +42,14 @@ def out_of_memory_error(device: torch.device, what: str) -> MemoryError:
         f"{device.type.upper()} ran out of memory while {what}; lower the tile size or batch size, "
         "choose a smaller preset, or use device='cpu'"
     )
+
+
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast pays on this device: CUDA, or a CPU with native bf16 units
+    (AVX512-BF16 or AMX), where oneDNN runs the convolutions in bf16."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)

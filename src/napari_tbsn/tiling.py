@@ -18,26 +18,43 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets covering [0, length) with tiles of `tile` overlapping by >= `overlap`."""
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets covering [0, length) with tiles of `tile` overlapping by >= `overlap`,
+    each start a multiple of `align` (length and tile must be multiples of it)."""
     if length <= tile:
         return [0]
-    step = max(tile - overlap, 1)
-    count = math.ceil((length - tile) / step) + 1
-    # Spread the tiles evenly so every overlap is at least `overlap`.
-    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+    step = max(((tile - overlap) // align) * align, align)
+    starts = list(range(0, length - tile, step))
+    return starts + [length - tile]
 
 
-def blend_ramp(tile: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
-    """1D weights: a raised-cosine ramp over the overlap, flat (1) inside and at image edges."""
+def _edge_ramp(overlap: int) -> np.ndarray:
+    """Weights across an overlap, from the tile edge inwards: zero over the outer part (where
+    the missing context outside the tile changes the output), then a short raised-cosine
+    rise to 1 in the middle of the overlap, where both neighbours are far from their edges."""
+    span = max(1, min(32, overlap // 4))
+    discard = (overlap - span) // 2
+    ramp = np.ones(overlap, dtype=np.float32)
+    ramp[:discard] = 0.0
+    rising = np.sin(0.5 * np.pi * (np.arange(span, dtype=np.float32) + 0.5) / span) ** 2
+    ramp[discard : discard + span] = rising[: overlap - discard]
+    return ramp
+
+
+def blend_ramp(tile: int, overlap_before: int, overlap_after: int) -> np.ndarray:
+    """1D tile weights given the overlaps with the previous and the next tile (0 at an
+    image edge, where the weights stay flat)."""
     weights = np.ones(tile, dtype=np.float32)
-    if overlap > 0:
-        ramp = np.sin(0.5 * np.pi * (np.arange(overlap, dtype=np.float32) + 0.5) / overlap) ** 2
-        if not at_start:
-            weights[:overlap] = ramp
-        if not at_end:
-            weights[tile - overlap :] = ramp[::-1]
+    if overlap_before > 0:
+        weights[:overlap_before] = _edge_ramp(overlap_before)
+    if overlap_after > 0:
+        weights[tile - overlap_after :] = np.minimum(weights[tile - overlap_after :], _edge_ramp(overlap_after)[::-1])
     return weights
+
+
+def _overlaps(starts: list[int], tile: int) -> list[tuple[int, int]]:
+    before = [0] + [previous + tile - start for previous, start in zip(starts, starts[1:])]
+    return list(zip(before, before[1:] + [0]))
 
 
 class TiledPredictor:
@@ -54,8 +71,11 @@ class TiledPredictor:
     ) -> None:
         if tile_size < size_multiple or tile_size % size_multiple:
             raise ValueError(f"tile_size must be a positive multiple of {size_multiple}, got {tile_size}")
-        if not 0 <= tile_overlap < tile_size:
-            raise ValueError(f"tile_overlap must be between 0 and tile_size - 1, got {tile_overlap}")
+        if not 0 <= tile_overlap <= tile_size - size_multiple:
+            raise ValueError(
+                f"tile_overlap must be between 0 and tile_size - {size_multiple} "
+                f"(tiles start on a {size_multiple}-pixel grid), got {tile_overlap}"
+            )
         self.model = model
         self.size_multiple = size_multiple
         self.tile_size = tile_size
@@ -67,25 +87,21 @@ class TiledPredictor:
         return self.size_multiple
 
     def _padded_shape(self, height: int, width: int) -> tuple[int, int]:
-        tile_h = min(self.tile_size, round_up(height, self.size_multiple))
-        tile_w = min(self.tile_size, round_up(width, self.size_multiple))
-        return max(height, tile_h), max(width, tile_w)
+        # Whole multiples of the network's granularity, so that every tile sits on the same
+        # grid of windows and channel-statistics blocks as a whole-image pass would.
+        return round_up(height, self.size_multiple), round_up(width, self.size_multiple)
 
     def tile_count(self, height: int, width: int) -> int:
-        padded_h, padded_w = self._padded_shape(height, width)
-        tile_h, tile_w = min(self.tile_size, padded_h), min(self.tile_size, padded_w)
-        return len(tile_starts(padded_h, tile_h, self.tile_overlap)) * len(
-            tile_starts(padded_w, tile_w, self.tile_overlap)
-        )
+        return len(list(self._tiles(*self._padded_shape(height, width))))
 
     def _tiles(self, height: int, width: int) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
         tile_h, tile_w = min(self.tile_size, height), min(self.tile_size, width)
-        ys = tile_starts(height, tile_h, self.tile_overlap)
-        xs = tile_starts(width, tile_w, self.tile_overlap)
-        for y in ys:
-            ramp_y = blend_ramp(tile_h, min(self.tile_overlap, tile_h // 2), y == ys[0], y == ys[-1])
-            for x in xs:
-                ramp_x = blend_ramp(tile_w, min(self.tile_overlap, tile_w // 2), x == xs[0], x == xs[-1])
+        ys = tile_starts(height, tile_h, self.tile_overlap, self.size_multiple)
+        xs = tile_starts(width, tile_w, self.tile_overlap, self.size_multiple)
+        for y, overlaps_y in zip(ys, _overlaps(ys, tile_h)):
+            ramp_y = blend_ramp(tile_h, *overlaps_y)
+            for x, overlaps_x in zip(xs, _overlaps(xs, tile_w)):
+                ramp_x = blend_ramp(tile_w, *overlaps_x)
                 yield y, x, tile_h, tile_w, ramp_y[:, None] * ramp_x[None, :]
 
     def predict(self, plane: np.ndarray) -> np.ndarray:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import FitConfig, TrainingSummary
+from .devices import fast_bfloat16
 from .noise import pd_down
 from .patches import PatchSampler
 
@@ -73,10 +75,34 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
-        self.autocast = device.type == "cuda"
+        self.autocast = config.mixed_precision and fast_bfloat16(device)
         self.forward = self._maybe_compile(network)
         self.validation = torch.from_numpy(sampler.validation)
         self._cancel = threading.Event()
+        # An exponential moving average of the weights: on short fits it denoises better
+        # than the last iterate. Validation, and so the kept best weights, use the average.
+        self.parameters = [p for p in network.parameters() if p.requires_grad]
+        self.average = [p.detach().clone() for p in self.parameters]
+
+    def _update_average(self, iteration: int) -> None:
+        decay = min(self.config.ema_decay, (1 + iteration) / (10 + iteration))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.average, [p.detach() for p in self.parameters], 1 - decay)
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Temporarily put the averaged weights into the network."""
+        if self.config.ema_decay <= 0:
+            yield
+            return
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.parameters]
+            torch._foreach_copy_(self.parameters, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.parameters, current)
 
     def _maybe_compile(self, network: nn.Module) -> Callable:
         wanted = self.config.compile == "always" or (self.config.compile == "auto" and self.device.type == "cuda")
@@ -112,6 +138,12 @@ class Trainer:
         self.network.train()
         return total / len(self.validation)
 
+    def _validate(self, best_loss: float) -> tuple[float, dict | None]:
+        """Validation loss of the averaged weights, and a copy of them if they are the best."""
+        with self.averaged_weights():
+            loss = self.validation_loss()
+            return loss, (copy.deepcopy(self.network.state_dict()) if loss < best_loss else None)
+
     def run(self, iterations: int | None, time_budget: float | None) -> Generator[FitProgress, None, TrainingSummary]:
         """Train until `iterations` or `time_budget` seconds (whichever comes first) or cancel,
         yielding progress after every iteration; returns the summary."""
@@ -140,6 +172,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self._update_average(iteration)
             iteration += 1
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -149,11 +182,9 @@ class Trainer:
                 )
             validation = None
             if iteration % self.config.validation_every == 0 or iteration == iterations:
-                validation = self.validation_loss()
-                if validation < best_loss:
-                    best_loss = validation
-                    best_state = copy.deepcopy(self.network.state_dict())
-                    summary.best_iteration = iteration
+                validation, state = self._validate(best_loss)
+                if state is not None:
+                    best_loss, best_state, summary.best_iteration = validation, state, iteration
                 summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
             elapsed = time.perf_counter() - start
             fraction = max(
@@ -173,11 +204,9 @@ class Trainer:
             )
         # The last iterations since the last validation may hold the best weights.
         if iteration > 0 and validation is None:
-            validation = self.validation_loss()
-            if validation < best_loss:
-                best_loss = validation
-                best_state = copy.deepcopy(self.network.state_dict())
-                summary.best_iteration = iteration
+            validation, state = self._validate(best_loss)
+            if state is not None:
+                best_loss, best_state, summary.best_iteration = validation, state, iteration
             summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
         self.network.load_state_dict(best_state)
         self.network.eval()

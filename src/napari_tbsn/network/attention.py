@@ -23,11 +23,16 @@ from .layers import DilatedConv3x3
 
 
 class ParityChannelAttention(nn.Module):
-    """G-CSA with exact blindness: channel attention computed per parity class."""
+    """G-CSA with exact blindness: channel attention computed per parity class.
 
-    def __init__(self, dim: int, heads: int) -> None:
+    `block` (in pixels at this level's full-resolution layout; 0 for the whole image) limits
+    the statistics to non-overlapping blocks, each with its own C x C weights.
+    """
+
+    def __init__(self, dim: int, heads: int, block: int = 0) -> None:
         super().__init__()
         self.heads = heads
+        self.block = block
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
         self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=False)
         self.qkv_depthwise = DilatedConv3x3(dim * 3, dim * 3, groups=dim * 3)
@@ -36,15 +41,20 @@ class ParityChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         height, width = x.shape[-2:]
         q, k, v = self.qkv_depthwise(self.qkv(x), split).chunk(3, dim=1)
-        if split:  # every batch item is already one parity class
-            to_heads = "b (head c) h w -> b head c (h w)"
-            from_heads = "b head c (h w) -> b (head c) h w"
-            sizes = {"h": height, "w": width}
+        # Each (block, parity class) gets its own statistics. In the split layout every
+        # batch item already is one parity class, at half the resolution.
+        block = self.block // 2 if split else self.block
+        block_h, block_w = (block, block) if block else ((height, width) if split else (height // 2, width // 2))
+        if split:
+            to_heads = "b (head c) (nh h) (nw w) -> b nh nw head c (h w)"
+            from_heads = "b nh nw head c (h w) -> b (head c) (nh h) (nw w)"
+            sizes = {"h": block_h, "w": block_w}
         else:
-            to_heads = "b (head c) (h py) (w px) -> b py px head c (h w)"
-            from_heads = "b py px head c (h w) -> b (head c) (h py) (w px)"
-            sizes = {"h": height // 2, "w": width // 2}
-        q, k, v = (rearrange(t, to_heads, head=self.heads, **({"py": 2, "px": 2} if not split else {})) for t in (q, k, v))
+            to_heads = "b (head c) (nh h py) (nw w px) -> b nh nw py px head c (h w)"
+            from_heads = "b nh nw py px head c (h w) -> b (head c) (nh h py) (nw w px)"
+            block_h, block_w = (block // 2, block // 2) if block else (block_h, block_w)
+            sizes = {"h": block_h, "w": block_w, "py": 2, "px": 2}
+        q, k, v = (rearrange(t, to_heads, head=self.heads, **sizes) for t in (q, k, v))
         q = F.normalize(q, dim=-1)
         k = F.normalize(k, dim=-1)
         weights = (q @ k.transpose(-2, -1)) * self.temperature

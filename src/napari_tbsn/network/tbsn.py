@@ -21,10 +21,12 @@ from .layers import (
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: channel attention, FFN, spatial attention, FFN."""
 
-    def __init__(self, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig) -> None:
+    def __init__(
+        self, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig, scale: int
+    ) -> None:
         super().__init__()
         self.norm_channel = BiasFreeLayerNorm(dim)
-        self.channel_attention = ParityChannelAttention(dim, channel_heads)
+        self.channel_attention = ParityChannelAttention(dim, channel_heads, config.channel_block // scale)
         self.norm_ffn_1 = BiasFreeLayerNorm(dim)
         self.ffn_1 = FeedForward(dim, config.ffn_expansion)
         self.norm_spatial = BiasFreeLayerNorm(dim)
@@ -44,8 +46,10 @@ class TransformerBlock(nn.Module):
 class Stage(nn.ModuleList):
     """Consecutive transformer blocks at one resolution."""
 
-    def __init__(self, count: int, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig) -> None:
-        super().__init__(TransformerBlock(dim, channel_heads, spatial_heads, config) for _ in range(count))
+    def __init__(
+        self, count: int, dim: int, channel_heads: int, spatial_heads: int, config: NetworkConfig, scale: int
+    ) -> None:
+        super().__init__(TransformerBlock(dim, channel_heads, spatial_heads, config, scale) for _ in range(count))
 
     def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         for block in self:
@@ -69,17 +73,17 @@ class TBSN(nn.Module):
         dim = config.dim
         ch, sp = config.channel_heads, config.spatial_heads
         self.input_conv = CentreMaskedConv2d(config.in_channels, dim)
-        self.encoder_1 = Stage(config.encoder_blocks[0], dim, ch[0], sp[0], config)
+        self.encoder_1 = Stage(config.encoder_blocks[0], dim, ch[0], sp[0], config, 1)
         self.down_1 = ParityDownsample(dim)
-        self.encoder_2 = Stage(config.encoder_blocks[1], 2 * dim, ch[1], sp[1], config)
+        self.encoder_2 = Stage(config.encoder_blocks[1], 2 * dim, ch[1], sp[1], config, 2)
         self.down_2 = ParityDownsample(2 * dim)
-        self.latent = Stage(config.encoder_blocks[2], 4 * dim, ch[2], sp[2], config)
+        self.latent = Stage(config.encoder_blocks[2], 4 * dim, ch[2], sp[2], config, 4)
         self.up_2 = ParityUpsample(4 * dim)
         self.reduce_2 = nn.Conv2d(4 * dim, 2 * dim, 1, bias=False)
-        self.decoder_2 = Stage(config.decoder_blocks[0], 2 * dim, ch[1], sp[1], config)
+        self.decoder_2 = Stage(config.decoder_blocks[0], 2 * dim, ch[1], sp[1], config, 2)
         self.up_1 = ParityUpsample(2 * dim)
-        self.decoder_1 = Stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config)
-        self.refinement = Stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config)
+        self.decoder_1 = Stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config, 1)
+        self.refinement = Stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config, 1)
         self.output_conv = nn.Conv2d(2 * dim, config.out_channels, 1, bias=True)
 
     @classmethod

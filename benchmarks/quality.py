@@ -1,0 +1,109 @@
+"""Quality benchmark: the cases of ../shared/BENCHMARK.md, napari-tbsn against BM3D + VST.
+
+napari-tbsn runs through the `tbsn denoise` command line (as a user would), with the given
+fitting budget; BM3D + VST runs in the same process right after, when `bm3d` is installed.
+Prints a table of PSNR (dB) and wall time.
+
+    python benchmarks/quality.py --cases D1 --budget 300 --preset small
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import CASES, NOISE2VOID_300S, make_case, psnr  # noqa: E402
+
+
+def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: int, device: str) -> tuple[np.ndarray, float]:
+    import tifffile
+
+    from napari_tbsn.cli import main
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "noisy.tif", Path(folder) / "denoised.tif"
+        tifffile.imwrite(source, noisy, metadata={"axes": axes})
+        start = time.perf_counter()
+        code = main(["denoise", str(source), "-o", str(target), "--axes", axes, "--preset", preset,
+                     "--time-budget", str(budget), "--pd", str(pd), "--device", device, "--quiet"])
+        elapsed = time.perf_counter() - start
+        if code != 0:
+            raise RuntimeError(f"tbsn denoise failed with exit code {code}")
+        return tifffile.imread(target), elapsed
+
+
+def generalized_anscombe(x: np.ndarray, sigma: float) -> np.ndarray:
+    return 2.0 * np.sqrt(np.maximum(x + 3.0 / 8.0 + sigma**2, 0.0))
+
+
+def inverse_anscombe(d: np.ndarray, sigma: float) -> np.ndarray:
+    """Closed-form approximation of the exact unbiased inverse (Makitalo and Foi)."""
+    d = np.maximum(d, 0.8)
+    s = np.sqrt(1.5)
+    return 0.25 * d**2 + 0.25 * s / d - 11.0 / 8.0 / d**2 + 0.625 * s / d**3 - 0.125 - sigma**2
+
+
+def run_bm3d(noisy: np.ndarray, case) -> tuple[np.ndarray, float]:
+    np.trapz = getattr(np, "trapz", None) or np.trapezoid  # bm4d still calls np.trapz
+    import bm3d
+
+    from cases import CORRELATION_KERNEL
+
+    start = time.perf_counter()
+    planes = noisy.reshape(-1, *noisy.shape[-2:]).astype(np.float64)
+    out = np.empty_like(planes)
+    for index, plane in enumerate(planes):
+        stabilised = generalized_anscombe(plane, case.read_sigma)
+        if case.correlated:
+            spectrum = np.abs(np.fft.fft2(CORRELATION_KERNEL, s=plane.shape)) ** 2
+            # The true noise spectrum, in the convention of BENCHMARK.md (|FFT(k)|^2 * image size).
+            denoised = bm3d.bm3d(stabilised, sigma_psd=spectrum * spectrum.size)
+        else:
+            denoised = bm3d.bm3d(stabilised, sigma_psd=1.0)
+        out[index] = inverse_anscombe(denoised, case.read_sigma)
+    return out.reshape(noisy.shape), time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="D1,D2,D3,D4")
+    parser.add_argument("--budget", type=float, default=300.0, help="fitting seconds for napari-tbsn")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--pd", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-bm3d", action="store_true")
+    args = parser.parse_args()
+
+    rows = []
+    for name in args.cases.split(","):
+        case = CASES[name.strip()]
+        clean, noisy = make_case(case)
+        row = {"case": case.name, "noisy": psnr(noisy, clean)}
+        denoised, seconds = run_tbsn(noisy, case.axes, args.budget, args.preset, args.pd, args.device)
+        row["tbsn"], row["tbsn_s"] = psnr(denoised, clean), seconds
+        if not args.no_bm3d:
+            try:
+                estimate, seconds = run_bm3d(noisy, case)
+                row["bm3d"], row["bm3d_s"] = psnr(estimate, clean), seconds
+            except ImportError:
+                pass
+        rows.append(row)
+        print(f"# {row}", flush=True)
+
+    print(f"\nnapari-tbsn --preset {args.preset} --time-budget {args.budget:g} --pd {args.pd}; PSNR in dB")
+    print("| case | noisy | napari-tbsn (fit+predict s) | BM3D + VST (s) | Noise2Void 300 s (quoted) |")
+    print("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        bm3d = f"{row['bm3d']:.2f} ({row['bm3d_s']:.0f})" if "bm3d" in row else "n/a"
+        print(f"| {row['case']} | {row['noisy']:.2f} | {row['tbsn']:.2f} ({row['tbsn_s']:.0f}) | {bm3d} | "
+              f"{NOISE2VOID_300S[row['case']]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
