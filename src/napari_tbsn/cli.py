@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .axes import guess_axes, parse_axes
-from .config import NETWORK_PRESETS, PRESET_HINTS
+from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS
 from .denoiser import Denoiser, PredictProgress
 from .image_io import ImageFile, open_output, read_image
 from .model_io import ModelFileError
@@ -82,7 +83,10 @@ def _interrupt_stops_fit(denoiser: Denoiser) -> Iterator[None]:
 
 
 def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
-    denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed)
+    fit_config = FIT_PRESETS[args.preset]
+    changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v}
+    denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed,
+                        fit_config=dataclasses.replace(fit_config, **changes))
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
@@ -120,6 +124,12 @@ def _log(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _apply_prediction_options(args: argparse.Namespace, denoiser: Denoiser) -> None:
+    if args.tile_size:
+        denoiser.tile_size = args.tile_size
+    denoiser.ensemble = args.ensemble
+
+
 def command_fit(args: argparse.Namespace) -> None:
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
@@ -130,8 +140,7 @@ def command_fit(args: argparse.Namespace) -> None:
 
 def command_predict(args: argparse.Namespace) -> None:
     denoiser = Denoiser.load(args.model, device=args.device)
-    if args.tile_size:
-        denoiser.tile_size = args.tile_size
+    _apply_prediction_options(args, denoiser)
     image = read_image(args.input)
     _predict(args, denoiser, image, _input_axes(image, args.axes))
 
@@ -140,8 +149,7 @@ def command_denoise(args: argparse.Namespace) -> None:
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
     denoiser = _fit(args, image, axes)
-    if args.tile_size:
-        denoiser.tile_size = args.tile_size
+    _apply_prediction_options(args, denoiser)
     if args.save_model:
         denoiser.save(args.save_model)
         _log(args, f"saved the model to {args.save_model}")
@@ -180,10 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         budget.add_argument("--time-budget", type=float, help="training seconds (default: the preset's iterations)")
         sub.add_argument("--pd", type=int, default=1, help="pixel-shuffle factor: 1 for pixel-independent noise, "
                          "2-5 for spatially correlated noise (default 1)")
+        sub.add_argument("--patch-size", type=int, help="training patch size (default: the preset's)")
+        sub.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
         sub.add_argument("--seed", type=int, default=0)
 
     def tiling(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 256)")
+        sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 768)")
+        sub.add_argument("--ensemble", type=int, choices=(1, 8), default=1,
+                         help="8: average over flips and rotations (8x the prediction time)")
 
     denoise = commands.add_parser("denoise", help="fit on the input itself, then denoise it")
     common(denoise)

@@ -166,7 +166,8 @@ class FitConfig:
 
 FIT_PRESETS: dict[str, FitConfig] = {
     "tiny": FitConfig(patch_size=64, batch_size=4, learning_rate=3e-3, default_iterations=300),
-    "small": FitConfig(patch_size=64, batch_size=4, learning_rate=3e-3, default_iterations=2000),
+    # Measured on D1 (2-core CPU, 300 s): one 128-pixel patch per step beat 4x64 and 2x128.
+    "small": FitConfig(patch_size=128, batch_size=1, learning_rate=3e-3, default_iterations=2000),
     "paper": FitConfig(patch_size=128, batch_size=4, learning_rate=3e-4, default_iterations=20000),
 }
 

@@ -83,6 +83,7 @@ class Denoiser:
         tile_size: int = 768,
         tile_overlap: int = 256,
         predict_batch_size: int = 4,
+        ensemble: int = 1,
     ) -> None:
         if preset not in NETWORK_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(NETWORK_PRESETS)}")
@@ -96,6 +97,9 @@ class Denoiser:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.predict_batch_size = predict_batch_size
+        if ensemble not in (1, 8):
+            raise ValueError(f"ensemble must be 1 (off) or 8 (flips and rotations), got {ensemble}")
+        self.ensemble = ensemble
         self.network: TBSN | None = None
         self.normalizer: Normalizer | None = None
         self.axes: str | None = None
@@ -186,6 +190,21 @@ class Denoiser:
 
     # -- prediction --------------------------------------------------------------------
     def _run_network(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.ensemble == 1:
+            return self._run_once(batch)
+        # The x8 self-ensemble: every flip and 90-degree rotation, each undone, averaged.
+        total = None
+        for rotations in range(4):
+            for flip in (False, True):
+                view = torch.rot90(batch, rotations, dims=(-2, -1))
+                view = view.flip(-1) if flip else view
+                result = self._run_once(view)
+                result = result.flip(-1) if flip else result
+                result = torch.rot90(result, -rotations, dims=(-2, -1))
+                total = result if total is None else total + result
+        return total / 8
+
+    def _run_once(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.network is not None
         factor = self.predict_pd
         # bfloat16 on CUDA; CPUs predict in float32, where tiles reproduce the whole image.
@@ -287,7 +306,7 @@ class Denoiser:
             "pd": self.pd,
             "seed": self.seed,
             "fit": self.fit_config.to_dict(),
-            "tiling": {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap},
+            "tiling": {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap, "ensemble": self.ensemble},
             "training": dataclasses.asdict(self.summary) if self.summary else None,
             "package_version": __version__,
         }

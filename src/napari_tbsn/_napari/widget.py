@@ -52,6 +52,11 @@ def _format_seconds(seconds: float | None) -> str:
     return f"{minutes}m{seconds:02d}s"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    message: str
+
+
 class DenoiseWidget(QWidget):
     """Pick an image layer, fit a TBSN on it, denoise it into a new layer."""
 
@@ -200,11 +205,25 @@ class DenoiseWidget(QWidget):
         from napari.qt.threading import create_worker
         from napari.utils import progress
 
+        def guarded():
+            # Bad input found while working (NaN pixels, out of memory...) comes back as a
+            # message for the user, not as a crash; anything unexpected still propagates.
+            try:
+                return (yield from job())
+            except (ValueError, TypeError, MemoryError, FloatingPointError) as error:
+                return _Failure(str(error))
+
+        def finish(result) -> None:
+            if isinstance(result, _Failure):
+                self._error(result.message)
+            else:
+                on_done(result)
+
         self._activity = progress(total=PROGRESS_STEPS, desc=description)
         self._activity_done = 0
-        worker = create_worker(job, _start_thread=False)
+        worker = create_worker(guarded, _start_thread=False)
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(on_done)
+        worker.returned.connect(finish)
         worker.errored.connect(lambda error: self._say(f"error: {error}"))
         worker.finished.connect(self._on_finished)
         self._worker = worker
