@@ -24,7 +24,7 @@ planes, size, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 data = np.lib.format.open_memmap(f"{folder}/in.npy", mode="r")
 out = np.lib.format.open_memmap(f"{folder}/out.npy", mode="w+", dtype=np.float32, shape=data.shape)
 torch.manual_seed(0)
-denoiser = Denoiser(preset="tiny", device="cpu", tile_size=512, tile_overlap=32)
+denoiser = Denoiser(preset="tiny", device="cpu", tile_size=1024, tile_overlap=0)
 from napari_tbsn.network import TBSN
 denoiser.network = TBSN.from_preset("tiny").eval()
 denoiser.normalizer = Normalizer((0.0,), (1000.0,))

@@ -41,6 +41,7 @@ def main() -> None:
     wait_until_idle(widget)
     viewer.dims.set_current_step(0, 8)
     viewer.grid.enabled = True
+    viewer.reset_view()
     for _ in range(20):
         QApplication.processEvents()
         time.sleep(0.05)

@@ -16,7 +16,7 @@ from magicgui.widgets import ComboBox, Container, FloatSpinBox, LineEdit, SpinBo
 from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..axes import AXIS_LETTERS, PlaneLayout, guess_axes, parse_axes
-from ..config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS
+from ..config import FIT_PRESETS, PRESET_HINTS
 from ..denoiser import Denoiser, PredictionCancelled, PredictProgress
 from ..devices import available_devices, resolve_device
 from ..training import FitProgress
@@ -78,7 +78,9 @@ class DenoiseWidget(QWidget):
                                   tooltip="0: stop by the time budget instead")
         self.time_budget = FloatSpinBox(label="time budget (s)", min=0, max=1e7, step=30, value=120,
                                         tooltip="0: stop by the iterations instead")
-        self.patch_size = SpinBox(label="patch size", min=32, max=1024, step=32, value=64)
+        self.patch_size = SpinBox(label="patch size", min=64, max=1024, step=64,
+                                  value=FIT_PRESETS["small"].patch_size,
+                                  tooltip="training patch size in pixels (a multiple of 64)")
         self.pd = SpinBox(label="pd factor", min=1, max=8, value=1,
                           tooltip="1 for pixel-independent noise; 2-5 for spatially correlated noise")
         self.device_select = ComboBox(
@@ -127,12 +129,14 @@ class DenoiseWidget(QWidget):
         self.save_button.clicked.connect(self._on_save)
         self.load_button.clicked.connect(self._on_load)
         self.layer_select.changed.connect(self._on_layer_changed)
+        self.preset_select.changed.connect(self._on_preset_changed)
         for event in ("removed", "reordered"):
             getattr(viewer.layers.events, event).connect(self._refresh_layers)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         # Closing the widget or the viewer stops a running fit or denoise.
         self.destroyed.connect(lambda *_: self.stop())
         self._set_busy(False)
+        self._refresh_layers()
         self._on_layer_changed(self.layer_select.value)
 
     # -- layers ------------------------------------------------------------------------
@@ -154,6 +158,9 @@ class DenoiseWidget(QWidget):
         if isinstance(event.value, Image) and not self.busy and not event.value.name.endswith("(TBSN)") \
                 and not event.value.name.endswith("(TBSN preview)"):
             self.layer_select.value = event.value
+
+    def _on_preset_changed(self, preset: str) -> None:
+        self.patch_size.value = FIT_PRESETS[preset].patch_size
 
     def _on_layer_changed(self, layer) -> None:
         if layer is not None:
