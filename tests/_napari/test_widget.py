@@ -128,3 +128,18 @@ def test_layer_choices_follow_the_viewer(viewer_and_widget):
     assert images() == [first] and widget.layer_select.value is first
     viewer.layers.remove(first)
     assert images() == [] and widget.layer_select.value is None
+
+
+def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((128, 128))
+    viewer.add_image(noisy, name="plain")
+    widget.iterations.value = 100_000
+    widget.time_budget.value = 0
+    widget.fit_button.click()
+    qtbot.waitUntil(lambda: widget._pending is not None and widget._pending._trainer is not None, timeout=WAIT_MS)
+    running = widget._pending
+    viewer.window.remove_dock_widget(widget)
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: running._trainer is None, timeout=WAIT_MS)
+    assert running.summary.stopped_early and running.summary.iterations < 100_000

@@ -134,10 +134,17 @@ class DenoiseWidget(QWidget):
             getattr(viewer.layers.events, event).connect(self._refresh_layers)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
         # Closing the widget or the viewer stops a running fit or denoise.
-        self.destroyed.connect(lambda *_: self.stop())
+        self._closed = False
+        # Not a bound method: PyQt drops those before a dying object's own destroyed signal.
+        self.destroyed.connect(lambda *_: self._on_destroyed())
         self._set_busy(False)
         self._refresh_layers()
         self._on_layer_changed(self.layer_select.value)
+
+    def _on_destroyed(self, *_: Any) -> None:
+        # The Qt side is gone: stop the work, and let late worker signals find nothing to update.
+        self._closed = True
+        self.stop()
 
     # -- layers ------------------------------------------------------------------------
     def _image_layers(self, *_: Any) -> list:
@@ -221,6 +228,8 @@ class DenoiseWidget(QWidget):
                 return _Failure(str(error))
 
         def finish(result) -> None:
+            if self._closed:
+                return
             if isinstance(result, _Failure):
                 self._error(result.message)
             else:
@@ -231,7 +240,7 @@ class DenoiseWidget(QWidget):
         worker = create_worker(guarded, _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(finish)
-        worker.errored.connect(lambda error: self._say(f"error: {error}"))
+        worker.errored.connect(lambda error: None if self._closed else self._say(f"error: {error}"))
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._set_busy(True)
@@ -239,6 +248,8 @@ class DenoiseWidget(QWidget):
         worker.start()
 
     def _on_progress(self, item) -> None:
+        if self._closed:
+            return
         if isinstance(item, FitProgress):
             self.loss_plot.add(item.iteration, item.loss, item.validation_loss)
             best = "" if item.best_validation_loss is None else f", best val {item.best_validation_loss:.4g}"
@@ -259,6 +270,8 @@ class DenoiseWidget(QWidget):
         if self._activity is not None:
             self._activity.close()
             self._activity = None
+        if self._closed:
+            return
         self.progress_bar.setFormat("idle")
         self._set_busy(False)
 
