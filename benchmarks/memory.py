@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for planes in (int(p) for p in args.planes.split(",")):
-        with tempfile.TemporaryDirectory(dir=".") as folder:
+        with tempfile.TemporaryDirectory() as folder:
             make_stack(Path(folder) / "in.npy", planes, args.size)
             start = time.perf_counter()
             result = subprocess.run([sys.executable, "-c", CHILD, str(planes), str(args.size), folder],
