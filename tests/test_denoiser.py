@@ -118,3 +118,21 @@ def test_cancel_stops_a_prediction_and_keeps_finished_planes(fitted_tiny):
         fitted_tiny.predict(noisy, "ZYX", out=out, callback=stop_in_second_plane)
     assert np.all(out[0] != -1) and np.all(out[2] == -1)
     assert fitted_tiny.predict(noisy[:1], "ZYX").shape == (1, 64, 64)  # usable again
+
+
+def test_flip_rotation_ensemble_undoes_each_of_eight_views(fitted_tiny, monkeypatch):
+    _, noisy = noisy_image((64, 128), seed=8)
+    views = []
+
+    def pointwise(batch):  # commutes with flips and rotations, so every view must map back
+        views.append(tuple(batch.shape))
+        return batch * 2 + 1
+
+    monkeypatch.setattr(fitted_tiny, "_run_once", pointwise)
+    monkeypatch.setattr(fitted_tiny, "ensemble", 8)
+    averaged = fitted_tiny.predict(noisy, "YX")
+    assert len(views) == 8 and {(1, 1, 128, 64), (1, 1, 64, 128)} == set(views)
+    expected = fitted_tiny.normalizer.denormalize(fitted_tiny.normalizer.normalize(noisy[None]) * 2 + 1)[0]
+    np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="ensemble"):
+        Denoiser(ensemble=4)
