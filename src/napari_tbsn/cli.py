@@ -36,13 +36,16 @@ class ProgressBar:
 
     def update(self, fraction: float, detail: str, eta: float | None, force: bool = False) -> None:
         now = time.monotonic()
-        if not self.enabled or (not force and now - self._last < 0.1):
+        # Redraw in place on a terminal; in a log file, one line every 10 seconds.
+        terminal = sys.stderr.isatty()
+        if not self.enabled or (not force and now - self._last < (0.1 if terminal else 10.0)):
             return
         self._last = now
         filled = int(round(self.width * min(max(fraction, 0.0), 1.0)))
         bar = "#" * filled + "." * (self.width - filled)
         eta_text = "" if eta is None else f" ETA {format_seconds(eta)}"
-        sys.stderr.write(f"\r{self.label} |{bar}| {100 * fraction:5.1f}% {detail}{eta_text}   ")
+        line = f"{self.label} |{bar}| {100 * fraction:5.1f}% {detail}{eta_text}"
+        sys.stderr.write(f"\r{line}   " if terminal else f"{line}\n")
         sys.stderr.flush()
 
     def close(self) -> None:
