@@ -289,25 +289,39 @@ class DenoiseWidget(QWidget):
             iterations = FIT_PRESETS[self.preset_select.value].default_iterations
         return {"iterations": iterations, "time_budget": budget}
 
-    def _begin_fit(self):
-        layer, data, axes = self._selected()
-        denoiser = self._denoiser_for_fit()
-        self._pending = denoiser
-        self.loss_plot.clear()
-        return layer, data, axes, denoiser
-
     def _on_fit(self) -> None:
+        self._fit(then_denoise=False)
+
+    def _on_fit_denoise(self) -> None:
+        self._fit(then_denoise=True)
+
+    def _fit(self, then_denoise: bool) -> None:
         try:
-            layer, data, axes, denoiser = self._begin_fit()
+            layer, data, axes = self._selected()
+            denoiser = self._denoiser_for_fit()
         except (ValueError, TypeError) as error:
             self._error(str(error))
             return
         settings = self._fit_settings()
+        self._pending = denoiser
+        self.loss_plot.clear()
 
         def job():
-            return (yield from denoiser.fit_iter(data, axes, **settings))
+            yield from denoiser.fit_iter(data, axes, **settings)
+            if not then_denoise:
+                return denoiser
+            if denoiser.summary is not None and denoiser.summary.stopped_early:
+                return denoiser, None  # Stop pressed: keep the model, skip the denoise
+            return denoiser, (yield from self._predict_job(denoiser, data, axes))
 
-        self._start(job, "TBSN fit", self._on_fitted)
+        def done(result) -> None:
+            if not then_denoise:
+                self._on_fitted(result)
+                return
+            self._on_fitted(result[0])
+            self._add_result(layer, result[1])
+
+        self._start(job, "TBSN fit & denoise" if then_denoise else "TBSN fit", done)
 
     def _on_fitted(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
@@ -332,38 +346,20 @@ class DenoiseWidget(QWidget):
         except PredictionCancelled:
             return None
 
+    def _fitted(self) -> Denoiser:
+        if self.denoiser is None or not self.denoiser.is_fitted:
+            raise ValueError("no model yet: press Fit (or Load model) first")
+        return self.denoiser
+
     def _on_denoise(self) -> None:
         try:
             layer, data, axes = self._selected()
-            if self.denoiser is None or not self.denoiser.is_fitted:
-                raise ValueError("no model yet: press Fit (or Load model) first")
-            denoiser = self.denoiser
-            PlaneLayout.of(data.shape, axes)
+            denoiser = self._fitted()
         except (ValueError, TypeError) as error:
             self._error(str(error))
             return
         self._start(lambda: (yield from self._predict_job(denoiser, data, axes)), "TBSN denoise",
                     lambda out: self._add_result(layer, out))
-
-    def _on_fit_denoise(self) -> None:
-        try:
-            layer, data, axes, denoiser = self._begin_fit()
-        except (ValueError, TypeError) as error:
-            self._error(str(error))
-            return
-        settings = self._fit_settings()
-
-        def job():
-            yield from denoiser.fit_iter(data, axes, **settings)
-            if denoiser.summary is not None and denoiser.summary.stopped_early:
-                return None  # Stop pressed: keep the model, skip the denoise
-            return (yield from self._predict_job(denoiser, data, axes))
-
-        def done(out) -> None:
-            self._on_fitted(denoiser)
-            self._add_result(layer, out)
-
-        self._start(job, "TBSN fit & denoise", done)
 
     def _add_result(self, layer, out, name: str | None = None, translate=None) -> None:
         if out is None:
@@ -403,8 +399,7 @@ class DenoiseWidget(QWidget):
     def _on_preview(self) -> None:
         try:
             layer, data, axes = self._selected()
-            if self.denoiser is None or not self.denoiser.is_fitted:
-                raise ValueError("no model yet: press Fit (or Load model) first")
+            denoiser = self._fitted()
             layout = PlaneLayout.of(data.shape, axes)
             plane = self.current_plane(layer, axes)
         except (ValueError, TypeError) as error:
@@ -417,7 +412,6 @@ class DenoiseWidget(QWidget):
         translate = np.asarray(layer.translate, dtype=float).copy()
         for axis, index in zip(layout.plane_axes, plane):
             translate[axis] += index * layer.scale[axis]
-        denoiser = self.denoiser
         self._start(lambda: (yield from self._predict_job(denoiser, block, axes)), "TBSN preview",
                     lambda out: self._add_result(layer, out, name=f"{layer.name} (TBSN preview)", translate=translate))
 
