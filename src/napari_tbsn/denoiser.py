@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .axes import PlaneLayout, guess_axes, parse_axes
+from .axes import PlaneLayout, guess_axes
 from .config import FIT_PRESETS, NETWORK_PRESETS, FitConfig, NetworkConfig, TrainingSummary, network_preset
 from .devices import out_of_memory_error, resolve_device
 from .image_io import release_pages

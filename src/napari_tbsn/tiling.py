@@ -5,7 +5,6 @@ Peak memory follows the tile size and the plane size, never the stack size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Generator, Iterator
 
 import numpy as np
@@ -82,9 +81,6 @@ class TiledPredictor:
         self.tile_overlap = tile_overlap
         self.batch_size = max(1, batch_size)
         self.device = device
-
-    def minimum_size(self) -> int:
-        return self.size_multiple
 
     def _padded_shape(self, height: int, width: int) -> tuple[int, int]:
         # Whole multiples of the network's granularity, so that every tile sits on the same

@@ -153,16 +153,27 @@ class Trainer:
         best_state = copy.deepcopy(self.network.state_dict())
         best_loss = math.inf
         start = time.perf_counter()
+
+        def fraction_done(iteration: int) -> float:
+            return max(
+                iteration / iterations if iterations else 0.0,
+                (time.perf_counter() - start) / time_budget if time_budget else 0.0,
+            )
+
+        def checkpoint(iteration: int, loss_value: float) -> float:
+            nonlocal best_loss, best_state
+            validation, state = self._validate(best_loss)
+            if state is not None:
+                best_loss, best_state, summary.best_iteration = validation, state, iteration
+            summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
+            return validation
+
         iteration = 0
         validation = None
         self._cancel.clear()
         self.network.train()
         while True:
-            elapsed = time.perf_counter() - start
-            fraction = max(
-                iteration / iterations if iterations else 0.0,
-                elapsed / time_budget if time_budget else 0.0,
-            )
+            fraction = fraction_done(iteration)
             if fraction >= 1.0 or self._cancel.is_set():
                 break
             for group in self.optimizer.param_groups:
@@ -182,15 +193,9 @@ class Trainer:
                 )
             validation = None
             if iteration % self.config.validation_every == 0 or iteration == iterations:
-                validation, state = self._validate(best_loss)
-                if state is not None:
-                    best_loss, best_state, summary.best_iteration = validation, state, iteration
-                summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
+                validation = checkpoint(iteration, loss_value)
             elapsed = time.perf_counter() - start
-            fraction = max(
-                iteration / iterations if iterations else 0.0,
-                elapsed / time_budget if time_budget else 0.0,
-            )
+            fraction = fraction_done(iteration)
             eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
             yield FitProgress(
                 iteration=iteration,
@@ -204,10 +209,7 @@ class Trainer:
             )
         # The last iterations since the last validation may hold the best weights.
         if iteration > 0 and validation is None:
-            validation, state = self._validate(best_loss)
-            if state is not None:
-                best_loss, best_state, summary.best_iteration = validation, state, iteration
-            summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
+            checkpoint(iteration, loss_value)
         self.network.load_state_dict(best_state)
         self.network.eval()
         summary.iterations = iteration
