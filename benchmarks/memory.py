@@ -1,6 +1,6 @@
 """Memory benchmark: peak RSS while denoising memmapped uint16 stacks into a memmapped output.
 
-Each stack size runs in a fresh process (ru_maxrss is a per-process high-water mark), with
+Each stack size runs in a fresh process and reports its own peak RSS (VmHWM), with
 an untrained tiny network: memory, not quality, is measured. Peak memory should follow the
 tile and plane size, not the number of planes.
 
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import resource, sys, numpy as np, torch
+import sys, numpy as np, torch
 from napari_tbsn import Denoiser
 from napari_tbsn.normalization import Normalizer
 planes, size, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -31,7 +31,9 @@ denoiser.normalizer = Normalizer((0.0,), (1000.0,))
 denoiser.axes = "ZYX"
 denoiser.predict(data, "ZYX", out=out)
 assert np.isfinite(out[-1]).all()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM is this process image's own peak; ru_maxrss would also carry the peak of the parent
+# that forked it (Linux keeps it across exec), hiding what this process did.
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024)
 """
 
 
