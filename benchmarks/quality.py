@@ -21,9 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import CASES, NOISE2VOID_300S, make_case, psnr  # noqa: E402
 
 
-def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: int, device: str,
-             ensemble: bool) -> dict:
-    """`tbsn denoise` on the noisy stack; with `ensemble`, also the saved model with x8."""
+def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: str, device: str,
+             ensemble: bool, plain: bool) -> dict:
+    """`tbsn denoise` on the noisy stack; then, from the saved model, the x8 ensemble (with
+    `ensemble`) and the plain blind-spot mean (with `plain`)."""
+    import json
+
     import tifffile
 
     from napari_tbsn import Denoiser
@@ -32,17 +35,23 @@ def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: int, 
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "noisy.tif", Path(folder) / "denoised.tif"
         model = Path(folder) / "model.safetensors"
+        report = Path(folder) / "report.json"
         tifffile.imwrite(source, noisy, metadata={"axes": axes})
         start = time.perf_counter()
         code = main(["denoise", str(source), "-o", str(target), "--axes", axes, "--preset", preset,
                      "--time-budget", str(budget), "--pd", str(pd), "--device", device, "--quiet",
-                     "--save-model", str(model)])
+                     "--save-model", str(model), "--report", str(report)])
         result = {"seconds": time.perf_counter() - start}
         if code != 0:
             raise RuntimeError(f"tbsn denoise failed with exit code {code}")
         result["denoised"] = tifffile.imread(target)
+        result["report"] = json.loads(report.read_text())
         denoiser = Denoiser.load(model, device=device)
         result["iterations"] = denoiser.summary.iterations
+        if plain and denoiser.uses_posterior:
+            denoiser.estimator = "blind_spot"
+            result["plain"] = denoiser.predict(noisy, axes)
+            denoiser.estimator = "posterior"
         if ensemble:
             denoiser.ensemble = 8
             start = time.perf_counter()
@@ -88,7 +97,8 @@ def main() -> None:
     parser.add_argument("--cases", default="D1,D2,D3,D4")
     parser.add_argument("--budget", type=float, default=300.0, help="fitting seconds for napari-tbsn")
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--pd", type=int, default=1)
+    parser.add_argument("--pd", default="auto")
+    parser.add_argument("--plain", default="D1", help="cases that also report the plain blind-spot mean")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ensemble", action="store_true", help="also report the x8 self-ensemble")
     parser.add_argument("--no-bm3d", action="store_true")
@@ -99,8 +109,16 @@ def main() -> None:
         case = CASES[name.strip()]
         clean, noisy = make_case(case)
         row = {"case": case.name, "noisy": psnr(noisy, clean)}
-        tbsn = run_tbsn(noisy, case.axes, args.budget, args.preset, args.pd, args.device, args.ensemble)
+        tbsn = run_tbsn(noisy, case.axes, args.budget, args.preset, args.pd, args.device, args.ensemble,
+                        case.name in args.plain.split(","))
         row["tbsn"], row["tbsn_s"], row["iterations"] = psnr(tbsn["denoised"], clean), tbsn["seconds"], tbsn["iterations"]
+        report = tbsn["report"]
+        row["pd"], row["estimator"] = report["pd"], report["estimator"]
+        row["gain"] = report["noise_model"]["gain"][0]
+        if report["quality_estimate"]:
+            row["estimated"] = report["quality_estimate"]["psnr"]
+        if "plain" in tbsn:
+            row["plain"] = psnr(tbsn["plain"], clean)
         if "ensemble" in tbsn:
             row["x8"], row["x8_s"] = psnr(tbsn["ensemble"], clean), tbsn["ensemble_seconds"]
         if not args.no_bm3d:
@@ -115,14 +133,18 @@ def main() -> None:
 
     print(f"\ntbsn denoise --preset {args.preset} --time-budget {args.budget:g} --pd {args.pd}; PSNR in dB; "
           "napari-tbsn seconds include reading, fitting, prediction and writing")
-    print("| case | noisy | napari-tbsn (s, iterations) | napari-tbsn x8 ensemble (predict s) | BM3D + VST (s) "
-          "| Noise2Void 300 s (quoted) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| case | noisy | napari-tbsn (s, iterations) | output, pd | estimated without clean data "
+          "| plain blind-spot mean | x8 ensemble (predict s) | BM3D + VST (s) | Noise2Void 300 s (quoted) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        bm3d = f"{row['bm3d']:.2f} ({row['bm3d_s']:.0f})" if "bm3d" in row else "n/a"
-        x8 = f"{row['x8']:.2f} ({row['x8_s']:.0f})" if "x8" in row else "n/a"
+        def cell(key: str, seconds: str | None = None) -> str:
+            if key not in row:
+                return "n/a"
+            return f"{row[key]:.2f}" + (f" ({row[seconds]:.0f})" if seconds else "")
+
         print(f"| {row['case']} | {row['noisy']:.2f} | {row['tbsn']:.2f} ({row['tbsn_s']:.0f}, {row['iterations']}) "
-              f"| {x8} | {bm3d} | {NOISE2VOID_300S[row['case']]:.2f} |")
+              f"| {row['estimator']}, pd {row['pd']} | {cell('estimated')} | {cell('plain')} | {cell('x8', 'x8_s')} "
+              f"| {cell('bm3d', 'bm3d_s')} | {NOISE2VOID_300S[row['case']]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -116,3 +116,28 @@ def test_split_layout_equals_the_papers_full_resolution_formulation(preset):
     x = torch.randn(2, 2, 64, 128, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(net(x, layout="split"), net(x, layout="full"), rtol=1e-10, atol=1e-10)
+
+
+def test_variance_head_and_context_planes_keep_the_centre_plane_blind():
+    """Neighbouring planes (context channels) are seen whole, the variance head too is blind,
+    and the blind plane's own lattice stays exactly invisible to every output channel."""
+    from napari_tbsn.config import network_preset
+
+    torch.manual_seed(0)
+    net = TBSN(network_preset("tiny", 1, variance_head=True, context_channels=2)).double().eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64, requires_grad=True)
+    assert net(x).shape == (1, 2, 64, 64)  # mean and log prior variance
+    # The variance head reads detached features (no gradient flows): differentiate its
+    # function through the features instead.
+    weight, bias = net.output_conv.weight, net.output_conv.bias
+    out = torch.nn.functional.conv2d(net.features(x), weight, bias)
+    torch.testing.assert_close(out, net(x))
+    for y, x_pos in [(31, 40), (0, 0), (63, 17)]:
+        for channel in range(2):
+            (grad,) = torch.autograd.grad(out[0, channel, y, x_pos], x, retain_graph=True)
+            assert torch.count_nonzero(grad[0, 0, y % 2 :: 2, x_pos % 2 :: 2]) == 0, (y, x_pos, channel)
+            # The neighbouring planes are seen at the pixel itself.
+            assert torch.all(grad[0, 1:, y, x_pos] != 0), (y, x_pos, channel)

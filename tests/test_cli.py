@@ -12,7 +12,7 @@ def noisy_tiff(tmp_path):
     _, noisy = noisy_image((2, 64, 96), seed=5)
     path = tmp_path / "noisy.tif"
     tifffile.imwrite(
-        path, noisy.astype(np.uint16), imagej=True, resolution=(1 / 0.2, 1 / 0.2),
+        path, np.clip(noisy, 0, None).astype(np.uint16), imagej=True, resolution=(1 / 0.2, 1 / 0.2),
         metadata={"axes": "ZYX", "spacing": 0.5, "unit": "um"},
     )
     return path
@@ -71,3 +71,23 @@ def test_failed_prediction_leaves_no_partial_output(noisy_tiff, tmp_path, monkey
     assert main(["predict", str(noisy_tiff), "--model", str(model), "-o", str(out), "--quiet"]) == 2
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_uncertainty_map_and_report(noisy_tiff, tmp_path, capsys):
+    import json
+
+    out, spread, report = tmp_path / "clean.tif", tmp_path / "sd.tif", tmp_path / "report.json"
+    code = main(["denoise", str(noisy_tiff), "-o", str(out), "--preset", "tiny", "--iterations", "3",
+                 "--device", "cpu", "--uncertainty", str(spread), "--report", str(report)])
+    assert code == 0
+    assert tifffile.imread(spread).shape == (2, 64, 96) and tifffile.imread(spread).min() > 0
+    written = json.loads(report.read_text())
+    assert written["pd"] == 1 and written["estimator"] == "posterior"
+    assert written["noise_model"]["gain"][0] > 0 and written["quality_estimate"]["psnr"] > 0
+    log = capsys.readouterr().err
+    assert "noise model" in log and "estimated PSNR" in log
+
+
+def test_bad_pd_is_refused(noisy_tiff, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["denoise", str(noisy_tiff), "-o", str(tmp_path / "o.tif"), "--pd", "lots"])

@@ -36,8 +36,9 @@ def test_fine_tuning_continues_from_loaded_weights(fitted_tiny, tmp_path):
     _, other = noisy_image((96, 96), seed=11)
     loaded.fit(other, "YX", iterations=2)
     after = loaded.network.state_dict()
-    # Close to the loaded weights (two small steps), not a fresh random network.
-    drift = max(float((after[k] - before[k]).abs().max()) for k in before)
+    # Close to the loaded weights (two small steps), not a fresh random network. The output
+    # conv is left out: its prior-variance rows are re-fitted to the new data by design.
+    drift = max(float((after[k] - before[k]).abs().max()) for k in before if not k.startswith("output_conv"))
     assert 0 < drift < 0.05
 
 

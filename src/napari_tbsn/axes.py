@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 AXIS_LETTERS = "STCZYX"
+CONTEXT_AXES = "ZT"  # where neighbouring planes show the same structures: depth first, then time
 
 
 def parse_axes(axes: str, ndim: int) -> str:
@@ -103,6 +104,35 @@ class PlaneLayout:
         if "C" not in order:
             return block[np.newaxis]
         return np.ascontiguousarray(np.transpose(block, [order.index(a) for a in "CYX"]))
+
+    @property
+    def context_axis(self) -> str | None:
+        """The axis whose neighbouring planes serve as context (Z, else T), if any has 2+ planes."""
+        for letter in CONTEXT_AXES:
+            if letter in self.axes and self.shape[self.axes.index(letter)] > 1:
+                return letter
+        return None
+
+    def neighbour(self, plane: tuple[int, ...], letter: str, offset: int) -> tuple[int, ...]:
+        """The plane `offset` steps along `letter`, mirrored at the ends of the stack."""
+        position = self.plane_axes.index(self.axes.index(letter))
+        last = self.shape[self.axes.index(letter)] - 1
+        index = plane[position] + offset
+        index = -index if index < 0 else index
+        index = 2 * last - index if index > last else index
+        return plane[:position] + (min(max(index, 0), last),) + plane[position + 1 :]
+
+    def read_plane_with_context(self, data, plane: tuple[int, ...], planes_each_side: int) -> np.ndarray:
+        """(C * (1 + 2k), Y, X): the plane, then its neighbours at -k..-1, +1..+k along the
+        context axis."""
+        blocks = [self.read_plane(data, plane)]
+        if planes_each_side:
+            letter = self.context_axis
+            if letter is None:
+                raise ValueError(f"axes {self.axes!r} have no Z or T axis with neighbouring planes")
+            offsets = [*range(-planes_each_side, 0), *range(1, planes_each_side + 1)]
+            blocks += [self.read_plane(data, self.neighbour(plane, letter, offset)) for offset in offsets]
+        return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
 
     def write_plane(self, out, plane: tuple[int, ...], block: np.ndarray) -> None:
         """Store a (C, Y, X) block into `out` at `plane`, in `out`'s axis order."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ from .axes import guess_axes, parse_axes
 from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS
 from .denoiser import Denoiser, PredictProgress
 from .image_io import ImageFile, open_output, read_image
-from .model_io import ModelFileError
+from .model_io import ModelFileError, write_text_atomic
 from .training import FitProgress
 
 
@@ -89,7 +90,7 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     fit_config = FIT_PRESETS[args.preset]
     changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v}
     denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed,
-                        fit_config=dataclasses.replace(fit_config, **changes))
+                        estimator=args.estimator or "posterior", fit_config=dataclasses.replace(fit_config, **changes))
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
@@ -103,7 +104,10 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
         denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget, callback=on_progress)
     bar.close()
     summary = denoiser.summary
-    assert summary is not None
+    assert summary is not None and denoiser.noise_model is not None and denoiser.noise_correlation is not None
+    _log(args, f"noise model (input units): {denoiser.noise_model.describe()}")
+    _log(args, f"{denoiser.noise_correlation.describe()}; pd {denoiser.pd} used, "
+         f"{'posterior' if denoiser.uses_posterior else 'blind-spot mean'} output")
     _log(args, f"fitted: {summary.iterations} iterations in {format_seconds(summary.seconds)}, best validation "
          f"loss {summary.best_validation_loss:.6f} at iteration {summary.best_iteration}"
          + (" (stopped early)" if summary.stopped_early else ""))
@@ -116,10 +120,35 @@ def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axe
     def on_progress(progress: PredictProgress) -> None:
         bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
 
-    with open_output(args.output, tuple(image.data.shape), axes, like=image) as out:
-        denoiser.predict(image.data, axes, out=out, callback=on_progress)
+    shape = tuple(image.data.shape)
+    with contextlib.ExitStack() as outputs:
+        out = outputs.enter_context(open_output(args.output, shape, axes, like=image))
+        uncertainty = None
+        if args.uncertainty:
+            uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image))
+        denoiser.predict(image.data, axes, out=out, callback=on_progress, uncertainty=uncertainty)
     bar.close()
-    _log(args, f"wrote {args.output}")
+    _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
+                                         if args.uncertainty else ""))
+    if denoiser.quality is not None:
+        _log(args, denoiser.quality.describe())
+    if args.report:
+        _write_report(args.report, denoiser)
+
+
+def _write_report(path: Path, denoiser: Denoiser) -> None:
+    """What was fitted and how good the result is estimated to be, as JSON (atomically)."""
+    quality = denoiser.quality
+    report = {
+        "pd": denoiser.pd,
+        "estimator": "posterior" if denoiser.uses_posterior else "blind_spot",
+        "noise_model": denoiser.noise_model.to_dict() if denoiser.noise_model else None,
+        "noise_correlation": denoiser.noise_correlation.to_dict() if denoiser.noise_correlation else None,
+        "training": dataclasses.asdict(denoiser.summary) if denoiser.summary else None,
+        "quality_estimate": None if quality is None else
+        {"mse": quality.mse, "rmse": quality.rmse, "psnr": quality.psnr, "data_range": quality.data_range},
+    }
+    write_text_atomic(path, json.dumps(report, indent=1))
 
 
 def _log(args: argparse.Namespace, message: str) -> None:
@@ -131,6 +160,10 @@ def _apply_prediction_options(args: argparse.Namespace, denoiser: Denoiser) -> N
     if args.tile_size:
         denoiser.tile_size = args.tile_size
     denoiser.ensemble = args.ensemble
+    if args.refine is not None:
+        denoiser.refine = args.refine
+    if args.estimator:
+        denoiser.estimator = args.estimator
 
 
 def command_fit(args: argparse.Namespace) -> None:
@@ -189,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         budget = sub.add_mutually_exclusive_group()
         budget.add_argument("--iterations", type=int, help="training iterations")
         budget.add_argument("--time-budget", type=float, help="training seconds (default: the preset's iterations)")
-        sub.add_argument("--pd", type=int, default=1, help="pixel-shuffle factor: 1 for pixel-independent noise, "
-                         "2-5 for spatially correlated noise (default 1)")
+        sub.add_argument("--pd", type=_pd_value, default="auto",
+                         help="pixel-shuffle factor: auto (measure the noise correlation), 1 for pixel-independent "
+                         "noise, 2-5 for spatially correlated noise (default auto)")
         sub.add_argument("--patch-size", type=int, help="training patch size (default: the preset's)")
         sub.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
         sub.add_argument("--seed", type=int, default=0)
@@ -199,11 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 768)")
         sub.add_argument("--ensemble", type=int, choices=(1, 8), default=1,
                          help="8: average over flips and rotations (8x the prediction time)")
+        sub.add_argument("--refine", type=int, help="R3 rounds for correlated noise (pd > 1; default 8, 0 = off)")
+        sub.add_argument("--uncertainty", type=Path,
+                         help="also write the posterior standard deviation (same format and units as the output)")
+        sub.add_argument("--report", type=Path, help="write the noise model, fit summary and quality estimate (JSON)")
+
+    def estimator(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--estimator", choices=("posterior", "blind_spot"),
+                         help="posterior: fold the noisy pixel back in with the fitted noise model (the default "
+                         "for pixel-independent noise); blind_spot: the plain blind-spot mean")
 
     denoise = commands.add_parser("denoise", help="fit on the input itself, then denoise it")
     common(denoise)
     fitting(denoise)
     tiling(denoise)
+    estimator(denoise)
     denoise.add_argument("-o", "--output", type=Path, required=True, help="denoised image (.tif, .npy, .zarr)")
     denoise.add_argument("--save-model", type=Path, help="also save the fitted model here (.safetensors)")
     denoise.set_defaults(run=command_denoise)
@@ -211,12 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fit a model on the input and save it")
     common(fit)
     fitting(fit)
+    estimator(fit)
     fit.add_argument("-o", "--output", type=Path, required=True, help="model file (.safetensors)")
     fit.set_defaults(run=command_fit)
 
     predict = commands.add_parser("predict", help="denoise with a saved model")
     common(predict)
     tiling(predict)
+    estimator(predict)
     predict.add_argument("--model", type=Path, required=True, help="model file written by tbsn fit")
     predict.add_argument("-o", "--output", type=Path, required=True, help="denoised image (.tif, .npy, .zarr)")
     predict.set_defaults(run=command_predict)
@@ -226,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--quiet", action="store_true")
     sample.set_defaults(run=command_sample)
     return parser
+
+
+def _pd_value(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"pd must be 'auto' or a whole number, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

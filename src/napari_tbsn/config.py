@@ -33,6 +33,12 @@ class NetworkConfig:
     channel_block: int = 64
     in_channels: int = 1
     out_channels: int = 1
+    # Also predict a log prior variance per output channel (the Bayesian posterior's prior),
+    # from features detached from the graph, so that it cannot pull the trunk off the mean.
+    variance_head: bool = False
+    # Extra input channels seen whole, after the in_channels of the blind plane: the
+    # neighbouring planes of a Z-stack or time series (independent noise, same structures).
+    context_channels: int = 0
 
     def __post_init__(self) -> None:
         # JSON gives lists back; keep tuples so configs compare and hash.
@@ -123,7 +129,13 @@ PRESET_HINTS: dict[str, str] = {
 }
 
 
-def network_preset(name: str, channels: int = 1, out_channels: int | None = None) -> NetworkConfig:
+def network_preset(
+    name: str,
+    channels: int = 1,
+    out_channels: int | None = None,
+    variance_head: bool = False,
+    context_channels: int = 0,
+) -> NetworkConfig:
     """The named preset for `channels` input channels (and as many outputs by default)."""
     if name not in NETWORK_PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(NETWORK_PRESETS)}")
@@ -133,6 +145,8 @@ def network_preset(name: str, channels: int = 1, out_channels: int | None = None
         NETWORK_PRESETS[name],
         in_channels=channels,
         out_channels=channels if out_channels is None else out_channels,
+        variance_head=variance_head,
+        context_channels=context_channels,
     )
 
 
@@ -181,4 +195,5 @@ class TrainingSummary:
     best_iteration: int = 0
     best_validation_loss: float | None = None
     stopped_early: bool = False
+    variance_head_loss: float | None = None  # the posterior's prior-variance fit (NLL)
     history: list[dict[str, float]] = field(default_factory=list)

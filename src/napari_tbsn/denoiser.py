@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +25,55 @@ from .devices import out_of_memory_error, resolve_device
 from .image_io import release_pages
 from .model_io import ModelFileError, load_model, save_model
 from .network import TBSN
-from .noise import pd_down, pd_up
+from .noise import NoiseCorrelation, NoiseModel, measure_correlation, pd_down, pd_up
 from .normalization import Normalizer
-from .progress import drive
 from .patches import PatchSampler, check_finite, fitting_patch_size, load_training_planes
+from .posterior import HEAD_PATCHES, NoiseTerms, blind_spot_estimate, fit_variance_head, posterior_estimate
+from .progress import drive
 from .tiling import TiledPredictor, round_up
 from .training import FitProgress, Trainer
 
-__all__ = ["Denoiser", "FitProgress", "PredictProgress", "PredictionCancelled"]
+__all__ = ["Denoiser", "FitProgress", "PredictProgress", "PredictionCancelled", "QualityEstimate"]
 
 MAX_PD = 8
+ESTIMATORS = ("posterior", "blind_spot")
+# R3 (AP-BSN): each round swaps this fraction of the denoised pixels back to the noisy ones and
+# runs the network at full resolution; the rounds are averaged.
+R3_FRACTION = 0.16
+R3_ROUNDS = 8
+# The quality estimate's PSNR range: robust percentiles of the output (its extremes carry
+# residual noise; on D1 they overstate the clean range by 23%, the percentiles by 2%).
+RANGE_PERCENTILE = 0.1
 
 
 class PredictionCancelled(RuntimeError):
     """Raised by predict when cancel() stopped it; planes already written stay written."""
+
+
+@dataclass(frozen=True)
+class QualityEstimate:
+    """How good the last prediction is, estimated without clean data: the mean squared error
+    (input units) from the noise model and the blind spot, and the PSNR it implies over the
+    output's range (0.1 to 99.9 percentile), standing in for the clean data's range.
+
+    Whatever the noise model counts as noise, the estimate counts as error: fine grain that
+    is part of the true image but looks like pixel noise makes it optimistic."""
+
+    mse: float
+    data_range: float
+
+    @property
+    def rmse(self) -> float:
+        return float(np.sqrt(max(self.mse, 0.0)))
+
+    @property
+    def psnr(self) -> float:
+        if self.mse <= 0:
+            return float("inf")
+        return float(10 * np.log10(self.data_range**2 / self.mse))
+
+    def describe(self) -> str:
+        return f"estimated PSNR {self.psnr:.2f} dB (RMSE {self.rmse:.4g}), from the noisy data alone"
 
 
 @dataclass(frozen=True)
@@ -75,22 +111,42 @@ class Denoiser:
     def __init__(
         self,
         preset: str = "small",
-        pd: int = 1,
+        pd: int | str = "auto",
         device: str | torch.device = "auto",
         seed: int = 0,
         *,
+        estimator: str = "posterior",
         fit_config: FitConfig | None = None,
         tile_size: int = 768,
         tile_overlap: int = 256,
         predict_batch_size: int = 4,
         ensemble: int = 1,
+        refine: int = R3_ROUNDS,
+        context: int | str = 0,
     ) -> None:
+        """`pd`: "auto" (measure the noise correlation at fit time), 1 for pixel-independent
+        noise, 2-8 for spatially correlated noise. `estimator`: "posterior" (noise model + blind
+        spot, pixel-independent noise) or "blind_spot" (the plain blind-spot mean). `refine`:
+        R3 rounds at prediction when pd > 1 (0 turns R3 off). `context`: neighbouring planes on
+        each side (along Z, else T) that the network sees whole beside the blind plane; "auto"
+        takes 1 for stacks and 0 for single planes."""
         if preset not in NETWORK_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(NETWORK_PRESETS)}")
-        if not isinstance(pd, int) or not 1 <= pd <= MAX_PD:
-            raise ValueError(f"pd must be an integer from 1 to {MAX_PD} (1 for pixel-independent noise), got {pd!r}")
+        if pd != "auto" and (isinstance(pd, bool) or not isinstance(pd, int) or not 1 <= pd <= MAX_PD):
+            raise ValueError(
+                f"pd must be 'auto' or an integer from 1 to {MAX_PD} (1 for pixel-independent noise), got {pd!r}"
+            )
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be a whole number of R3 rounds (0 for none), got {refine!r}")
+        if context != "auto" and (isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= 3):
+            raise ValueError(f"context must be 'auto' or 0 to 3 planes on each side, got {context!r}")
         self.preset = preset
-        self.pd = pd
+        self.context: int | str = context
+        self.pd: int | str = pd
+        self.estimator = estimator
+        self.refine = refine
         self.device = resolve_device(device)
         self.seed = seed
         self.fit_config = fit_config or FIT_PRESETS[preset]
@@ -104,6 +160,10 @@ class Denoiser:
         self.normalizer: Normalizer | None = None
         self.axes: str | None = None
         self.summary: TrainingSummary | None = None
+        self.noise_model: NoiseModel | None = None
+        self.noise_correlation: NoiseCorrelation | None = None
+        self.quality: QualityEstimate | None = None  # of the last prediction
+        self._noise_terms: NoiseTerms | None = None
         self._cancel = threading.Event()
         self._trainer: Trainer | None = None
 
@@ -117,9 +177,29 @@ class Denoiser:
         return None if self.network is None else self.network.config
 
     @property
+    def predicts_posterior(self) -> bool:
+        """Whether the network predicts a prior variance beside its mean (posterior-capable)."""
+        return self.network is not None and self.network.config.variance_head
+
+    @property
+    def context_planes(self) -> int:
+        """Neighbouring planes on each side that the fitted network reads."""
+        if self.network is None:
+            return 0
+        config = self.network.config
+        return config.context_channels // (2 * config.in_channels)
+
+    def _context_for(self, layout: PlaneLayout) -> int:
+        if self.context == "auto":
+            return 1 if layout.context_axis is not None else 0
+        if self.context and layout.context_axis is None:
+            raise ValueError(f"context planes need a Z or T axis with several planes; axes are {layout.axes!r}")
+        return int(self.context)
+
+    @property
     def predict_pd(self) -> int:
         """Pixel-shuffle factor at inference: a smaller one than for training (AP-BSN)."""
-        return min(self.pd, 2)
+        return 1 if self.pd == "auto" else min(int(self.pd), 2)
 
     def cancel(self) -> None:
         """Stop a running fit (within one iteration, keeping the best weights) or predict."""
@@ -159,22 +239,55 @@ class Denoiser:
                 f"{layout.channels}; fit a new Denoiser for this data"
             )
         self._cancel.clear()
+        smallest = network_preset(self.preset).size_multiple
+        if min(layout.height, layout.width) < smallest:
+            raise ValueError(
+                f"the image is {layout.height}x{layout.width} pixels; fitting the {self.preset} preset needs "
+                f"at least {smallest}x{smallest} (choose the tiny preset, or a larger image)"
+            )
         normalizer = Normalizer.from_data(data, layout)
+        noise_model = NoiseModel.estimate(data, layout)
+        correlation = measure_correlation(data, layout)
+        pd = correlation.pd if self.pd == "auto" else int(self.pd)
+        if pd == 1 and correlation.correlated:
+            warnings.warn(
+                f"the {correlation.describe().replace(': pd', ', which suggests pd')}; with pd=1 the "
+                "network learns to copy correlated noise: use pd='auto' (or the suggested pd)",
+                stacklevel=3,
+            )
         network = self.network
         if network is None:
+            posterior = self.estimator == "posterior" and pd == 1
+            context = self._context_for(layout)
             torch.manual_seed(self.seed)
-            network = TBSN(network_preset(self.preset, layout.channels))
+            config = network_preset(
+                self.preset, layout.channels, variance_head=posterior, context_channels=2 * context * layout.channels
+            )
+            network = TBSN(config)
+        context = network.config.context_channels // (2 * network.config.in_channels)
+        if context and layout.context_axis is None:
+            raise ValueError(
+                f"this model reads {context} neighbouring plane(s) on each side, but axes {layout.axes!r} "
+                "have no Z or T axis with several planes; fit a new Denoiser with context=0"
+            )
+        posterior = network.config.variance_head
+        if posterior and pd != 1:
+            raise ValueError(
+                f"this model predicts a posterior, which needs pixel-independent noise (pd 1), but "
+                f"pd is {pd}; fit a new Denoiser for spatially correlated noise"
+            )
+        terms = NoiseTerms.of(*noise_model.normalized(np.asarray(normalizer.low), normalizer.scale), self.device)
         network.to(self.device)
-        granularity = network.size_multiple * self.pd
+        granularity = network.size_multiple * pd
         patch = fitting_patch_size(
             max(self.fit_config.patch_size, granularity), layout.height, layout.width, granularity
         )
-        planes = load_training_planes(data, layout, normalizer, self.fit_config.max_training_pixels)
+        planes = load_training_planes(data, layout, normalizer, self.fit_config.max_training_pixels, context)
         rng = np.random.default_rng(self.seed)
         sampler = PatchSampler(
             planes, patch, self.fit_config.validation_fraction, self.fit_config.validation_patches_max, rng
         )
-        self._trainer = Trainer(network, sampler, self.fit_config, self.device, self.pd, self.seed)
+        self._trainer = Trainer(network, sampler, self.fit_config, self.device, pd, self.seed)
         if self._cancel.is_set():  # cancel() arrived while the data loaded
             self._trainer.cancel()
         try:
@@ -183,13 +296,35 @@ class Denoiser:
             raise out_of_memory_error(self.device, "fitting") from error
         finally:
             self._trainer = None
+        if posterior:
+            patches = torch.from_numpy(sampler.sample(rng, HEAD_PATCHES))
+            self.summary.variance_head_loss = fit_variance_head(network, patches, terms)
         self.network = network
         self.normalizer = normalizer
         self.axes = layout.axes
+        self.pd = pd
+        self.noise_model = noise_model
+        self.noise_correlation = correlation
+        self._noise_terms = None
         return self
 
     # -- prediction --------------------------------------------------------------------
+    def _noise(self) -> NoiseTerms | None:
+        if self._noise_terms is None and self.noise_model is not None and self.normalizer is not None:
+            normalizer = self.normalizer
+            self._noise_terms = NoiseTerms.of(
+                *self.noise_model.normalized(np.asarray(normalizer.low), normalizer.scale), self.device
+            )
+        return self._noise_terms
+
+    @property
+    def uses_posterior(self) -> bool:
+        """Whether predict returns the posterior mean (else the plain blind-spot mean)."""
+        return self.estimator == "posterior" and self.predicts_posterior and self.noise_model is not None
+
     def _run_network(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) noisy tile -> (B, 3C, h, w): estimate, posterior variance, squared-error
+        estimate, each averaged over the x8 self-ensemble when it is on."""
         if self.ensemble == 1:
             return self._run_once(batch)
         # The x8 self-ensemble: every flip and 90-degree rotation, each undone, averaged.
@@ -204,13 +339,42 @@ class Denoiser:
                 total = result if total is None else total + result
         return total / 8
 
-    def _run_once(self, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor, factor: int) -> torch.Tensor:
         assert self.network is not None
-        factor = self.predict_pd
         # bfloat16 on CUDA; CPUs predict in float32, where tiles reproduce the whole image.
         fast = self.fit_config.mixed_precision and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=fast):
             return pd_up(self.network(pd_down(batch, factor)), factor).float()
+
+    def _run_once(self, batch: torch.Tensor) -> torch.Tensor:
+        assert self.network is not None
+        channels = self.network.config.in_channels
+        noisy = batch[:, :channels]  # then the context planes, if any
+        output = self._forward(batch, self.predict_pd)
+        noise = self._noise()
+        if self.uses_posterior:
+            estimate = posterior_estimate(output, noisy, noise)
+        else:
+            mean = output[:, :channels]
+            if self.pd != 1 and self.refine:
+                mean = self._refine(mean, batch)
+            # With correlated noise (pd > 1) the blind-spot residual says nothing about the error.
+            estimate = blind_spot_estimate(mean, noisy, noise if self.pd == 1 else None)
+        variance = estimate.variance if estimate.variance is not None else torch.zeros_like(estimate.value)
+        return torch.cat([estimate.value, variance, estimate.squared_error.nan_to_num(0.0)], dim=1)
+
+    def _refine(self, denoised: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+        """R3 (AP-BSN): average full-resolution passes over the denoised image with a random
+        R3_FRACTION of its pixels put back to their noisy values. Seeded: predictions repeat."""
+        generator = torch.Generator().manual_seed(self.seed)
+        channels = denoised.shape[1]
+        noisy, context = noisy[:, :channels], noisy[:, channels:]
+        total = torch.zeros_like(denoised)
+        for _ in range(self.refine):
+            keep_noisy = (torch.rand(noisy.shape, generator=generator) < R3_FRACTION).to(noisy.device)
+            mixed = torch.cat([torch.where(keep_noisy, noisy, denoised), context], dim=1)
+            total += self._forward(mixed, 1)[:, :channels]
+        return total / self.refine
 
     def _predictor(self) -> TiledPredictor:
         assert self.network is not None
@@ -232,16 +396,21 @@ class Denoiser:
         axes: str | None = None,
         out=None,
         callback: Callable[[PredictProgress], None] | None = None,
+        uncertainty=None,
     ):
         """Denoise `data` plane by plane; float32 in the input's units, same shape.
 
         `data` may be any array with numpy slicing (numpy, memmap, dask, zarr); it is read
         one plane at a time. With `out` (same shape, any array that accepts assignment) the
-        result is written there and `out` is returned.
+        result is written there and `out` is returned. With `uncertainty` (an array like
+        `out`) the posterior standard deviation is written there too. Afterwards `quality`
+        holds the estimated error of the result (None where it cannot be estimated).
         """
-        return drive(self.predict_iter(data, axes, out), callback)
+        return drive(self.predict_iter(data, axes, out, uncertainty), callback)
 
-    def predict_iter(self, data, axes: str | None = None, out=None) -> Generator[PredictProgress, None, Any]:
+    def predict_iter(
+        self, data, axes: str | None = None, out=None, uncertainty=None
+    ) -> Generator[PredictProgress, None, Any]:
         """predict() as a generator that yields progress after every batch of tiles."""
         if not self.is_fitted:
             raise RuntimeError("this Denoiser has not been fitted yet: call fit() or Denoiser.load() first")
@@ -255,6 +424,11 @@ class Denoiser:
                 f"the model was fitted on {self.network.config.in_channels} channel(s), the data has "
                 f"{layout.channels} (axes {layout.axes!r}); check the axes"
             )
+        if self.context_planes and layout.context_axis is None:
+            raise ValueError(
+                f"this model reads {self.context_planes} neighbouring plane(s) on each side, but axes "
+                f"{layout.axes!r} have no Z or T axis with several planes; check the axes"
+            )
         if min(layout.height, layout.width) < self.minimum_size():
             raise ValueError(
                 f"the image is {layout.height}x{layout.width} pixels; this model needs at least "
@@ -264,13 +438,25 @@ class Denoiser:
             out = np.empty(tuple(data.shape), dtype=np.float32)
         elif tuple(out.shape) != tuple(data.shape):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(data.shape)}")
+        if uncertainty is not None:
+            if not self.uses_posterior:
+                raise ValueError(
+                    "an uncertainty map needs the posterior estimator (a model fitted with "
+                    "estimator='posterior' on pixel-independent noise)"
+                )
+            if tuple(uncertainty.shape) != tuple(data.shape):
+                raise ValueError(f"uncertainty has shape {tuple(uncertainty.shape)}, expected {tuple(data.shape)}")
         self._cancel.clear()
+        self.quality = None
+        estimable = self.noise_model is not None and self.pd == 1
+        squared_error_sum, pixels = 0.0, 0
+        low_value, high_value = np.inf, -np.inf
         self.network.to(self.device).eval()
         predictor = self._predictor()
         planes = layout.plane_count
         start = time.perf_counter()
         for number, plane in enumerate(layout.plane_indices()):
-            block = layout.read_plane(data, plane)
+            block = layout.read_plane_with_context(data, plane, self.context_planes)
             check_finite(block, f"plane {plane} of the input")
             steps = predictor.predict_iter(self.normalizer.normalize(block))
             try:
@@ -286,9 +472,22 @@ class Denoiser:
                 result = finished.value
             except torch.OutOfMemoryError as error:
                 raise out_of_memory_error(self.device, "denoising") from error
-            layout.write_plane(out, plane, self.normalizer.denormalize(result[: layout.channels]))
+            channels = layout.channels
+            denoised = self.normalizer.denormalize(result[:channels])
+            layout.write_plane(out, plane, denoised)
+            scale = self.normalizer.scale.reshape(-1, 1, 1)
+            if uncertainty is not None:
+                standard_deviation = np.sqrt(np.maximum(result[channels : 2 * channels], 0)) * scale
+                layout.write_plane(uncertainty, plane, standard_deviation)
+                release_pages(uncertainty)
+            squared_error_sum += float(np.sum(result[2 * channels :] * scale**2, dtype=np.float64))
+            pixels += denoised.size
+            low, high = np.percentile(denoised, [RANGE_PERCENTILE, 100 - RANGE_PERCENTILE])
+            low_value, high_value = min(low_value, float(low)), max(high_value, float(high))
             release_pages(data)
             release_pages(out)
+        if estimable and pixels:
+            self.quality = QualityEstimate(squared_error_sum / pixels, high_value - low_value)
         return out
 
     # -- model files -------------------------------------------------------------------
@@ -304,6 +503,10 @@ class Denoiser:
             "normalization": self.normalizer.to_dict(),
             "axes": self.axes,
             "pd": self.pd,
+            "estimator": self.estimator,
+            "refine": self.refine,
+            "noise_model": self.noise_model.to_dict() if self.noise_model else None,
+            "noise_correlation": self.noise_correlation.to_dict() if self.noise_correlation else None,
             "seed": self.seed,
             "fit": self.fit_config.to_dict(),
             "tiling": {"tile_size": self.tile_size, "tile_overlap": self.tile_overlap, "ensemble": self.ensemble},
@@ -325,6 +528,8 @@ class Denoiser:
             denoiser = cls(
                 preset=description.get("preset", "small"),
                 pd=int(description.get("pd", 1)),
+                estimator=description.get("estimator", "blind_spot"),
+                refine=int(description.get("refine", R3_ROUNDS)),
                 device=device,
                 seed=int(description.get("seed", 0)),
                 fit_config=FitConfig.from_dict(description.get("fit", {})),
@@ -337,6 +542,13 @@ class Denoiser:
             raise ModelFileError(f"{path} does not describe a usable TBSN model: {error}") from error
         denoiser.network = network.to(denoiser.device).eval()
         denoiser.normalizer = normalizer
+        try:
+            noise = description.get("noise_model")
+            denoiser.noise_model = NoiseModel.from_dict(noise) if noise else None
+            correlation = description.get("noise_correlation")
+            denoiser.noise_correlation = NoiseCorrelation(tuple(correlation["by_lag"])) if correlation else None
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelFileError(f"{path} has an unreadable noise model: {error}") from error
         denoiser.axes = description.get("axes")
         training = description.get("training")
         denoiser.summary = TrainingSummary(**training) if training else None

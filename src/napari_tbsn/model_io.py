@@ -31,6 +31,16 @@ def atomic_target(path: Path) -> Path:
     return Path(name)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    temporary = atomic_target(path)
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], description: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 

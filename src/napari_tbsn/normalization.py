@@ -40,9 +40,10 @@ class Normalizer:
         return (np.asarray(self.high) - np.asarray(self.low)).astype(np.float32)
 
     def normalize(self, block: np.ndarray) -> np.ndarray:
-        """(C, ...) float32 in input units -> normalised units."""
-        low = np.asarray(self.low, dtype=np.float32).reshape(-1, *([1] * (block.ndim - 1)))
-        return (block - low) / self.scale.reshape(low.shape)
+        """(C, ...) or, with context planes, (k * C, ...) float32 in input units -> normalised units."""
+        repeats = block.shape[0] // len(self.low)
+        low = np.tile(np.asarray(self.low, dtype=np.float32), repeats).reshape(-1, *([1] * (block.ndim - 1)))
+        return (block - low) / np.tile(self.scale, repeats).reshape(low.shape)
 
     def denormalize(self, block: np.ndarray) -> np.ndarray:
         low = np.asarray(self.low, dtype=np.float32).reshape(-1, *([1] * (block.ndim - 1)))

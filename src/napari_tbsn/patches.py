@@ -81,15 +81,19 @@ class PatchSampler:
         return np.ascontiguousarray(np.stack(crops))
 
 
-def load_training_planes(data, layout: PlaneLayout, normalizer: Normalizer, max_pixels: int) -> np.ndarray:
-    """Evenly spaced planes, normalised, as (N, C, H, W) float32, within a pixel budget."""
-    per_plane = layout.channels * layout.height * layout.width
+def load_training_planes(
+    data, layout: PlaneLayout, normalizer: Normalizer, max_pixels: int, planes_each_side: int = 0
+) -> np.ndarray:
+    """Evenly spaced planes, normalised, as (N, C * (1 + 2k), H, W) float32 (each plane then
+    its k neighbours on either side), within a pixel budget."""
+    depth = layout.channels * (1 + 2 * planes_each_side)
+    per_plane = depth * layout.height * layout.width
     count = layout.plane_count
     keep = max(1, min(count, max_pixels // max(per_plane, 1)))
     picks = np.unique(np.linspace(0, count - 1, keep).round().astype(int))
-    planes = np.empty((len(picks), layout.channels, layout.height, layout.width), dtype=np.float32)
+    planes = np.empty((len(picks), depth, layout.height, layout.width), dtype=np.float32)
     for slot, flat in enumerate(picks):
-        block = layout.read_plane(data, layout.plane_index(int(flat)))
+        block = layout.read_plane_with_context(data, layout.plane_index(int(flat)), planes_each_side)
         check_finite(block, f"plane {int(flat)} of the input")
         planes[slot] = normalizer.normalize(block)
     return planes

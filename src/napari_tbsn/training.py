@@ -126,7 +126,8 @@ class Trainer:
                     raise
                 self.forward = self.network  # a compile failure shows at the first call
                 output = self.network(batch)
-        return blind_spot_loss(output, batch)
+        blind = self.network.config.in_channels  # the rest of the batch is context planes
+        return blind_spot_loss(output[:, :blind], batch[:, :blind])
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -95,10 +95,17 @@ def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot
     timelapse = viewer.add_image(lazy, name="timelapse", axis_labels=("T", "Y", "X"))
     assert widget.axes.value == "TYX"
     widget.iterations.value = 3
+    assert widget.pd.value == "auto" and widget.estimator.value == "posterior"
+    widget.uncertainty.value = True
     widget.fit_denoise_button.click()
     _wait_idle(qtbot, widget)
     assert viewer.layers["timelapse (TBSN)"].data.shape == (3, 64, 96)
+    spread = viewer.layers["timelapse (TBSN) uncertainty"].data
+    assert spread.shape == (3, 64, 96) and np.all(np.asarray(spread) > 0)
     assert timelapse.data is lazy
+    status = widget.status.text()
+    assert "estimated PSNR" in status and "uncertainty" in status
+    widget.uncertainty.value = False
 
     # A saved model loads and denoises a TZYX layer; Preview does the shown slice only.
     path = widget.save_model(tmp_path / "model.safetensors")
@@ -142,4 +149,8 @@ def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
     viewer.window.remove_dock_widget(widget)
     widget.deleteLater()
     qtbot.waitUntil(lambda: running._trainer is None, timeout=WAIT_MS)
+    # The stopped fit then fits its variance head; let its thread end inside the test.
+    from napari_tbsn._napari.widget import _RUNNING_WORKERS
+
+    qtbot.waitUntil(lambda: not _RUNNING_WORKERS, timeout=WAIT_MS)
     assert running.summary.stopped_early and running.summary.iterations < 100_000

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox, Container, FloatSpinBox, LineEdit, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, SpinBox
 from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..axes import AXIS_LETTERS, PlaneLayout, guess_axes, parse_axes
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     import napari
 
 IN_MEMORY_LIMIT = 2 * 1024**3  # larger results go to a temporary memory-mapped file
+# Workers still running, kept alive until they finish: a stopped fit still fits its variance
+# head (seconds), and a worker whose widget was closed and collected would otherwise lose the
+# Qt object its last signals go through.
+_RUNNING_WORKERS: set = set()
 PROGRESS_STEPS = 1000
 
 
@@ -81,15 +85,25 @@ class DenoiseWidget(QWidget):
         self.patch_size = SpinBox(label="patch size", min=64, max=1024, step=64,
                                   value=FIT_PRESETS["small"].patch_size,
                                   tooltip="training patch size in pixels (a multiple of 64)")
-        self.pd = SpinBox(label="pd factor", min=1, max=8, value=1,
-                          tooltip="1 for pixel-independent noise; 2-5 for spatially correlated noise")
+        self.pd = ComboBox(
+            label="pd factor", choices=[("auto (measure the noise)", "auto")] + [(str(n), n) for n in range(1, 9)],
+            value="auto", tooltip="auto: measured from the data; 1 for pixel-independent noise; "
+            "2-5 for spatially correlated noise",
+        )
+        self.estimator = ComboBox(
+            label="output", choices=[("posterior (noise model)", "posterior"), ("blind-spot mean", "blind_spot")],
+            value="posterior", tooltip="posterior: folds the noisy pixel back in with the fitted noise model "
+            "(pixel-independent noise); blind-spot mean: the network's prediction alone",
+        )
+        self.uncertainty = CheckBox(label="uncertainty layer", value=False,
+                                    tooltip="also add the posterior standard deviation as a layer")
         self.device_select = ComboBox(
             label="device", choices=[("auto", "auto")] + [(name, device) for device, name in available_devices()],
             value="auto",
         )
         self.settings = Container(widgets=[
             self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget,
-            self.patch_size, self.pd, self.device_select,
+            self.patch_size, self.pd, self.estimator, self.uncertainty, self.device_select,
         ])
 
         self.fit_button = QPushButton("Fit")
@@ -205,14 +219,15 @@ class DenoiseWidget(QWidget):
         return layer, data, axes
 
     def _denoiser_for_fit(self) -> Denoiser:
-        preset, pd, device = self.preset_select.value, int(self.pd.value), self.device_select.value
+        preset, pd, device = self.preset_select.value, self.pd.value, self.device_select.value
         fit_config = dataclasses.replace(FIT_PRESETS[preset], patch_size=int(self.patch_size.value))
         current = self.denoiser
-        if current is not None and current.network is not None and current.preset == preset and current.pd == pd:
+        if (current is not None and current.network is not None and current.preset == preset
+                and pd in ("auto", current.pd)):
             current.device = resolve_device(device)  # fine-tune the fitted or loaded model
             current.fit_config = fit_config
             return current
-        return Denoiser(preset=preset, pd=pd, device=device, fit_config=fit_config)
+        return Denoiser(preset=preset, pd=pd, device=device, estimator=self.estimator.value, fit_config=fit_config)
 
     # -- running work ------------------------------------------------------------------
     def _start(self, job, description: str, on_done) -> None:
@@ -242,6 +257,8 @@ class DenoiseWidget(QWidget):
         worker.returned.connect(finish)
         worker.errored.connect(lambda error: None if self._closed else self._say(f"error: {error}"))
         worker.finished.connect(self._on_finished)
+        _RUNNING_WORKERS.add(worker)
+        worker.finished.connect(lambda: _RUNNING_WORKERS.discard(worker))
         self._worker = worker
         self._set_busy(True)
         self.progress_bar.setFormat(f"{description}…")
@@ -329,8 +346,12 @@ class DenoiseWidget(QWidget):
         summary = denoiser.summary
         if summary is not None:
             stopped = " (stopped)" if summary.stopped_early else ""
+            noise = ""
+            if denoiser.noise_model is not None and denoiser.noise_correlation is not None:
+                noise = (f"\nnoise: {denoiser.noise_model.describe()}; {denoiser.noise_correlation.describe()}"
+                         f" (pd {denoiser.pd} used)")
             self._say(f"fitted{stopped}: {summary.iterations} iterations in {_format_seconds(summary.seconds)}, "
-                      f"best validation loss {summary.best_validation_loss:.4g}")
+                      f"best validation loss {summary.best_validation_loss:.4g}{noise}")
 
     # -- denoise -----------------------------------------------------------------------
     def _output_array(self, shape: tuple[int, ...]):
@@ -340,11 +361,17 @@ class DenoiseWidget(QWidget):
         return np.lib.format.open_memmap(folder / "denoised.npy", mode="w+", dtype=np.float32, shape=shape)
 
     def _predict_job(self, denoiser: Denoiser, data, axes: str):
+        """(denoised, uncertainty or None), or None when stopped."""
+        denoiser.estimator = self.estimator.value
         out = self._output_array(tuple(data.shape))
+        uncertainty = None
+        if self.uncertainty.value and denoiser.uses_posterior:
+            uncertainty = self._output_array(tuple(data.shape))
         try:
-            return (yield from denoiser.predict_iter(data, axes, out=out))
+            yield from denoiser.predict_iter(data, axes, out=out, uncertainty=uncertainty)
         except PredictionCancelled:
             return None
+        return out, uncertainty
 
     def _fitted(self) -> Denoiser:
         if self.denoiser is None or not self.denoiser.is_fitted:
@@ -361,18 +388,32 @@ class DenoiseWidget(QWidget):
         self._start(lambda: (yield from self._predict_job(denoiser, data, axes)), "TBSN denoise",
                     lambda out: self._add_result(layer, out))
 
-    def _add_result(self, layer, out, name: str | None = None, translate=None) -> None:
-        if out is None:
+    def _add_result(self, layer, result, name: str | None = None, translate=None) -> None:
+        if result is None:
             self._say("denoise stopped")
             return
+        out, uncertainty = result
+        replace = name is not None  # a new preview replaces the last one
+        name = name or f"{layer.name} (TBSN)"
+        self._add_layer(layer, out, name, translate, replace=replace)
+        if uncertainty is not None:
+            self._add_layer(layer, uncertainty, f"{name} uncertainty", translate, colormap="magma", replace=replace)
+        quality = self.denoiser.quality if self.denoiser is not None else None
+        estimate = f"; {quality.describe()}" if quality is not None else ""
+        self._say(f"added '{name}'" + (" and its uncertainty (posterior SD)" if uncertainty is not None else "")
+                  + estimate)
+
+    def _add_layer(
+        self, layer, out, name: str, translate=None, colormap: str | None = None, replace: bool = False
+    ) -> None:
         sample = np.asarray(out[tuple(slice(None, None, max(1, s // 256)) for s in out.shape)])
         low, high = np.percentile(sample, [0.5, 99.9]) if sample.size else (0.0, 1.0)
         kwargs: dict[str, Any] = {
-            "name": name or f"{layer.name} (TBSN)",
+            "name": name,
             "scale": layer.scale,
             "translate": layer.translate if translate is None else translate,
             "contrast_limits": (float(low), float(max(high, low + 1e-6))),
-            "colormap": layer.colormap.name,
+            "colormap": colormap or layer.colormap.name,
             "blending": layer.blending,
             "rgb": layer.rgb,
         }
@@ -380,11 +421,9 @@ class DenoiseWidget(QWidget):
             kwargs["axis_labels"] = layer.axis_labels
         if getattr(layer, "units", None) is not None:
             kwargs["units"] = layer.units
-        if kwargs["name"] in self.viewer.layers and name is not None:
-            self.viewer.layers.remove(kwargs["name"])
+        if replace and name in self.viewer.layers:
+            self.viewer.layers.remove(name)
         self.viewer.add_image(out, **kwargs)
-        if name is None:
-            self._say(f"added '{kwargs['name']}'")
 
     # -- preview -----------------------------------------------------------------------
     def current_plane(self, layer, axes: str) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import NetworkConfig, network_preset
@@ -60,8 +61,10 @@ class Stage(nn.ModuleList):
 class TBSN(nn.Module):
     """Transformer-Based Blind-Spot Network (arXiv 2404.07846), exactly blind.
 
-    Maps (B, C_in, H, W) to (B, C_out, H, W). Output pixel p never depends on any input
-    pixel at p + 2Z^2 (p itself included): the masked input conv removes the offsets with
+    Maps (B, C_in + C_context, H, W) to (B, C_out, H, W), or with `variance_head` to
+    (B, 2 C_out, H, W): the means, then the log prior variances. The C_context channels (the
+    neighbouring planes of a stack) are seen whole; of the C_in blind channels, output pixel p
+    never sees any pixel at p + 2Z^2 (p itself included): the masked input conv removes the offsets with
     both components even, and every later layer keeps parity classes apart. H and W must
     divide by `size_multiple`.
     """
@@ -73,6 +76,10 @@ class TBSN(nn.Module):
         dim = config.dim
         ch, sp = config.channel_heads, config.spatial_heads
         self.input_conv = CentreMaskedConv2d(config.in_channels, dim)
+        # Neighbouring planes carry none of this plane's noise: an ordinary conv sees them whole.
+        self.context_conv = (
+            nn.Conv2d(config.context_channels, dim, 3, padding=1, bias=False) if config.context_channels else None
+        )
         self.encoder_1 = Stage(config.encoder_blocks[0], dim, ch[0], sp[0], config, 1)
         self.down_1 = ParityDownsample(dim)
         self.encoder_2 = Stage(config.encoder_blocks[1], 2 * dim, ch[1], sp[1], config, 2)
@@ -84,7 +91,8 @@ class TBSN(nn.Module):
         self.up_1 = ParityUpsample(2 * dim)
         self.decoder_1 = Stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config, 1)
         self.refinement = Stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config, 1)
-        self.output_conv = nn.Conv2d(2 * dim, config.out_channels, 1, bias=True)
+        heads = 2 if config.variance_head else 1
+        self.output_conv = nn.Conv2d(2 * dim, heads * config.out_channels, 1, bias=True)
 
     @classmethod
     def from_preset(cls, name: str, channels: int = 1, out_channels: int | None = None) -> "TBSN":
@@ -104,14 +112,33 @@ class TBSN(nn.Module):
             raise ValueError(f"TBSN needs H and W divisible by {multiple}, got {height}x{width}")
         if layout not in ("split", "full"):
             raise ValueError(f"layout must be 'split' or 'full', got {layout!r}")
+        return self.head(self.features(x, layout))
+
+    def features(self, x: torch.Tensor, layout: str = "split") -> torch.Tensor:
+        """The decoded full-resolution features that the 1x1 output conv reads."""
         split = layout == "split"
-        features = self.input_conv(x)
+        blind = self.config.in_channels
+        if x.shape[1] != blind + self.config.context_channels:
+            raise ValueError(
+                f"TBSN expects {blind} channel(s) + {self.config.context_channels} context channel(s), got {x.shape[1]}"
+            )
+        features = self.input_conv(x[:, :blind])
+        if self.context_conv is not None:
+            features = features + self.context_conv(x[:, blind:])
         if split:
             features = split_parity(features)
         decoded = self._body(features, split)
-        if split:
-            decoded = merge_parity(decoded)
-        return self.output_conv(decoded)
+        return merge_parity(decoded) if split else decoded
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The 1x1 output conv; the variance head reads the features detached."""
+        if not self.config.variance_head:
+            return self.output_conv(features)
+        means = self.config.out_channels
+        weight, bias = self.output_conv.weight, self.output_conv.bias
+        mean = F.conv2d(features, weight[:means], bias[:means])
+        log_variance = F.conv2d(features.detach(), weight[means:], bias[means:])
+        return torch.cat([mean, log_variance], dim=1)
 
     def _body(self, x: torch.Tensor, split: bool) -> torch.Tensor:
         level_1 = self.encoder_1(x, split)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+from scipy.ndimage import convolve
+
+from napari_tbsn.axes import PlaneLayout
+from napari_tbsn.noise import NoiseModel, measure_correlation
+
+from .conftest import noisy_image
+
+
+def _poisson_gaussian(gain: float, offset: float, shape=(4, 192, 192), seed=0):
+    clean, _ = noisy_image(shape, seed=seed, peak=30.0)
+    rng = np.random.default_rng(seed)
+    noisy = gain * rng.poisson(clean / gain) + rng.normal(0, np.sqrt(offset), clean.shape)
+    return clean, noisy.astype(np.float32)
+
+
+@pytest.mark.parametrize("gain, offset", [(1.0, 1.0), (3.0, 10.0), (0.5, 0.2)])
+def test_noise_model_recovers_gain_and_offset_without_clean_data(gain, offset):
+    _, noisy = _poisson_gaussian(gain, offset)
+    model = NoiseModel.estimate(noisy, PlaneLayout.of(noisy.shape, "ZYX"))
+    assert model.gain[0] == pytest.approx(gain, rel=0.1)
+    assert model.offset[0] == pytest.approx(offset, rel=0.2, abs=0.1)
+    assert model.variance(np.array([10.0]))[0] == pytest.approx(gain * 10 + offset, rel=0.1)
+
+
+def test_noise_model_in_normalised_units_and_round_trip():
+    model = NoiseModel(gain=(2.0,), offset=(5.0,), floor=(0.1,))
+    low, scale = np.array([100.0]), np.array([50.0])
+    gain, offset, floor = model.normalized(low, scale)
+    signal = 0.4  # normalised, i.e. 100 + 0.4 * 50 = 120 in input units
+    assert gain[0] * signal + offset[0] == pytest.approx(model.variance(np.array([120.0]))[0] / 50.0**2)
+    assert NoiseModel.from_dict(model.to_dict()) == model
+    assert "2 * signal + 5" in model.describe()
+
+
+def test_correlated_noise_is_detected_and_gets_a_pixel_shuffle_factor():
+    rng = np.random.default_rng(0)
+    clean, _ = noisy_image((256, 256), seed=3)
+    white = clean + rng.normal(0, 2, clean.shape)
+    kernel = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], float)
+    correlated = clean + 2 * convolve(rng.normal(0, 1, clean.shape), kernel / np.sqrt((kernel**2).sum()))
+    independent = measure_correlation(white, PlaneLayout.of(white.shape, "YX"))
+    assert not independent.correlated and independent.pd == 1
+    found = measure_correlation(correlated, PlaneLayout.of(correlated.shape, "YX"))
+    assert found.correlated and found.pd >= 2
+    assert "correlated" in found.describe()
