@@ -106,7 +106,7 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     summary = denoiser.summary
     assert summary is not None and denoiser.noise_model is not None and denoiser.noise_correlation is not None
     _log(args, f"noise model (input units): {denoiser.noise_model.describe()}")
-    _log(args, f"{denoiser.noise_correlation.describe()}; pd {denoiser.pd} used, "
+    _log(args, f"{denoiser.noise_correlation.describe()}; used pd {denoiser.pd}, "
          f"{'posterior' if denoiser.uses_posterior else 'blind-spot mean'} output")
     _log(args, f"fitted: {summary.iterations} iterations in {format_seconds(summary.seconds)}, best validation "
          f"loss {summary.best_validation_loss:.6f} at iteration {summary.best_iteration}"

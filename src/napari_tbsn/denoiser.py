@@ -251,7 +251,7 @@ class Denoiser:
         pd = correlation.pd if self.pd == "auto" else int(self.pd)
         if pd == 1 and correlation.correlated:
             warnings.warn(
-                f"the {correlation.describe().replace(': pd', ', which suggests pd')}; with pd=1 the "
+                f"the {correlation.describe()}; with pd=1 the "
                 "network learns to copy correlated noise: use pd='auto' (or the suggested pd)",
                 stacklevel=3,
             )

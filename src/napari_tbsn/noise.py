@@ -167,7 +167,7 @@ class NoiseCorrelation:
 
     def describe(self) -> str:
         kind = "spatially correlated" if self.correlated else "pixel-independent"
-        return f"noise looks {kind} (lag-1 correlation {self.by_lag[0]:.2f}): pd {self.pd}"
+        return f"noise looks {kind} (lag-1 correlation {self.by_lag[0]:.2f}), which suggests pd {self.pd}"
 
     def to_dict(self) -> dict:
         return {"by_lag": list(self.by_lag)}
