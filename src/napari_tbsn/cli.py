@@ -104,10 +104,8 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
         denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget, callback=on_progress)
     bar.close()
     summary = denoiser.summary
-    assert summary is not None and denoiser.noise_model is not None and denoiser.noise_correlation is not None
-    _log(args, f"noise model (input units): {denoiser.noise_model.describe()}")
-    _log(args, f"{denoiser.noise_correlation.describe()}; used pd {denoiser.pd}, "
-         f"{'posterior' if denoiser.uses_posterior else 'blind-spot mean'} output")
+    assert summary is not None
+    _log(args, denoiser.describe_noise())
     _log(args, f"fitted: {summary.iterations} iterations in {format_seconds(summary.seconds)}, best validation "
          f"loss {summary.best_validation_loss:.6f} at iteration {summary.best_iteration}"
          + (" (stopped early)" if summary.stopped_early else ""))

@@ -47,6 +47,11 @@ class NetworkConfig:
         self.validate()
 
     @property
+    def context_planes(self) -> int:
+        """Neighbouring planes on each side behind the context channels."""
+        return self.context_channels // (2 * self.in_channels)
+
+    @property
     def key_window(self) -> int:
         return self.window + round(self.window * self.overlap)
 

@@ -87,6 +87,11 @@ class PredictProgress:
     fraction: float
 
 
+def _noise_terms(noise_model: NoiseModel, normalizer: Normalizer, device: torch.device) -> NoiseTerms:
+    """The noise model in the network's normalised units."""
+    return NoiseTerms.of(*noise_model.normalized(np.asarray(normalizer.low), normalizer.scale), device)
+
+
 def check_data(data) -> None:
     """Reject what cannot be denoised, where it enters, with the fix in the message."""
     if not hasattr(data, "shape") or not hasattr(data, "dtype"):
@@ -184,17 +189,28 @@ class Denoiser:
     @property
     def context_planes(self) -> int:
         """Neighbouring planes on each side that the fitted network reads."""
-        if self.network is None:
-            return 0
-        config = self.network.config
-        return config.context_channels // (2 * config.in_channels)
+        return 0 if self.network is None else self.network.config.context_planes
 
     def _context_for(self, layout: PlaneLayout) -> int:
         if self.context == "auto":
             return 1 if layout.context_axis is not None else 0
-        if self.context and layout.context_axis is None:
-            raise ValueError(f"context planes need a Z or T axis with several planes; axes are {layout.axes!r}")
         return int(self.context)
+
+    @staticmethod
+    def _check_context_axis(planes: int, layout: PlaneLayout, fix: str) -> None:
+        if planes and layout.context_axis is None:
+            raise ValueError(
+                f"this model reads {planes} neighbouring plane(s) on each side, but axes {layout.axes!r} "
+                f"have no Z or T axis with several planes; {fix}"
+            )
+
+    def describe_noise(self) -> str:
+        """The fitted noise model, the measured correlation and the pd and output used."""
+        if self.noise_model is None or self.noise_correlation is None:
+            return "no noise model (fit first)"
+        output = "posterior" if self.uses_posterior else "blind-spot mean"
+        return (f"noise model (input units): {self.noise_model.describe()}; {self.noise_correlation.describe()}; "
+                f"used pd {self.pd}, {output} output")
 
     @property
     def predict_pd(self) -> int:
@@ -264,19 +280,15 @@ class Denoiser:
                 self.preset, layout.channels, variance_head=posterior, context_channels=2 * context * layout.channels
             )
             network = TBSN(config)
-        context = network.config.context_channels // (2 * network.config.in_channels)
-        if context and layout.context_axis is None:
-            raise ValueError(
-                f"this model reads {context} neighbouring plane(s) on each side, but axes {layout.axes!r} "
-                "have no Z or T axis with several planes; fit a new Denoiser with context=0"
-            )
+        context = network.config.context_planes
+        self._check_context_axis(context, layout, "fit a new Denoiser with context=0")
         posterior = network.config.variance_head
         if posterior and pd != 1:
             raise ValueError(
                 f"this model predicts a posterior, which needs pixel-independent noise (pd 1), but "
                 f"pd is {pd}; fit a new Denoiser for spatially correlated noise"
             )
-        terms = NoiseTerms.of(*noise_model.normalized(np.asarray(normalizer.low), normalizer.scale), self.device)
+        terms = _noise_terms(noise_model, normalizer, self.device)
         network.to(self.device)
         granularity = network.size_multiple * pd
         patch = fitting_patch_size(
@@ -311,10 +323,7 @@ class Denoiser:
     # -- prediction --------------------------------------------------------------------
     def _noise(self) -> NoiseTerms | None:
         if self._noise_terms is None and self.noise_model is not None and self.normalizer is not None:
-            normalizer = self.normalizer
-            self._noise_terms = NoiseTerms.of(
-                *self.noise_model.normalized(np.asarray(normalizer.low), normalizer.scale), self.device
-            )
+            self._noise_terms = _noise_terms(self.noise_model, self.normalizer, self.device)
         return self._noise_terms
 
     @property
@@ -424,11 +433,7 @@ class Denoiser:
                 f"the model was fitted on {self.network.config.in_channels} channel(s), the data has "
                 f"{layout.channels} (axes {layout.axes!r}); check the axes"
             )
-        if self.context_planes and layout.context_axis is None:
-            raise ValueError(
-                f"this model reads {self.context_planes} neighbouring plane(s) on each side, but axes "
-                f"{layout.axes!r} have no Z or T axis with several planes; check the axes"
-            )
+        self._check_context_axis(self.context_planes, layout, "check the axes")
         if min(layout.height, layout.width) < self.minimum_size():
             raise ValueError(
                 f"the image is {layout.height}x{layout.width} pixels; this model needs at least "

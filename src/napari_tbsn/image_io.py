@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .axes import AXIS_LETTERS
-from .model_io import atomic_target
+from .model_io import atomic_file, atomic_target
 
 # tifffile's axis letters -> ours. tifffile's S is RGB samples, i.e. our C.
 TIFF_AXES = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X"}
@@ -141,8 +141,7 @@ def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like
     if suffix == ".zarr":
         yield from _zarr_output(path, shape, axes)
         return
-    temporary = atomic_target(path)
-    try:
+    with atomic_file(path) as temporary:
         if suffix == ".npy":
             out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=tuple(shape))
         else:
@@ -155,9 +154,6 @@ def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like
         yield out
         out.flush()
         del out
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _zarr_output(path: Path, shape: tuple[int, ...], axes: str) -> Iterator[Any]:

@@ -6,9 +6,11 @@ Files are written to a temporary name and renamed, so a crash never leaves half 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,22 @@ def atomic_target(path: Path) -> Path:
     return Path(name)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed over `path` only if the block
+    completes, removed otherwise."""
     path = Path(path)
     temporary = atomic_target(path)
     try:
-        temporary.write_text(text)
+        yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
 
 
 def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], description: dict[str, Any]) -> Path:
@@ -47,12 +57,8 @@ def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], descript
     path = Path(path)
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **description}
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
-    temporary = atomic_target(path)
-    try:
+    with atomic_file(path) as temporary:
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(header)})
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

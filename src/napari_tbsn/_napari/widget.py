@@ -346,12 +346,8 @@ class DenoiseWidget(QWidget):
         summary = denoiser.summary
         if summary is not None:
             stopped = " (stopped)" if summary.stopped_early else ""
-            noise = ""
-            if denoiser.noise_model is not None and denoiser.noise_correlation is not None:
-                noise = (f"\nnoise: {denoiser.noise_model.describe()}; {denoiser.noise_correlation.describe()}"
-                         f" (pd {denoiser.pd} used)")
             self._say(f"fitted{stopped}: {summary.iterations} iterations in {_format_seconds(summary.seconds)}, "
-                      f"best validation loss {summary.best_validation_loss:.4g}{noise}")
+                      f"best validation loss {summary.best_validation_loss:.4g}\n{denoiser.describe_noise()}")
 
     # -- denoise -----------------------------------------------------------------------
     def _output_array(self, shape: tuple[int, ...]):
