@@ -34,7 +34,11 @@ def test_denoise_writes_tiff_with_axes_and_pixel_size(noisy_tiff, tmp_path):
 
 def test_fit_then_predict_to_npy_and_zarr(noisy_tiff, tmp_path):
     model = tmp_path / "model.safetensors"
-    assert main(["fit", str(noisy_tiff), "-o", str(model), "--preset", "tiny", "--iterations", "2", "--quiet"]) == 0
+    assert main(["fit", str(noisy_tiff), "-o", str(model), "--preset", "tiny", "--iterations", "2", "--quiet",
+                 "--context", "0"]) == 0
+    from napari_tbsn import Denoiser
+
+    assert Denoiser.load(model, device="cpu").context_planes == 0  # each plane alone, as asked
     assert main(["predict", str(noisy_tiff), "--model", str(model), "-o", str(tmp_path / "o.npy"), "--quiet"]) == 0
     assert np.load(tmp_path / "o.npy").shape == (2, 64, 96)
     pytest.importorskip("zarr")
@@ -82,10 +86,10 @@ def test_uncertainty_map_and_report(noisy_tiff, tmp_path, capsys):
     assert code == 0
     assert tifffile.imread(spread).shape == (2, 64, 96) and tifffile.imread(spread).min() > 0
     written = json.loads(report.read_text())
-    assert written["pd"] == 1 and written["estimator"] == "posterior"
+    assert written["pd"] == 1 and written["estimator"] == "posterior" and written["context_planes"] == 1
     assert written["noise_model"]["gain"][0] > 0 and written["quality_estimate"]["psnr"] > 0
     log = capsys.readouterr().err
-    assert "noise model" in log and "estimated PSNR" in log
+    assert "noise model" in log and "estimated PSNR" in log and "context: 1 neighbouring plane" in log
 
 
 def test_bad_pd_is_refused(noisy_tiff, tmp_path):

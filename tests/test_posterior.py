@@ -70,3 +70,19 @@ def test_context_planes_fit_predict_and_need_a_stack(tmp_path):
         denoiser.predict(noisy[0], "YX")
     with pytest.raises(ValueError, match="Z or T"):
         Denoiser(preset="tiny", device="cpu", context=1).fit(noisy[0], "YX", iterations=1)
+    # The default, "auto": one neighbour each side for stacks, none for single planes.
+    assert Denoiser(preset="tiny", device="cpu").fit(noisy, "ZYX", iterations=1).context_planes == 1
+    assert Denoiser(preset="tiny", device="cpu").fit(noisy[0], "YX", iterations=1).context_planes == 0
+
+
+def test_auto_ensemble_averages_eight_views_only_for_small_inputs():
+    from napari_tbsn.denoiser import AUTO_ENSEMBLE_PIXELS
+
+    denoiser = Denoiser(preset="tiny", device="cpu", pd=1)
+    assert denoiser.ensemble == "auto"
+    assert denoiser.ensemble_size((512, 512)) == 8
+    assert denoiser.ensemble_size((4, 512, 512)) == 1
+    assert denoiser.ensemble_size((AUTO_ENSEMBLE_PIXELS + 1,)) == 1
+    assert Denoiser(preset="tiny", device="cpu", pd=2).ensemble_size((64, 64)) == 1  # R3 averages already
+    denoiser.ensemble = 1
+    assert denoiser.ensemble_size((64, 64)) == 1

@@ -89,7 +89,7 @@ def _interrupt_stops_fit(denoiser: Denoiser) -> Iterator[None]:
 def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     fit_config = FIT_PRESETS[args.preset]
     changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v}
-    denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed,
+    denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
                         estimator=args.estimator or "posterior", fit_config=dataclasses.replace(fit_config, **changes))
     bar = ProgressBar("fit", enabled=not args.quiet)
 
@@ -108,7 +108,8 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     _log(args, denoiser.describe_noise())
     _log(args, f"fitted: {summary.iterations} iterations in {format_seconds(summary.seconds)}, best validation "
          f"loss {summary.best_validation_loss:.6f} at iteration {summary.best_iteration}"
-         + (" (stopped early)" if summary.stopped_early else ""))
+         + (" (stopped early)" if summary.stopped_early else "")
+         + (f"; context: {denoiser.context_planes} neighbouring plane(s) on each side" if denoiser.context_planes else ""))
     return denoiser
 
 
@@ -140,6 +141,7 @@ def _write_report(path: Path, denoiser: Denoiser) -> None:
     report = {
         "pd": denoiser.pd,
         "estimator": "posterior" if denoiser.uses_posterior else "blind_spot",
+        "context_planes": denoiser.context_planes,
         "noise_model": denoiser.noise_model.to_dict() if denoiser.noise_model else None,
         "noise_correlation": denoiser.noise_correlation.to_dict() if denoiser.noise_correlation else None,
         "training": dataclasses.asdict(denoiser.summary) if denoiser.summary else None,
@@ -220,17 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
         budget = sub.add_mutually_exclusive_group()
         budget.add_argument("--iterations", type=int, help="training iterations")
         budget.add_argument("--time-budget", type=float, help="training seconds (default: the preset's iterations)")
-        sub.add_argument("--pd", type=_pd_value, default="auto",
+        sub.add_argument("--pd", type=_auto_or_whole, default="auto",
                          help="pixel-shuffle factor: auto (measure the noise correlation), 1 for pixel-independent "
                          "noise, 2-5 for spatially correlated noise (default auto)")
+        sub.add_argument("--context", type=_auto_or_whole, default="auto",
+                         help="neighbouring Z (else T) planes on each side that the network sees beside the "
+                         "plane it denoises: auto (1 for stacks, 0 for single planes), 0-3 (default auto)")
         sub.add_argument("--patch-size", type=int, help="training patch size (default: the preset's)")
         sub.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
         sub.add_argument("--seed", type=int, default=0)
 
     def tiling(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 768)")
-        sub.add_argument("--ensemble", type=int, choices=(1, 8), default=1,
-                         help="8: average over flips and rotations (8x the prediction time)")
+        sub.add_argument("--ensemble", type=_auto_or_whole, choices=("auto", 1, 8), default="auto",
+                         help="8: average over flips and rotations (8x the prediction time); auto: 8 for "
+                         "inputs up to half a megapixel, else 1 (default auto)")
         sub.add_argument("--refine", type=int, help="R3 rounds for correlated noise (pd > 1; default 8, 0 = off)")
         sub.add_argument("--uncertainty", type=Path,
                          help="also write the posterior standard deviation (same format and units as the output)")
@@ -272,13 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pd_value(text: str) -> int | str:
+def _auto_or_whole(text: str) -> int | str:
     if text == "auto":
         return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"pd must be 'auto' or a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -167,7 +167,7 @@ class FitConfig:
     min_lr_fraction: float = 0.02
     validation_fraction: float = 0.1
     validation_patches_max: int = 16
-    validation_every: int = 25
+    validation_every: int = 25  # at most this often (training.validation_interval)
     ema_decay: float = 0.99  # weight averaging; 0 turns it off
     mixed_precision: bool = True  # bfloat16 autocast where the device has fast bf16 (CUDA, AMX CPUs)
     default_iterations: int = 2000

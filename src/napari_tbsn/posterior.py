@@ -24,7 +24,7 @@ from torch import nn
 LOG_VARIANCE_RANGE = (-20.0, 4.0)
 HEAD_STEPS = 200
 HEAD_LEARNING_RATE = 1e-2
-HEAD_PATCHES = 8
+HEAD_PATCHES = 16
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,11 @@ from .devices import fast_bfloat16
 from .noise import pd_down
 from .patches import PatchSampler
 
+# Validation may take at most this share of the fitting time. One validation patch costs about
+# a third of a training patch (a forward pass without the backward), so a stack with many held-out
+# patches validates less often than validation_every asks.
+VALIDATION_SHARE = 0.05
+
 
 @dataclass(frozen=True)
 class FitProgress:
@@ -53,6 +58,14 @@ def learning_rate_factor(progress: float, config: FitConfig) -> float:
     return config.min_lr_fraction + (1 - config.min_lr_fraction) * 0.5 * (1 + math.cos(math.pi * span))
 
 
+def validation_interval(validation_patches: int, config: FitConfig) -> int:
+    """Iterations between validations: config.validation_every, or more where validating that
+    often would take more than VALIDATION_SHARE of the time. It depends on sizes only, not on
+    timings, so that a seeded fit repeats exactly."""
+    cost_ratio = validation_patches / (3 * config.batch_size)  # one validation / one iteration
+    return max(config.validation_every, math.ceil(cost_ratio / VALIDATION_SHARE))
+
+
 class Trainer:
     """Fits a network with AdamW, keeping the weights with the best validation loss."""
 
@@ -78,6 +91,7 @@ class Trainer:
         self.autocast = config.mixed_precision and fast_bfloat16(device)
         self.forward = self._maybe_compile(network)
         self.validation = torch.from_numpy(sampler.validation)
+        self.validation_every = validation_interval(len(self.validation), config)
         self._cancel = threading.Event()
         # An exponential moving average of the weights: on short fits it denoises better
         # than the last iterate. Validation, and so the kept best weights, use the average.
@@ -193,7 +207,7 @@ class Trainer:
                     "lower the learning rate or check the input for extreme values"
                 )
             validation = None
-            if iteration % self.config.validation_every == 0 or iteration == iterations:
+            if iteration % self.validation_every == 0 or iteration == iterations:
                 validation = checkpoint(iteration, loss_value)
             elapsed = time.perf_counter() - start
             fraction = fraction_done(iteration)

@@ -100,6 +100,7 @@ def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot
     widget.fit_denoise_button.click()
     _wait_idle(qtbot, widget)
     assert viewer.layers["timelapse (TBSN)"].data.shape == (3, 64, 96)
+    assert widget.context.value == "auto" and widget.denoiser.context_planes == 1  # neighbouring frames
     spread = viewer.layers["timelapse (TBSN) uncertainty"].data
     assert spread.shape == (3, 64, 96) and np.all(np.asarray(spread) > 0)
     assert timelapse.data is lazy

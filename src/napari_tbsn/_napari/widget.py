@@ -95,6 +95,11 @@ class DenoiseWidget(QWidget):
             value="posterior", tooltip="posterior: folds the noisy pixel back in with the fitted noise model "
             "(pixel-independent noise); blind-spot mean: the network's prediction alone",
         )
+        self.context = ComboBox(
+            label="stack context", choices=[("auto (1 for Z/T stacks)", "auto"), ("0 (each plane alone)", 0),
+                                            ("1 plane each side", 1), ("2 planes each side", 2)],
+            value="auto", tooltip="neighbouring Z (else T) planes the network sees beside the plane it denoises",
+        )
         self.uncertainty = CheckBox(label="uncertainty layer", value=False,
                                     tooltip="also add the posterior standard deviation as a layer")
         self.device_select = ComboBox(
@@ -103,7 +108,7 @@ class DenoiseWidget(QWidget):
         )
         self.settings = Container(widgets=[
             self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget,
-            self.patch_size, self.pd, self.estimator, self.uncertainty, self.device_select,
+            self.patch_size, self.pd, self.context, self.estimator, self.uncertainty, self.device_select,
         ])
 
         self.fit_button = QPushButton("Fit")
@@ -220,14 +225,16 @@ class DenoiseWidget(QWidget):
 
     def _denoiser_for_fit(self) -> Denoiser:
         preset, pd, device = self.preset_select.value, self.pd.value, self.device_select.value
+        context = self.context.value
         fit_config = dataclasses.replace(FIT_PRESETS[preset], patch_size=int(self.patch_size.value))
         current = self.denoiser
         if (current is not None and current.network is not None and current.preset == preset
-                and pd in ("auto", current.pd)):
+                and pd in ("auto", current.pd) and context in ("auto", current.context_planes)):
             current.device = resolve_device(device)  # fine-tune the fitted or loaded model
             current.fit_config = fit_config
             return current
-        return Denoiser(preset=preset, pd=pd, device=device, estimator=self.estimator.value, fit_config=fit_config)
+        return Denoiser(preset=preset, pd=pd, device=device, estimator=self.estimator.value, fit_config=fit_config,
+                        context=context)
 
     # -- running work ------------------------------------------------------------------
     def _start(self, job, description: str, on_done) -> None:
@@ -356,9 +363,10 @@ class DenoiseWidget(QWidget):
         folder = Path(tempfile.mkdtemp(prefix="napari-tbsn-"))
         return np.lib.format.open_memmap(folder / "denoised.npy", mode="w+", dtype=np.float32, shape=shape)
 
-    def _predict_job(self, denoiser: Denoiser, data, axes: str):
+    def _predict_job(self, denoiser: Denoiser, data, axes: str, ensemble: int | str = "auto"):
         """(denoised, uncertainty or None), or None when stopped."""
         denoiser.estimator = self.estimator.value
+        denoiser.ensemble = ensemble
         out = self._output_array(tuple(data.shape))
         uncertainty = None
         if self.uncertainty.value and denoiser.uses_posterior:
@@ -440,15 +448,33 @@ class DenoiseWidget(QWidget):
         except (ValueError, TypeError) as error:
             self._error(str(error))
             return
+        # One plane thick, except along the context axis of a model that sees neighbouring
+        # planes: those are read too (clipped at the stack ends, where predict mirrors them
+        # the same way) and the shown plane is cut out of the result.
+        context_axis = layout.axes.index(layout.context_axis) if denoiser.context_planes else None
         selection: list[Any] = [slice(None)] * len(data.shape)
+        keep: list[Any] = [slice(None)] * len(data.shape)
         for axis, index in zip(layout.plane_axes, plane):
-            selection[axis] = slice(index, index + 1)  # keep the axis, one plane thick
+            selection[axis] = slice(index, index + 1)
+            if axis == context_axis:
+                first = max(index - denoiser.context_planes, 0)
+                selection[axis] = slice(first, min(index + denoiser.context_planes + 1, layout.shape[axis]))
+                keep[axis] = slice(index - first, index - first + 1)
         block = data[tuple(selection)]
         translate = np.asarray(layer.translate, dtype=float).copy()
         for axis, index in zip(layout.plane_axes, plane):
             translate[axis] += index * layer.scale[axis]
-        self._start(lambda: (yield from self._predict_job(denoiser, block, axes)), "TBSN preview",
-                    lambda out: self._add_result(layer, out, name=f"{layer.name} (TBSN preview)", translate=translate))
+
+        def shown_plane(result):
+            if result is None:  # stopped
+                return None
+            denoised, uncertainty = result
+            return denoised[tuple(keep)], None if uncertainty is None else uncertainty[tuple(keep)]
+
+        # A quick look: no x8 ensemble.
+        self._start(lambda: (yield from self._predict_job(denoiser, block, axes, ensemble=1)), "TBSN preview",
+                    lambda out: self._add_result(layer, shown_plane(out), name=f"{layer.name} (TBSN preview)",
+                                                 translate=translate))
 
     # -- model files -------------------------------------------------------------------
     def save_model(self, path: str | Path) -> Path:
