@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="fitting seconds for napari-tbsn")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--pd", default="auto")
-    parser.add_argument("--plain", default="D1", help="cases that also report the plain blind-spot mean")
+    parser.add_argument("--plain", default="D1",
+                        help="cases that also report the plain blind-spot mean (same model and prediction settings)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ensemble", action="store_true", help="also report the x8 self-ensemble")
     parser.add_argument("--no-bm3d", action="store_true")
@@ -114,6 +115,7 @@ def main() -> None:
         row["tbsn"], row["tbsn_s"], row["iterations"] = psnr(tbsn["denoised"], clean), tbsn["seconds"], tbsn["iterations"]
         report = tbsn["report"]
         row["pd"], row["estimator"] = report["pd"], report["estimator"]
+        row["context"] = report.get("context_planes", 0)
         row["gain"] = report["noise_model"]["gain"][0]
         if report["quality_estimate"]:
             row["estimated"] = report["quality_estimate"]["psnr"]
@@ -133,7 +135,7 @@ def main() -> None:
 
     print(f"\ntbsn denoise --preset {args.preset} --time-budget {args.budget:g} --pd {args.pd}; PSNR in dB; "
           "napari-tbsn seconds include reading, fitting, prediction and writing")
-    print("| case | noisy | napari-tbsn (s, iterations) | output, pd | estimated without clean data "
+    print("| case | noisy | napari-tbsn (s, iterations) | output, pd, context planes | estimated without clean data "
           "| plain blind-spot mean | x8 ensemble (predict s) | BM3D + VST (s) | Noise2Void 300 s (quoted) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
@@ -143,7 +145,7 @@ def main() -> None:
             return f"{row[key]:.2f}" + (f" ({row[seconds]:.0f})" if seconds else "")
 
         print(f"| {row['case']} | {row['noisy']:.2f} | {row['tbsn']:.2f} ({row['tbsn_s']:.0f}, {row['iterations']}) "
-              f"| {row['estimator']}, pd {row['pd']} | {cell('estimated')} | {cell('plain')} | {cell('x8', 'x8_s')} "
+              f"| {row['estimator']}, pd {row['pd']}, context {row['context']} | {cell('estimated')} | {cell('plain')} | {cell('x8', 'x8_s')} "
               f"| {cell('bm3d', 'bm3d_s')} | {NOISE2VOID_300S[row['case']]:.2f} |")
 
 

@@ -70,8 +70,9 @@ def test_context_planes_fit_predict_and_need_a_stack(tmp_path):
         denoiser.predict(noisy[0], "YX")
     with pytest.raises(ValueError, match="Z or T"):
         Denoiser(preset="tiny", device="cpu", context=1).fit(noisy[0], "YX", iterations=1)
-    # The default, "auto": one neighbour each side for stacks, none for single planes.
+    # The default, "auto": one neighbour each side for Z-stacks, none for time series and planes.
     assert Denoiser(preset="tiny", device="cpu").fit(noisy, "ZYX", iterations=1).context_planes == 1
+    assert Denoiser(preset="tiny", device="cpu").fit(noisy, "TYX", iterations=1).context_planes == 0
     assert Denoiser(preset="tiny", device="cpu").fit(noisy[0], "YX", iterations=1).context_planes == 0
 
 

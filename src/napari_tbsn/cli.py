@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "noise, 2-5 for spatially correlated noise (default auto)")
         sub.add_argument("--context", type=_auto_or_whole, default="auto",
                          help="neighbouring Z (else T) planes on each side that the network sees beside the "
-                         "plane it denoises: auto (1 for stacks, 0 for single planes), 0-3 (default auto)")
+                         "plane it denoises: auto (1 for Z-stacks, else 0), 0-3 (default auto)")
         sub.add_argument("--patch-size", type=int, help="training patch size (default: the preset's)")
         sub.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
         sub.add_argument("--seed", type=int, default=0)

@@ -95,12 +95,13 @@ def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot
     timelapse = viewer.add_image(lazy, name="timelapse", axis_labels=("T", "Y", "X"))
     assert widget.axes.value == "TYX"
     widget.iterations.value = 3
-    assert widget.pd.value == "auto" and widget.estimator.value == "posterior"
+    assert widget.pd.value == "auto" and widget.estimator.value == "posterior" and widget.context.value == "auto"
+    widget.context.value = 1  # the neighbouring frames (auto gives Z-stacks only)
     widget.uncertainty.value = True
     widget.fit_denoise_button.click()
     _wait_idle(qtbot, widget)
     assert viewer.layers["timelapse (TBSN)"].data.shape == (3, 64, 96)
-    assert widget.context.value == "auto" and widget.denoiser.context_planes == 1  # neighbouring frames
+    assert widget.denoiser.context_planes == 1
     spread = viewer.layers["timelapse (TBSN) uncertainty"].data
     assert spread.shape == (3, 64, 96) and np.all(np.asarray(spread) > 0)
     assert timelapse.data is lazy

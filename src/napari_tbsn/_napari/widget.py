@@ -96,7 +96,7 @@ class DenoiseWidget(QWidget):
             "(pixel-independent noise); blind-spot mean: the network's prediction alone",
         )
         self.context = ComboBox(
-            label="stack context", choices=[("auto (1 for Z/T stacks)", "auto"), ("0 (each plane alone)", 0),
+            label="stack context", choices=[("auto (1 for Z-stacks)", "auto"), ("0 (each plane alone)", 0),
                                             ("1 plane each side", 1), ("2 planes each side", 2)],
             value="auto", tooltip="neighbouring Z (else T) planes the network sees beside the plane it denoises",
         )
@@ -451,7 +451,8 @@ class DenoiseWidget(QWidget):
         # One plane thick, except along the context axis of a model that sees neighbouring
         # planes: those are read too (clipped at the stack ends, where predict mirrors them
         # the same way) and the shown plane is cut out of the result.
-        context_axis = layout.axes.index(layout.context_axis) if denoiser.context_planes else None
+        letter = layout.context_axis if denoiser.context_planes else None
+        context_axis = None if letter is None else layout.axes.index(letter)
         selection: list[Any] = [slice(None)] * len(data.shape)
         keep: list[Any] = [slice(None)] * len(data.shape)
         for axis, index in zip(layout.plane_axes, plane):
