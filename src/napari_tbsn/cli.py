@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 768)")
         sub.add_argument("--ensemble", type=_auto_or_whole, choices=("auto", 1, 8), default="auto",
                          help="8: average over flips and rotations (8x the prediction time); auto: 8 for "
-                         "inputs up to half a megapixel, else 1 (default auto)")
+                         "pixel-independent noise (pd 1) on inputs up to half a megapixel, else 1 "
+                         "(default auto)")
         sub.add_argument("--refine", type=int, help="R3 rounds for correlated noise (pd > 1; default 8, 0 = off)")
         sub.add_argument("--uncertainty", type=Path,
                          help="also write the posterior standard deviation (same format and units as the output)")

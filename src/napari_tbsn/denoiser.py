@@ -396,7 +396,7 @@ class Denoiser:
 
     def _predictor(self, views: int = 1) -> TiledPredictor:
         assert self.network is not None
-        run = self._run_network if views == 1 else functools.partial(self._run_network, views=views)
+        run = functools.partial(self._run_network, views=views)
         granularity = self.network.size_multiple * self.predict_pd
         overlap = min(self.tile_overlap, self.tile_size // 2)
         # Tiles start on the network's grid, so a tile must exceed its overlap by a grid step.
