@@ -43,3 +43,34 @@ def test_every_size_down_to_the_minimum(fitted_tiny):
         assert out.shape == noisy.shape and np.all(np.isfinite(out))
     with pytest.raises(ValueError, match="at least"):
         fitted_tiny.predict(np.zeros((minimum - 1, 64), np.float32), "YX")
+
+
+@pytest.mark.parametrize("pd", [1, 2])
+def test_border_padding_never_shows_a_pixel_to_itself(fitted_tiny, pd):
+    # Predict pads each side with reflected pixels. A copy of pixel p must stay on p's blind
+    # lattice (p + 2 * pd * Z^2 once pixel-shuffled by pd), or the blind-spot output at the
+    # border would see the noise it must not see.
+    _, noisy = noisy_image((140, 130), seed=5)
+    saved = fitted_tiny.pd, fitted_tiny.refine, fitted_tiny.estimator, fitted_tiny.ensemble
+    fitted_tiny.pd, fitted_tiny.refine, fitted_tiny.estimator, fitted_tiny.ensemble = pd, 0, "blind_spot", 8
+    try:
+        before = fitted_tiny.predict(noisy, "YX")
+        for y, x in [(0, 0), (1, 1), (0, 129), (139, 0), (138, 127), (1, 50), (50, 1), (50, 50)]:
+            changed = noisy.copy()
+            changed[y, x] += 100.0
+            after = fitted_tiny.predict(changed, "YX")
+            assert after[y, x] == before[y, x], (y, x)
+            assert np.abs(after - before).max() > 0.1  # the change is seen around it
+    finally:
+        fitted_tiny.pd, fitted_tiny.refine, fitted_tiny.estimator, fitted_tiny.ensemble = saved
+
+
+def test_border_pixels_get_reflected_context():
+    from napari_tbsn.tiling import reflect_indices
+
+    assert np.array_equal(reflect_indices(10, 4, 5), np.pad(np.arange(10), (4, 5), mode="reflect"))
+    for period in (2, 3):
+        index = reflect_indices(11, 2 * period + 1, 3 * period, period)
+        position = np.arange(-2 * period - 1, 11 + 3 * period)
+        assert np.all((index - position) % (2 * period) == 0)  # on the pixel's own blind lattice
+        assert index.min() >= 0 and index.max() <= 10

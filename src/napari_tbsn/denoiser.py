@@ -401,7 +401,7 @@ class Denoiser:
         overlap = min(self.tile_overlap, self.tile_size // 2)
         # Tiles start on the network's grid, so a tile must exceed its overlap by a grid step.
         tile = max(granularity, (self.tile_size // granularity) * granularity, round_up(overlap + granularity, granularity))
-        return TiledPredictor(run, granularity, tile, overlap, self.predict_batch_size, self.device)
+        return TiledPredictor(run, granularity, tile, overlap, self.predict_batch_size, self.device, self.predict_pd)
 
     def ensemble_size(self, shape: tuple[int, ...]) -> int:
         """How many flipped and rotated views predict averages for data of this shape."""

@@ -12,9 +12,35 @@ import torch
 
 from .progress import drive
 
+# Reflected context given to the pixels at the image edge, at least this many pixels on each
+# side (the padding up to the network's grid is shared between the two sides). Without it the
+# outer two or three rows and columns lost up to 0.2 dB on a 128x128 stack (measured).
+BORDER_MARGIN = 8
+
 
 def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def reflect_indices(length: int, before: int, after: int, period: int = 1) -> np.ndarray:
+    """Source indices of a side of `length` pixels padded by `before` and `after` pixels, each
+    padded pixel a mirror copy within its residue class modulo `period`.
+
+    A blind-spot network run on pixel-shuffled sub-images of factor `period` is blind to the
+    pixels at multiples of 2 * period from the one it predicts. Reflecting each residue class
+    about its own first and last pixel puts every copy of a pixel at such a distance from it,
+    so the padding can never show a pixel to its own blind spot (period 1 is numpy's "reflect").
+    """
+    index = np.arange(-before, length + after)
+    residue = index % period
+    first, last = residue, length - 1 - (length - 1 - residue) % period
+    if np.any(last <= first) and (before or after):
+        raise ValueError(f"cannot reflect {length} pixels in classes of {period}: too few")
+    while True:
+        low, high = index < first, index > last
+        if not (low.any() or high.any()):
+            return index
+        index = np.where(low, 2 * first - index, np.where(high, 2 * last - index, index))
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -67,6 +93,7 @@ class TiledPredictor:
         tile_overlap: int,
         batch_size: int,
         device: torch.device,
+        period: int = 1,
     ) -> None:
         if tile_size < size_multiple or tile_size % size_multiple:
             raise ValueError(f"tile_size must be a positive multiple of {size_multiple}, got {tile_size}")
@@ -81,14 +108,18 @@ class TiledPredictor:
         self.tile_overlap = tile_overlap
         self.batch_size = max(1, batch_size)
         self.device = device
+        self.period = period  # the pixel-shuffle factor the model predicts with
 
-    def _padded_shape(self, height: int, width: int) -> tuple[int, int]:
-        # Whole multiples of the network's granularity, so that every tile sits on the same
-        # grid of windows and channel-statistics blocks as a whole-image pass would.
-        return round_up(height, self.size_multiple), round_up(width, self.size_multiple)
+    def padding(self, length: int) -> tuple[int, int]:
+        """Reflected pixels before and after a side of `length` pixels: at least BORDER_MARGIN
+        on each side, to a whole multiple of the network's granularity, so that every tile sits
+        on the same grid of windows and channel-statistics blocks as a whole-image pass would."""
+        extra = round_up(length + 2 * BORDER_MARGIN, self.size_multiple) - length
+        before = (extra // 4) * 2  # even: the parity classes keep their image coordinates
+        return before, extra - before
 
     def tile_count(self, height: int, width: int) -> int:
-        return len(list(self._tiles(*self._padded_shape(height, width))))
+        return len(list(self._tiles(height + sum(self.padding(height)), width + sum(self.padding(width)))))
 
     def _tiles(self, height: int, width: int) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
         tile_h, tile_w = min(self.tile_size, height), min(self.tile_size, width)
@@ -112,10 +143,11 @@ class TiledPredictor:
                 f"the image is {height}x{width} pixels; this network needs at least "
                 f"{self.size_multiple}x{self.size_multiple}"
             )
-        padded_h, padded_w = self._padded_shape(height, width)
-        # Reflect padding (no edge repeat) puts each copied pixel on its own parity class,
-        # so the padding cannot show a pixel to its own blind spot.
-        padded = np.pad(plane, ((0, 0), (0, padded_h - height), (0, padded_w - width)), mode="reflect")
+        (top, bottom), (left, right) = self.padding(height), self.padding(width)
+        padded_h, padded_w = height + top + bottom, width + left + right
+        rows = reflect_indices(height, top, bottom, self.period)
+        columns = reflect_indices(width, left, right, self.period)
+        padded = plane[:, rows[:, None], columns[None, :]]
         tiles = list(self._tiles(padded_h, padded_w))
         accumulated: np.ndarray | None = None
         weight_sum = np.zeros((padded_h, padded_w), dtype=np.float32)
@@ -133,4 +165,5 @@ class TiledPredictor:
             done += len(group)
             yield done, len(tiles)
         assert accumulated is not None
-        return accumulated[:, :height, :width] / weight_sum[:height, :width]
+        inside = (slice(top, top + height), slice(left, left + width))
+        return accumulated[(slice(None), *inside)] / weight_sum[inside]
