@@ -137,3 +137,15 @@ def test_flip_rotation_ensemble_undoes_each_of_eight_views(fitted_tiny, monkeypa
     np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="ensemble"):
         Denoiser(ensemble=4)
+
+
+def test_ensemble_for_one_call_leaves_the_setting_alone(fitted_tiny, monkeypatch):
+    _, noisy = noisy_image((64, 128), seed=9)
+    views = []
+    monkeypatch.setattr(fitted_tiny, "_run_once", lambda batch: views.append(1) or batch)
+    monkeypatch.setattr(fitted_tiny, "ensemble", 8)
+    fitted_tiny.predict(noisy, "YX", ensemble=1)  # e.g. the widget's quick preview
+    assert len(views) == 1 and fitted_tiny.ensemble == 8
+    assert fitted_tiny.describe()["tiling"]["ensemble"] == 8  # a saved model keeps its setting
+    with pytest.raises(ValueError, match="ensemble"):
+        fitted_tiny.predict(noisy, "YX", ensemble=4)

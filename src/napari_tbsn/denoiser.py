@@ -98,6 +98,12 @@ def _noise_terms(noise_model: NoiseModel, normalizer: Normalizer, device: torch.
     return NoiseTerms.of(*noise_model.normalized(np.asarray(normalizer.low), normalizer.scale), device)
 
 
+def _checked_ensemble(ensemble):
+    if ensemble not in (1, 8, "auto"):
+        raise ValueError(f"ensemble must be 1 (off), 8 (flips and rotations) or 'auto', got {ensemble!r}")
+    return ensemble
+
+
 def check_data(data) -> None:
     """Reject what cannot be denoised, where it enters, with the fix in the message."""
     if not hasattr(data, "shape") or not hasattr(data, "dtype"):
@@ -166,9 +172,7 @@ class Denoiser:
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
         self.predict_batch_size = predict_batch_size
-        if ensemble not in (1, 8, "auto"):
-            raise ValueError(f"ensemble must be 1 (off), 8 (flips and rotations) or 'auto', got {ensemble!r}")
-        self.ensemble: int | str = ensemble
+        self.ensemble: int | str = _checked_ensemble(ensemble)
         self.network: TBSN | None = None
         self.normalizer: Normalizer | None = None
         self.axes: str | None = None
@@ -403,10 +407,12 @@ class Denoiser:
         tile = max(granularity, (self.tile_size // granularity) * granularity, round_up(overlap + granularity, granularity))
         return TiledPredictor(run, granularity, tile, overlap, self.predict_batch_size, self.device, self.predict_pd)
 
-    def ensemble_size(self, shape: tuple[int, ...]) -> int:
-        """How many flipped and rotated views predict averages for data of this shape."""
-        if self.ensemble != "auto":
-            return int(self.ensemble)
+    def ensemble_size(self, shape: tuple[int, ...], ensemble: int | str | None = None) -> int:
+        """How many flipped and rotated views predict averages for data of this shape, with
+        `ensemble` (default: this Denoiser's setting)."""
+        ensemble = self.ensemble if ensemble is None else _checked_ensemble(ensemble)
+        if ensemble != "auto":
+            return int(ensemble)
         # Measured with pixel-independent noise; with pd > 1, R3 already averages 8 passes.
         return 8 if self.pd == 1 and math.prod(shape) <= AUTO_ENSEMBLE_PIXELS else 1
 
@@ -423,6 +429,7 @@ class Denoiser:
         out=None,
         callback: Callable[[PredictProgress], None] | None = None,
         uncertainty=None,
+        ensemble: int | str | None = None,
     ):
         """Denoise `data` plane by plane; float32 in the input's units, same shape.
 
@@ -431,11 +438,12 @@ class Denoiser:
         result is written there and `out` is returned. With `uncertainty` (an array like
         `out`) the posterior standard deviation is written there too. Afterwards `quality`
         holds the estimated error of the result (None where it cannot be estimated).
+        `ensemble` (1, 8 or "auto") overrides this Denoiser's setting for this call only.
         """
-        return drive(self.predict_iter(data, axes, out, uncertainty), callback)
+        return drive(self.predict_iter(data, axes, out, uncertainty, ensemble), callback)
 
     def predict_iter(
-        self, data, axes: str | None = None, out=None, uncertainty=None
+        self, data, axes: str | None = None, out=None, uncertainty=None, ensemble: int | str | None = None
     ) -> Generator[PredictProgress, None, Any]:
         """predict() as a generator that yields progress after every batch of tiles."""
         if not self.is_fitted:
@@ -474,7 +482,7 @@ class Denoiser:
         squared_error_sum, pixels = 0.0, 0
         low_value, high_value = np.inf, -np.inf
         self.network.to(self.device).eval()
-        predictor = self._predictor(self.ensemble_size(tuple(data.shape)))
+        predictor = self._predictor(self.ensemble_size(tuple(data.shape), ensemble))
         planes = layout.plane_count
         start = time.perf_counter()
         for number, plane in enumerate(layout.plane_indices()):

@@ -118,9 +118,6 @@ class TiledPredictor:
         before = (extra // 4) * 2  # even: the parity classes keep their image coordinates
         return before, extra - before
 
-    def tile_count(self, height: int, width: int) -> int:
-        return len(list(self._tiles(height + sum(self.padding(height)), width + sum(self.padding(width)))))
-
     def _tiles(self, height: int, width: int) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
         tile_h, tile_w = min(self.tile_size, height), min(self.tile_size, width)
         ys = tile_starts(height, tile_h, self.tile_overlap, self.size_multiple)

@@ -366,13 +366,12 @@ class DenoiseWidget(QWidget):
     def _predict_job(self, denoiser: Denoiser, data, axes: str, ensemble: int | str = "auto"):
         """(denoised, uncertainty or None), or None when stopped."""
         denoiser.estimator = self.estimator.value
-        denoiser.ensemble = ensemble
         out = self._output_array(tuple(data.shape))
         uncertainty = None
         if self.uncertainty.value and denoiser.uses_posterior:
             uncertainty = self._output_array(tuple(data.shape))
         try:
-            yield from denoiser.predict_iter(data, axes, out=out, uncertainty=uncertainty)
+            yield from denoiser.predict_iter(data, axes, out=out, uncertainty=uncertainty, ensemble=ensemble)
         except PredictionCancelled:
             return None
         return out, uncertainty
