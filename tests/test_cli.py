@@ -88,6 +88,7 @@ def test_uncertainty_map_and_report(noisy_tiff, tmp_path, capsys):
     written = json.loads(report.read_text())
     assert written["pd"] == 1 and written["estimator"] == "posterior" and written["context_planes"] == 1
     assert written["noise_model"]["gain"][0] > 0 and written["quality_estimate"]["psnr"] > 0
+    assert len(written["lattice_filter"]["coefficients"][0]) == 10
     log = capsys.readouterr().err
     assert "noise model" in log and "estimated PSNR" in log and "context: 1 neighbouring plane" in log
 

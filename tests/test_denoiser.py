@@ -126,10 +126,12 @@ def test_flip_rotation_ensemble_undoes_each_of_eight_views(fitted_tiny, monkeypa
 
     def pointwise(batch):  # commutes with flips and rotations, so every view must map back
         views.append(tuple(batch.shape))
-        return batch * 2 + 1
+        return batch * 2 + 1, None
 
-    monkeypatch.setattr(fitted_tiny, "_run_once", pointwise)
+    monkeypatch.setattr(fitted_tiny, "_view_output", pointwise)
     monkeypatch.setattr(fitted_tiny, "ensemble", 8)
+    monkeypatch.setattr(fitted_tiny, "estimator", "blind_spot")
+    monkeypatch.setattr(fitted_tiny, "lattice_filter", None)
     averaged = fitted_tiny.predict(noisy, "YX")
     # Each view sees the plane with its reflected border (to 128x192 pixels), turned or not.
     assert len(views) == 8 and {(1, 1, 128, 192), (1, 1, 192, 128)} == set(views)
@@ -142,7 +144,8 @@ def test_flip_rotation_ensemble_undoes_each_of_eight_views(fitted_tiny, monkeypa
 def test_ensemble_for_one_call_leaves_the_setting_alone(fitted_tiny, monkeypatch):
     _, noisy = noisy_image((64, 128), seed=9)
     views = []
-    monkeypatch.setattr(fitted_tiny, "_run_once", lambda batch: views.append(1) or batch)
+    monkeypatch.setattr(fitted_tiny, "_view_output", lambda batch: views.append(1) or (batch, None))
+    monkeypatch.setattr(fitted_tiny, "estimator", "blind_spot")
     monkeypatch.setattr(fitted_tiny, "ensemble", 8)
     fitted_tiny.predict(noisy, "YX", ensemble=1)  # e.g. the widget's quick preview
     assert len(views) == 1 and fitted_tiny.ensemble == 8

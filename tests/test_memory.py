@@ -20,7 +20,7 @@ data = np.lib.format.open_memmap(f"{folder}/in.npy", mode="r")
 out = np.lib.format.open_memmap(f"{folder}/out.npy", mode="w+", dtype=np.float32, shape=data.shape)
 denoiser = Denoiser(preset="tiny", device="cpu", tile_size=512, tile_overlap=0)
 denoiser.network, denoiser.normalizer, denoiser.axes = TBSN.from_preset("tiny"), Normalizer((0.0,), (1.0,)), "ZYX"
-denoiser._run_network = lambda batch, views=1: batch * 2  # the stand-in network
+denoiser._run_network = lambda batch, views=1, inside=None: batch * 2  # the stand-in network
 denoiser.predict(data, "ZYX", out=out)
 assert np.allclose(out[-1], 2 * data[-1].astype(np.float32), rtol=1e-6)
 # VmHWM is this process image's own peak; ru_maxrss would also carry the peak of the parent

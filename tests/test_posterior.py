@@ -17,8 +17,7 @@ def test_posterior_beats_the_prior_and_its_error_estimate_is_unbiased():
     prior_error = 0.004 * (1 + clean)  # varies over the image, as a real prior's does
     mean = clean + prior_error.sqrt() * torch.randn(clean.shape, generator=generator)
     noisy = clean + noise.variance(clean).sqrt() * torch.randn(clean.shape, generator=generator)
-    output = torch.cat([mean, prior_error.log()], dim=1)
-    estimate = posterior_estimate(output, noisy, noise)
+    estimate = posterior_estimate(mean, prior_error, noisy, noise)
     true_error = torch.mean((estimate.value - clean) ** 2)
     assert true_error < 0.8 * torch.mean((mean - clean) ** 2)
     assert float(estimate.squared_error.mean()) == pytest.approx(float(true_error), rel=0.1)

@@ -90,7 +90,8 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     fit_config = FIT_PRESETS[args.preset]
     changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v}
     denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
-                        estimator=args.estimator or "posterior", fit_config=dataclasses.replace(fit_config, **changes))
+                        estimator=args.estimator or "posterior", lattice=args.lattice,
+                        fit_config=dataclasses.replace(fit_config, **changes))
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
@@ -142,6 +143,7 @@ def _write_report(path: Path, denoiser: Denoiser) -> None:
         "pd": denoiser.pd,
         "estimator": "posterior" if denoiser.uses_posterior else "blind_spot",
         "context_planes": denoiser.context_planes,
+        "lattice_filter": denoiser.lattice_filter.to_dict() if denoiser.lattice_filter else None,
         "noise_model": denoiser.noise_model.to_dict() if denoiser.noise_model else None,
         "noise_correlation": denoiser.noise_correlation.to_dict() if denoiser.noise_correlation else None,
         "training": dataclasses.asdict(denoiser.summary) if denoiser.summary else None,
@@ -231,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--patch-size", type=int, help="training patch size (default: the preset's)")
         sub.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
         sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--lattice", action=argparse.BooleanOptionalAction, default=True,
+                         help="correct the network's mean from the noisy pixels its dilated blind spot skips "
+                         "(pixel-independent noise; default on)")
 
     def tiling(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 768)")

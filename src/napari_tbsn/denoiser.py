@@ -30,7 +30,15 @@ from .network import TBSN
 from .noise import NoiseCorrelation, NoiseModel, measure_correlation, pd_down, pd_up
 from .normalization import Normalizer
 from .patches import PatchSampler, check_finite, fitting_patch_size, load_training_planes
-from .posterior import HEAD_PATCHES, NoiseTerms, blind_spot_estimate, fit_variance_head, posterior_estimate
+from .lattice import LATTICE_PATCHES, LatticeFilter, fit_lattice_filter, residual_weight
+from .posterior import (
+    HEAD_PATCHES,
+    NoiseTerms,
+    blind_spot_estimate,
+    fit_variance_head,
+    posterior_estimate,
+    split_output,
+)
 from .progress import drive
 from .tiling import TiledPredictor, round_up
 from .training import FitProgress, Trainer
@@ -140,6 +148,7 @@ class Denoiser:
         ensemble: int | str = "auto",
         refine: int = R3_ROUNDS,
         context: int | str = "auto",
+        lattice: bool = True,
     ) -> None:
         """`pd`: "auto" (measure the noise correlation at fit time), 1 for pixel-independent
         noise, 2-8 for spatially correlated noise. `estimator`: "posterior" (noise model + blind
@@ -148,7 +157,9 @@ class Denoiser:
         each side (along Z, else T) that the network sees whole beside the blind plane; "auto"
         takes 1 for Z-stacks and 0 otherwise. `ensemble`: 8 averages the prediction over
         flips and 90-degree rotations (8x the time), 1 does not, "auto" takes 8 for inputs up to
-        AUTO_ENSEMBLE_PIXELS."""
+        AUTO_ENSEMBLE_PIXELS. `lattice`: for pixel-independent noise, fit a small linear filter
+        that corrects the network's mean from the noisy pixels its dilated blind spot skips
+        (see lattice.py); False keeps the network's own mean."""
         if preset not in NETWORK_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(NETWORK_PRESETS)}")
         if pd != "auto" and (isinstance(pd, bool) or not isinstance(pd, int) or not 1 <= pd <= MAX_PD):
@@ -163,6 +174,7 @@ class Denoiser:
             raise ValueError(f"context must be 'auto' or 0 to 3 planes on each side, got {context!r}")
         self.preset = preset
         self.context: int | str = context
+        self.lattice = bool(lattice)
         self.pd: int | str = pd
         self.estimator = estimator
         self.refine = refine
@@ -178,6 +190,7 @@ class Denoiser:
         self.axes: str | None = None
         self.summary: TrainingSummary | None = None
         self.noise_model: NoiseModel | None = None
+        self.lattice_filter: LatticeFilter | None = None
         self.noise_correlation: NoiseCorrelation | None = None
         self.quality: QualityEstimate | None = None  # of the last prediction
         self._noise_terms: NoiseTerms | None = None
@@ -324,6 +337,10 @@ class Denoiser:
         if posterior:
             patches = torch.from_numpy(sampler.sample(rng, HEAD_PATCHES))
             self.summary.variance_head_loss = fit_variance_head(network, patches, terms)
+        self.lattice_filter = None
+        if self.lattice and pd == 1:
+            patches = torch.from_numpy(sampler.sample(rng, LATTICE_PATCHES))
+            self.lattice_filter = fit_lattice_filter(network, patches, terms)
         self.network = network
         self.normalizer = normalizer
         self.axes = layout.axes
@@ -344,22 +361,42 @@ class Denoiser:
         """Whether predict returns the posterior mean (else the plain blind-spot mean)."""
         return self.estimator == "posterior" and self.predicts_posterior and self.noise_model is not None
 
-    def _run_network(self, batch: torch.Tensor, views: int = 1) -> torch.Tensor:
-        """(B, C, h, w) noisy tile -> (B, 3C, h, w): estimate, posterior variance, squared-error
-        estimate, each averaged over the x8 self-ensemble when `views` is 8."""
+    def _run_network(self, batch: torch.Tensor, views: int = 1, inside: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, h, w) noisy tile -> (B, 3C, h, w): estimate, posterior variance and squared-error
+        estimate of the network's mean and prior averaged over `views` (1, or 8 for the x8
+        self-ensemble). `inside` marks the tile's image pixels against its reflected padding."""
+        channels = self.network.config.in_channels
+        noisy = batch[:, :channels]  # then the context planes, if any
+        mean, prior = self._averaged_output(batch, views)
+        noise = self._noise()
+        noise_variance = noise.variance(mean) if noise is not None else None
+        if self.lattice_filter is not None and self.pd == 1:  # its lattice is pd 1's blind spot
+            weight = residual_weight(prior, noise_variance)
+            mean = self.lattice_filter.apply(mean, noisy, weight, inside)
+            noise_variance = noise.variance(mean) if noise is not None else None
+        if self.uses_posterior:
+            estimate = posterior_estimate(mean, prior, noisy, noise)
+        else:
+            # With correlated noise (pd > 1) the blind-spot residual says nothing about the error.
+            estimate = blind_spot_estimate(mean, noisy, noise if self.pd == 1 else None)
+        variance = estimate.variance if estimate.variance is not None else torch.zeros_like(estimate.value)
+        return torch.cat([estimate.value, variance, estimate.squared_error.nan_to_num(0.0)], dim=1)
+
+    def _averaged_output(self, batch: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's mean and prior variance (None without a variance head), averaged over
+        the x8 self-ensemble when `views` is 8: every flip and 90-degree rotation, each undone."""
         if views == 1:
-            return self._run_once(batch)
-        # The x8 self-ensemble: every flip and 90-degree rotation, each undone, averaged.
-        total = None
+            return self._view_output(batch)
+        means, priors = [], []
         for rotations in range(4):
             for flip in (False, True):
                 view = torch.rot90(batch, rotations, dims=(-2, -1))
                 view = view.flip(-1) if flip else view
-                result = self._run_once(view)
-                result = result.flip(-1) if flip else result
-                result = torch.rot90(result, -rotations, dims=(-2, -1))
-                total = result if total is None else total + result
-        return total / 8
+                for results, result in zip((means, priors), self._view_output(view)):
+                    if result is not None:
+                        result = result.flip(-1) if flip else result
+                        results.append(torch.rot90(result, -rotations, dims=(-2, -1)))
+        return torch.stack(means).mean(0), torch.stack(priors).mean(0) if priors else None
 
     def _forward(self, batch: torch.Tensor, factor: int) -> torch.Tensor:
         assert self.network is not None
@@ -368,22 +405,16 @@ class Denoiser:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=fast):
             return pd_up(self.network(pd_down(batch, factor)), factor).float()
 
-    def _run_once(self, batch: torch.Tensor) -> torch.Tensor:
+    def _view_output(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One view's mean (R3-refined for pd > 1) and prior variance (None without a head)."""
         assert self.network is not None
-        channels = self.network.config.in_channels
-        noisy = batch[:, :channels]  # then the context planes, if any
         output = self._forward(batch, self.predict_pd)
-        noise = self._noise()
-        if self.uses_posterior:
-            estimate = posterior_estimate(output, noisy, noise)
-        else:
-            mean = output[:, :channels]
-            if self.pd != 1 and self.refine:
-                mean = self._refine(mean, batch)
-            # With correlated noise (pd > 1) the blind-spot residual says nothing about the error.
-            estimate = blind_spot_estimate(mean, noisy, noise if self.pd == 1 else None)
-        variance = estimate.variance if estimate.variance is not None else torch.zeros_like(estimate.value)
-        return torch.cat([estimate.value, variance, estimate.squared_error.nan_to_num(0.0)], dim=1)
+        if self.network.config.variance_head:
+            return split_output(output)
+        mean = output[:, : self.network.config.in_channels]
+        if self.pd != 1 and self.refine:
+            mean = self._refine(mean, batch)
+        return mean, None
 
     def _refine(self, denoised: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         """R3 (AP-BSN): average full-resolution passes over the denoised image with a random
@@ -535,6 +566,7 @@ class Denoiser:
             "pd": self.pd,
             "estimator": self.estimator,
             "refine": self.refine,
+            "lattice_filter": self.lattice_filter.to_dict() if self.lattice_filter else None,
             "noise_model": self.noise_model.to_dict() if self.noise_model else None,
             "noise_correlation": self.noise_correlation.to_dict() if self.noise_correlation else None,
             "seed": self.seed,
@@ -560,6 +592,7 @@ class Denoiser:
                 pd=int(description.get("pd", 1)),
                 estimator=description.get("estimator", "blind_spot"),
                 refine=int(description.get("refine", R3_ROUNDS)),
+                lattice=description.get("lattice_filter") is not None,
                 device=device,
                 seed=int(description.get("seed", 0)),
                 fit_config=FitConfig.from_dict(description.get("fit", {})),
@@ -579,6 +612,11 @@ class Denoiser:
             denoiser.noise_correlation = NoiseCorrelation(tuple(correlation["by_lag"])) if correlation else None
         except (KeyError, TypeError, ValueError) as error:
             raise ModelFileError(f"{path} has an unreadable noise model: {error}") from error
+        try:
+            lattice = description.get("lattice_filter")
+            denoiser.lattice_filter = LatticeFilter.from_dict(lattice) if lattice else None
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelFileError(f"{path} has an unreadable lattice filter: {error}") from error
         denoiser.axes = description.get("axes")
         training = description.get("training")
         denoiser.summary = TrainingSummary(**training) if training else None

@@ -103,7 +103,7 @@ class Estimate:
     squared_error: torch.Tensor
 
 
-def posterior_estimate(output: torch.Tensor, noisy: torch.Tensor, noise: NoiseTerms) -> Estimate:
+def posterior_estimate(mean: torch.Tensor, prior: torch.Tensor, noisy: torch.Tensor, noise: NoiseTerms) -> Estimate:
     """The posterior mean and variance, and an unbiased estimate of the posterior's squared error.
 
     With w = v_prior / (v_prior + v_noise), the estimate is w * y + (1 - w) * mu. The blind spot
@@ -111,8 +111,7 @@ def posterior_estimate(output: torch.Tensor, noisy: torch.Tensor, noise: NoiseTe
     w^2 v_noise + (1 - w)^2 E[(mu - clean)^2], and (y - mu)^2 - v_noise estimates the last term
     without clean data (Noise2Self).
     """
-    mean, prior = split_output(output)
-    noisy = noisy.float()
+    mean, noisy = mean.float(), noisy.float()
     noise_variance = noise.variance(mean)
     weight = prior / (prior + noise_variance)
     value = weight * noisy + (1 - weight) * mean

@@ -83,7 +83,9 @@ def _overlaps(starts: list[int], tile: int) -> list[tuple[int, int]]:
 
 
 class TiledPredictor:
-    """Runs `model` ((B, C, h, w) tensor -> (B, C_out, h, w) tensor) over a whole plane."""
+    """Runs `model` over a whole plane: model(batch, inside=mask) maps a (B, C, h, w) tensor of
+    tiles to (B, C_out, h, w); the (B, 1, h, w) mask is 1 on the image's own pixels and 0 on
+    its reflected padding."""
 
     def __init__(
         self,
@@ -145,6 +147,8 @@ class TiledPredictor:
         rows = reflect_indices(height, top, bottom, self.period)
         columns = reflect_indices(width, left, right, self.period)
         padded = plane[:, rows[:, None], columns[None, :]]
+        inside = np.zeros((padded_h, padded_w), dtype=np.float32)
+        inside[top : top + height, left : left + width] = 1.0
         tiles = list(self._tiles(padded_h, padded_w))
         accumulated: np.ndarray | None = None
         weight_sum = np.zeros((padded_h, padded_w), dtype=np.float32)
@@ -152,8 +156,11 @@ class TiledPredictor:
         for start in range(0, len(tiles), self.batch_size):
             group = tiles[start : start + self.batch_size]
             batch = np.stack([padded[:, y : y + h, x : x + w] for y, x, h, w, _ in group])
+            mask = np.stack([inside[None, y : y + h, x : x + w] for y, x, h, w, _ in group])
             with torch.no_grad():
-                result = self.model(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+                result = self.model(
+                    torch.from_numpy(batch).to(self.device), inside=torch.from_numpy(mask).to(self.device)
+                ).float().cpu().numpy()
             if accumulated is None:
                 accumulated = np.zeros((result.shape[1], padded_h, padded_w), dtype=np.float32)
             for (y, x, h, w, weights), tile_out in zip(group, result):

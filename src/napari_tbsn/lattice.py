@@ -1,0 +1,156 @@
+"""Lattice refinement: give back the pixels that TBSN's dilated blind spot skips.
+
+TBSN's output at p never sees the whole lattice p + 2Z^2 (a quarter of all pixels), not only
+p itself. A blind-spot estimate (Noise2Self) need only stay blind to the noisy value y_p. The
+network's mean mu at a lattice neighbour q = p + d (d even, d != 0) is blind to q + 2Z^2, which
+holds p, so its residual y_q - mu_q carries no trace of y_p, and the network's errors are
+spatially correlated (D1, small preset: 0.2 at a distance of 2 pixels). So a small linear filter
+over the lattice corrects the mean:
+
+    mu'_p = mu_p + sum_k a_k sum_{d in class k} w_{p+d} (y_{p+d} - mu_{p+d})
+                 + sum_k b_k sum_{d in class k} (mu_{p+d} - mu_p)
+
+The classes group the even offsets within REACH by their length up to flips and rotations
+(5 classes for REACH 4). w = v_prior / (v_prior + v_noise) is the posterior's weight of the
+noisy pixel (1 without a variance head), so very noisy neighbours count less. a and b, 2 x 5
+numbers per channel, minimise the blind-spot loss |mu' - y|^2 on training patches: mu' is still
+blind to y_p, so that loss still equals the true error plus the noise variance, and the fit is a
+linear least-squares problem. Measured on D1 (small, 300 s, the same model, x8 ensemble): plain
+mean 30.63 -> 30.77 dB, posterior 30.95 -> 31.09 dB.
+
+Residuals outside the image are zero. The predictor pads the image by reflection, and a
+reflected copy of y_p can sit on p's own lattice, where this filter would read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .posterior import NoiseTerms, split_output
+
+REACH = 4
+LATTICE_PATCHES = 32  # training patches the filter is fitted on
+FIT_BORDER = 8  # pixels this close to a patch edge lack context and are left out of the fit
+
+
+def offset_classes(reach: int = REACH) -> list[list[tuple[int, int]]]:
+    """The non-zero even offsets (dy, dx) within `reach`, grouped by (|dy|, |dx|) up to order."""
+    offsets = [(dy, dx) for dy in range(-reach, reach + 1, 2) for dx in range(-reach, reach + 1, 2) if dy or dx]
+    keys = sorted({tuple(sorted((abs(dy), abs(dx)))) for dy, dx in offsets})
+    return [[o for o in offsets if tuple(sorted((abs(o[0]), abs(o[1])))) == key] for key in keys]
+
+
+def class_kernels(reach: int = REACH) -> torch.Tensor:
+    """(K, 1, 2 reach + 1, 2 reach + 1): kernel k is 1 at the offsets of class k."""
+    classes = offset_classes(reach)
+    kernels = torch.zeros(len(classes), 1, 2 * reach + 1, 2 * reach + 1, dtype=torch.float64)
+    for k, offsets in enumerate(classes):
+        for dy, dx in offsets:
+            kernels[k, 0, reach + dy, reach + dx] = 1.0
+    return kernels
+
+
+def residual_weight(prior: torch.Tensor | None, noise_variance: torch.Tensor | None) -> torch.Tensor | float:
+    """The weight of a neighbour's residual: the posterior's weight of its noisy pixel, or 1."""
+    if prior is None or noise_variance is None:
+        return 1.0
+    return prior / (prior + noise_variance)
+
+
+def _filter(planes: torch.Tensor, kernels: torch.Tensor, reach: int, mode: str) -> torch.Tensor:
+    """Each plane of (B, C, H, W) through each of the (C*K, 1, k, k) kernels -> (B, C*K, H, W)."""
+    channels = planes.shape[1]
+    padded = F.pad(planes, [reach] * 4, mode=mode) if mode != "constant" else F.pad(planes, [reach] * 4)
+    return F.conv2d(padded, kernels.to(planes), groups=channels)
+
+
+@dataclass(frozen=True)
+class LatticeFilter:
+    """Per channel, K residual weights then K mean-difference weights (K offset classes)."""
+
+    coefficients: tuple[tuple[float, ...], ...]
+    reach: int = REACH
+
+    def _kernels(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        basis = class_kernels(self.reach)
+        classes = basis.shape[0]
+        counts = basis.sum(dim=(1, 2, 3))
+        coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
+        if coefficients.shape != (channels, 2 * classes):
+            raise ValueError(f"the lattice filter has coefficients for shape {tuple(coefficients.shape)}, "
+                             f"the network gives {channels} channel(s)")
+        residual = torch.einsum("ck,kihw->cihw", coefficients[:, :classes], basis)
+        difference = torch.einsum("ck,kihw->cihw", coefficients[:, classes:], basis)
+        difference[:, 0, self.reach, self.reach] = -(coefficients[:, classes:] * counts).sum(dim=1)
+        return residual, difference
+
+    def apply(
+        self, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, inside: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The corrected mean. `inside` (B, 1, H, W) marks pixels of the image (1) against its
+        reflected padding (0); None means all of it is image."""
+        residual_kernel, difference_kernel = self._kernels(mean.shape[1])
+        residual = weight * (noisy - mean)
+        if inside is not None:
+            residual = residual * inside
+        return (mean
+                + _filter(residual, residual_kernel, self.reach, "constant")
+                + _filter(mean, difference_kernel, self.reach, "replicate"))
+
+    @classmethod
+    def fit(
+        cls, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, border: int = FIT_BORDER,
+        reach: int = REACH,
+    ) -> "LatticeFilter":
+        """Least squares of the blind-spot loss over patches (B, C, H, W), away from their edges."""
+        basis = class_kernels(reach)
+        channels, classes = mean.shape[1], basis.shape[0]
+        mean, noisy = mean.double(), noisy.double()
+        weight = weight.double() if torch.is_tensor(weight) else weight
+        stacked = basis.repeat(channels, 1, 1, 1)
+        features = torch.cat([
+            _filter(weight * (noisy - mean), stacked, reach, "constant").unflatten(1, (channels, classes)),
+            (_filter(mean, stacked, reach, "replicate").unflatten(1, (channels, classes))
+             - basis.sum(dim=(1, 2, 3)).reshape(1, 1, classes, 1, 1) * mean.unsqueeze(2)),
+        ], dim=2)
+        inner = (slice(None), slice(None), slice(border, -border or None), slice(border, -border or None))
+        target = (noisy - mean)[inner]
+        features = features[(*inner[:2], slice(None), *inner[2:])]
+        coefficients = []
+        for channel in range(channels):
+            x = features[:, channel].movedim(1, -1).reshape(-1, 2 * classes)
+            t = target[:, channel].reshape(-1)
+            gram = x.T @ x
+            # A whisper of ridge keeps a flat patch set from making the system singular.
+            gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(2 * classes, dtype=gram.dtype)
+            solution = torch.linalg.solve(gram, x.T @ t)
+            coefficients.append(tuple(float(v) for v in solution))
+        return cls(tuple(coefficients), reach)
+
+    def to_dict(self) -> dict:
+        return {"coefficients": [list(c) for c in self.coefficients], "reach": self.reach}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LatticeFilter":
+        coefficients = tuple(tuple(float(v) for v in c) for c in values["coefficients"])
+        return cls(coefficients, int(values.get("reach", REACH)))
+
+
+def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None) -> LatticeFilter:
+    """Fit the filter to a fitted network's mean on noisy patches (B, C [+ context], H, W)."""
+    config = network.config
+    device = next(network.parameters()).device
+    network.eval()
+    with torch.no_grad():
+        output = torch.cat([network(chunk.to(device)).float() for chunk in patches.split(4)])
+    noisy = patches[:, : config.in_channels].float()
+    if config.variance_head:
+        mean, prior = split_output(output)
+        weight = residual_weight(prior, noise.variance(mean) if noise is not None else None)
+    else:
+        mean, weight = output, 1.0
+    weight = weight.cpu() if torch.is_tensor(weight) else weight
+    return LatticeFilter.fit(mean.cpu(), noisy, weight)
