@@ -22,9 +22,10 @@ from cases import CASES, NOISE2VOID_300S, make_case, psnr  # noqa: E402
 
 
 def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: str, device: str,
-             ensemble: bool, plain: bool) -> dict:
+             ensemble: bool, plain: bool, raw: bool) -> dict:
     """`tbsn denoise` on the noisy stack; then, from the saved model, the x8 ensemble (with
-    `ensemble`) and the plain blind-spot mean (with `plain`)."""
+    `ensemble`), the plain blind-spot mean (with `plain`) and, with `raw`, the same outputs from
+    the network's own mean, without the lattice refinement."""
     import json
 
     import tifffile
@@ -52,6 +53,14 @@ def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: str, 
             denoiser.estimator = "blind_spot"
             result["plain"] = denoiser.predict(noisy, axes)
             denoiser.estimator = "posterior"
+        if raw and denoiser.lattice_filter is not None:
+            lattice, denoiser.lattice_filter = denoiser.lattice_filter, None
+            result["raw"] = denoiser.predict(noisy, axes)
+            if plain and denoiser.uses_posterior:
+                denoiser.estimator = "blind_spot"
+                result["raw_plain"] = denoiser.predict(noisy, axes)
+                denoiser.estimator = "posterior"
+            denoiser.lattice_filter = lattice
         if ensemble:
             denoiser.ensemble = 8
             start = time.perf_counter()
@@ -100,6 +109,8 @@ def main() -> None:
     parser.add_argument("--pd", default="auto")
     parser.add_argument("--plain", default="D1",
                         help="cases that also report the plain blind-spot mean (same model and prediction settings)")
+    parser.add_argument("--raw", default="D1",
+                        help="cases that also report the network's own mean, without the lattice refinement")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ensemble", action="store_true", help="also report the x8 self-ensemble")
     parser.add_argument("--no-bm3d", action="store_true")
@@ -111,7 +122,7 @@ def main() -> None:
         clean, noisy = make_case(case)
         row = {"case": case.name, "noisy": psnr(noisy, clean)}
         tbsn = run_tbsn(noisy, case.axes, args.budget, args.preset, args.pd, args.device, args.ensemble,
-                        case.name in args.plain.split(","))
+                        case.name in args.plain.split(","), case.name in args.raw.split(","))
         row["tbsn"], row["tbsn_s"], row["iterations"] = psnr(tbsn["denoised"], clean), tbsn["seconds"], tbsn["iterations"]
         report = tbsn["report"]
         row["pd"], row["estimator"] = report["pd"], report["estimator"]
@@ -121,6 +132,10 @@ def main() -> None:
             row["estimated"] = report["quality_estimate"]["psnr"]
         if "plain" in tbsn:
             row["plain"] = psnr(tbsn["plain"], clean)
+        if "raw" in tbsn:
+            row["raw"] = psnr(tbsn["raw"], clean)
+        if "raw_plain" in tbsn:
+            row["raw_plain"] = psnr(tbsn["raw_plain"], clean)
         if "ensemble" in tbsn:
             row["x8"], row["x8_s"] = psnr(tbsn["ensemble"], clean), tbsn["ensemble_seconds"]
         if not args.no_bm3d:
@@ -136,8 +151,9 @@ def main() -> None:
     print(f"\ntbsn denoise --preset {args.preset} --time-budget {args.budget:g} --pd {args.pd}; PSNR in dB; "
           "napari-tbsn seconds include reading, fitting, prediction and writing")
     print("| case | noisy | napari-tbsn (s, iterations) | output, pd, context planes | estimated without clean data "
-          "| plain blind-spot mean | x8 ensemble (predict s) | BM3D + VST (s) | Noise2Void 300 s (quoted) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| plain blind-spot mean | without lattice refinement: output / plain | x8 ensemble (predict s) "
+          "| BM3D + VST (s) | Noise2Void 300 s (quoted) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         def cell(key: str, seconds: str | None = None) -> str:
             if key not in row:
@@ -145,7 +161,8 @@ def main() -> None:
             return f"{row[key]:.2f}" + (f" ({row[seconds]:.0f})" if seconds else "")
 
         print(f"| {row['case']} | {row['noisy']:.2f} | {row['tbsn']:.2f} ({row['tbsn_s']:.0f}, {row['iterations']}) "
-              f"| {row['estimator']}, pd {row['pd']}, context {row['context']} | {cell('estimated')} | {cell('plain')} | {cell('x8', 'x8_s')} "
+              f"| {row['estimator']}, pd {row['pd']}, context {row['context']} | {cell('estimated')} | {cell('plain')} "
+              f"| {cell('raw')} / {cell('raw_plain')} | {cell('x8', 'x8_s')} "
               f"| {cell('bm3d', 'bm3d_s')} | {NOISE2VOID_300S[row['case']]:.2f} |")
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from napari_tbsn import TBSN, Denoiser
 from napari_tbsn.config import network_preset
-from napari_tbsn.lattice import LatticeFilter, class_kernels, offset_classes, residual_weight
+from napari_tbsn.lattice import LatticeFilter, class_kernels, offset_classes, prior_scale, residual_weight
 from napari_tbsn.model_io import ModelFileError
 from napari_tbsn.posterior import NoiseTerms, split_output
 
@@ -74,6 +74,7 @@ def test_fit_lowers_the_true_error_of_a_correlated_mean():
 
 def test_denoiser_fits_saves_and_can_skip_the_filter(fitted_tiny, tmp_path):
     assert fitted_tiny.lattice_filter is not None and any(fitted_tiny.lattice_filter.coefficients[0])
+    assert len(fitted_tiny.lattice_filter.prior_scale) == 1  # a posterior model rescales its prior
     loaded = Denoiser.load(fitted_tiny.save(tmp_path / "m.safetensors"), device="cpu")
     assert loaded.lattice_filter == fitted_tiny.lattice_filter
     _, noisy = noisy_image((96, 96), seed=3)
@@ -90,3 +91,13 @@ def test_damaged_filter_in_a_model_file_is_explained(fitted_tiny, tmp_path):
     model_io.save_model(path, state, description)
     with pytest.raises(ModelFileError, match="lattice"):
         Denoiser.load(path)
+
+
+def test_prior_scale_finds_how_much_too_wide_the_prior_is():
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.rand(4, 1, 96, 96, generator=generator) * 10
+    error_variance, noise_variance = 0.2 + 0.05 * clean, 1.0 + clean
+    mean = clean + error_variance.sqrt() * torch.randn(clean.shape, generator=generator)
+    noisy = clean + noise_variance.sqrt() * torch.randn(clean.shape, generator=generator)
+    (scale,) = prior_scale(mean, 3 * error_variance, noisy, noise_variance)
+    assert scale == pytest.approx(1 / 3, rel=0.25)

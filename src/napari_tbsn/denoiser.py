@@ -369,11 +369,10 @@ class Denoiser:
         noisy = batch[:, :channels]  # then the context planes, if any
         mean, prior = self._averaged_output(batch, views)
         noise = self._noise()
-        noise_variance = noise.variance(mean) if noise is not None else None
         if self.lattice_filter is not None and self.pd == 1:  # its lattice is pd 1's blind spot
-            weight = residual_weight(prior, noise_variance)
+            weight = residual_weight(prior, noise.variance(mean) if noise is not None else None)
             mean = self.lattice_filter.apply(mean, noisy, weight, inside)
-            noise_variance = noise.variance(mean) if noise is not None else None
+            prior = self.lattice_filter.scale_prior(prior) if prior is not None else None
         if self.uses_posterior:
             estimate = posterior_estimate(mean, prior, noisy, noise)
         else:

@@ -24,6 +24,8 @@ reflected copy of y_p can sit on p's own lattice, where this filter would read i
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,10 +71,17 @@ def _filter(planes: torch.Tensor, kernels: torch.Tensor, reach: int, mode: str) 
 
 @dataclass(frozen=True)
 class LatticeFilter:
-    """Per channel, K residual weights then K mean-difference weights (K offset classes)."""
+    """Per channel, K residual weights then K mean-difference weights (K offset classes), and
+    the factor that rescales the network's prior variance to the refined mean's error."""
 
     coefficients: tuple[tuple[float, ...], ...]
     reach: int = REACH
+    prior_scale: tuple[float, ...] = ()  # per channel; empty: 1
+
+    def scale_prior(self, prior: torch.Tensor) -> torch.Tensor:
+        if not self.prior_scale:
+            return prior
+        return prior * torch.tensor(self.prior_scale, dtype=prior.dtype, device=prior.device).reshape(1, -1, 1, 1)
 
     def _kernels(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         basis = class_kernels(self.reach)
@@ -131,12 +140,14 @@ class LatticeFilter:
         return cls(tuple(coefficients), reach)
 
     def to_dict(self) -> dict:
-        return {"coefficients": [list(c) for c in self.coefficients], "reach": self.reach}
+        return {"coefficients": [list(c) for c in self.coefficients], "reach": self.reach,
+                "prior_scale": list(self.prior_scale)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "LatticeFilter":
         coefficients = tuple(tuple(float(v) for v in c) for c in values["coefficients"])
-        return cls(coefficients, int(values.get("reach", REACH)))
+        prior_scale = tuple(float(v) for v in values.get("prior_scale", ()))
+        return cls(coefficients, int(values.get("reach", REACH)), prior_scale)
 
 
 def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None) -> LatticeFilter:
@@ -153,4 +164,28 @@ def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: N
     else:
         mean, weight = output, 1.0
     weight = weight.cpu() if torch.is_tensor(weight) else weight
-    return LatticeFilter.fit(mean.cpu(), noisy, weight)
+    lattice = LatticeFilter.fit(mean.cpu(), noisy, weight)
+    if not config.variance_head or noise is None:
+        return lattice
+    refined = lattice.apply(mean.cpu(), noisy, weight, None)
+    scale = prior_scale(refined, prior.cpu(), noisy, noise.variance(refined.to(device)).cpu())
+    return dataclasses.replace(lattice, prior_scale=scale)
+
+
+def prior_scale(mean: torch.Tensor, prior: torch.Tensor, noisy: torch.Tensor, noise_variance: torch.Tensor,
+                border: int = FIT_BORDER) -> tuple[float, ...]:
+    """Per channel, the factor s that makes s * prior the refined mean's error variance: the
+    maximum of the Gaussian likelihood of the noisy patches, on a log grid. The prior-variance
+    head was fitted to the network's own mean; the refined mean is better (D1, small, 300 s:
+    s = 0.95; a tiny network fitted for 10 s: far less), and a prior that is too wide gives the
+    noisy pixel too much weight."""
+    inner = (slice(None), slice(None), slice(border, -border or None), slice(border, -border or None))
+    squared = ((noisy - mean)[inner] ** 2).double()
+    prior, noise_variance = prior[inner].double(), noise_variance[inner].double()
+    grid = torch.exp(torch.linspace(math.log(0.02), math.log(4.0), 120, dtype=torch.float64))
+    scales = []
+    for channel in range(mean.shape[1]):
+        total = grid.reshape(-1, 1) * prior[:, channel].reshape(1, -1) + noise_variance[:, channel].reshape(1, -1)
+        nll = torch.mean(torch.log(total) + squared[:, channel].reshape(1, -1) / total, dim=1)
+        scales.append(float(grid[torch.argmin(nll)]))
+    return tuple(scales)
