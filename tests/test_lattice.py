@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 from napari_tbsn import TBSN, Denoiser
 from napari_tbsn.config import network_preset
-from napari_tbsn.lattice import LatticeFilter, class_kernels, offset_classes, prior_scale, residual_weight
+from napari_tbsn.lattice import (
+    LatticeFilter,
+    class_kernels,
+    offset_classes,
+    prior_scale,
+    residual_weight,
+)
 from napari_tbsn.model_io import ModelFileError
 from napari_tbsn.posterior import NoiseTerms, split_output
 

@@ -65,8 +65,7 @@ def residual_weight(prior: torch.Tensor | None, noise_variance: torch.Tensor | N
 def _filter(planes: torch.Tensor, kernels: torch.Tensor, reach: int, mode: str) -> torch.Tensor:
     """Each plane of (B, C, H, W) through each of the (C*K, 1, k, k) kernels -> (B, C*K, H, W)."""
     channels = planes.shape[1]
-    padded = F.pad(planes, [reach] * 4, mode=mode) if mode != "constant" else F.pad(planes, [reach] * 4)
-    return F.conv2d(padded, kernels.to(planes), groups=channels)
+    return F.conv2d(F.pad(planes, [reach] * 4, mode=mode), kernels.to(planes), groups=channels)
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ class LatticeFilter:
     def fit(
         cls, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, border: int = FIT_BORDER,
         reach: int = REACH,
-    ) -> "LatticeFilter":
+    ) -> LatticeFilter:
         """Least squares of the blind-spot loss over patches (B, C, H, W), away from their edges."""
         basis = class_kernels(reach)
         channels, classes = mean.shape[1], basis.shape[0]
@@ -144,7 +143,7 @@ class LatticeFilter:
                 "prior_scale": list(self.prior_scale)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "LatticeFilter":
+    def from_dict(cls, values: dict) -> LatticeFilter:
         coefficients = tuple(tuple(float(v) for v in c) for c in values["coefficients"])
         prior_scale = tuple(float(v) for v in values.get("prior_scale", ()))
         return cls(coefficients, int(values.get("reach", REACH)), prior_scale)
