@@ -49,17 +49,22 @@ def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: str, 
         result["report"] = json.loads(report.read_text())
         denoiser = Denoiser.load(model, device=device)
         result["iterations"] = denoiser.summary.iterations
-        if plain and denoiser.uses_posterior:
+        plain = plain and denoiser.uses_posterior
+
+        def predict_plain() -> np.ndarray:
             denoiser.estimator = "blind_spot"
-            result["plain"] = denoiser.predict(noisy, axes)
-            denoiser.estimator = "posterior"
+            try:
+                return denoiser.predict(noisy, axes)
+            finally:
+                denoiser.estimator = "posterior"
+
+        if plain:
+            result["plain"] = predict_plain()
         if raw and denoiser.lattice_filter is not None:
             lattice, denoiser.lattice_filter = denoiser.lattice_filter, None
             result["raw"] = denoiser.predict(noisy, axes)
-            if plain and denoiser.uses_posterior:
-                denoiser.estimator = "blind_spot"
-                result["raw_plain"] = denoiser.predict(noisy, axes)
-                denoiser.estimator = "posterior"
+            if plain:
+                result["raw_plain"] = predict_plain()
             denoiser.lattice_filter = lattice
         if ensemble:
             denoiser.ensemble = 8

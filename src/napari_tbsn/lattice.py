@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .posterior import NoiseTerms, split_output
+from .posterior import NoiseTerms, posterior_weight, split_output
 
 REACH = 4
 LATTICE_PATCHES = 32  # training patches the filter is fitted on
@@ -59,11 +59,12 @@ def residual_weight(prior: torch.Tensor | None, noise_variance: torch.Tensor | N
     """The weight of a neighbour's residual: the posterior's weight of its noisy pixel, or 1."""
     if prior is None or noise_variance is None:
         return 1.0
-    return prior / (prior + noise_variance)
+    return posterior_weight(prior, noise_variance)
 
 
 def _filter(planes: torch.Tensor, kernels: torch.Tensor, reach: int, mode: str) -> torch.Tensor:
-    """Each plane of (B, C, H, W) through each of the (C*K, 1, k, k) kernels -> (B, C*K, H, W)."""
+    """Each channel of (B, C, H, W) through its own group of the (C*K, 1, k, k) kernels (K per
+    channel, K >= 1), padded by `reach` with `mode` -> (B, C*K, H, W)."""
     channels = planes.shape[1]
     return F.conv2d(F.pad(planes, [reach] * 4, mode=mode), kernels.to(planes), groups=channels)
 

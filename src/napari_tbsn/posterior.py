@@ -46,6 +46,11 @@ class NoiseTerms:
         return torch.maximum(self.gain * signal + self.offset, self.floor)
 
 
+def posterior_weight(prior: torch.Tensor, noise_variance: torch.Tensor) -> torch.Tensor:
+    """How much the posterior mean trusts the noisy pixel: v_prior / (v_prior + v_noise)."""
+    return prior / (prior + noise_variance)
+
+
 def split_output(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, prior variance) from a 2C-channel network output."""
     mean, log_variance = output.float().chunk(2, dim=1)
@@ -113,7 +118,7 @@ def posterior_estimate(mean: torch.Tensor, prior: torch.Tensor, noisy: torch.Ten
     """
     mean, noisy = mean.float(), noisy.float()
     noise_variance = noise.variance(mean)
-    weight = prior / (prior + noise_variance)
+    weight = posterior_weight(prior, noise_variance)
     value = weight * noisy + (1 - weight) * mean
     blind_error = (noisy - mean) ** 2 - noise_variance
     squared_error = weight**2 * noise_variance + (1 - weight) ** 2 * blind_error
