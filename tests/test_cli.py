@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -78,7 +80,6 @@ def test_failed_prediction_leaves_no_partial_output(noisy_tiff, tmp_path, monkey
 
 
 def test_uncertainty_map_and_report(noisy_tiff, tmp_path, capsys):
-    import json
 
     out, spread, report = tmp_path / "clean.tif", tmp_path / "sd.tif", tmp_path / "report.json"
     code = main(["denoise", str(noisy_tiff), "-o", str(out), "--preset", "tiny", "--iterations", "3",
@@ -96,3 +97,20 @@ def test_uncertainty_map_and_report(noisy_tiff, tmp_path, capsys):
 def test_bad_pd_is_refused(noisy_tiff, tmp_path):
     with pytest.raises(SystemExit):
         main(["denoise", str(noisy_tiff), "-o", str(tmp_path / "o.tif"), "--pd", "lots"])
+
+
+def test_calibrated_noise_model_replaces_the_estimate(noisy_tiff, tmp_path, capsys):
+    out, report, model = tmp_path / "clean.tif", tmp_path / "report.json", tmp_path / "model.safetensors"
+    assert main(["denoise", str(noisy_tiff), "-o", str(out), "--preset", "tiny", "--iterations", "2",
+                 "--device", "cpu", "--gain", "1.5", "--read-noise", "2", "--baseline", "1",
+                 "--report", str(report), "--save-model", str(model)]) == 0
+    assert "variance = 1.5 * signal + 2.5 (given)" in capsys.readouterr().err
+    written = json.loads(report.read_text())["noise_model"]
+    assert written["given"] and written["gain"] == [1.5] and written["offset"] == [2.5]
+    from napari_tbsn import Denoiser
+
+    loaded = Denoiser.load(model, device="cpu")
+    assert loaded.given_noise_model == loaded.noise_model  # fine-tuning keeps the calibration
+    assert main(["denoise", str(noisy_tiff), "-o", str(tmp_path / "x.tif"), "--preset", "tiny",
+                 "--gain", "1.5", "--quiet"]) == 2
+    assert "needs both --gain and --read-noise" in capsys.readouterr().err

@@ -152,3 +152,17 @@ def test_ensemble_for_one_call_leaves_the_setting_alone(fitted_tiny, monkeypatch
     assert fitted_tiny.describe()["tiling"]["ensemble"] == 8  # a saved model keeps its setting
     with pytest.raises(ValueError, match="ensemble"):
         fitted_tiny.predict(noisy, "YX", ensemble=4)
+
+
+def test_a_given_noise_model_is_used_for_every_channel():
+    from napari_tbsn import NoiseModel
+
+    _, noisy = noisy_image((2, 2, 64, 64), seed=2)  # T C Y X
+    camera = NoiseModel.from_camera(gain=1.0, read_noise=1.0)
+    denoiser = Denoiser(preset="tiny", device="cpu", noise_model=camera).fit(noisy, "TCYX", iterations=2)
+    assert denoiser.noise_model == camera.for_channels(2)
+    assert "(given)" in denoiser.describe_noise()
+    estimated = Denoiser(preset="tiny", device="cpu").fit(noisy, "TCYX", iterations=2).noise_model
+    assert not estimated.given and estimated.offset != camera.offset[:1] * 2
+    with pytest.raises(TypeError, match="NoiseModel.from_camera"):
+        Denoiser(noise_model=(1.0, 1.0))

@@ -45,3 +45,29 @@ def test_correlated_noise_is_detected_and_gets_a_pixel_shuffle_factor():
     found = measure_correlation(correlated, PlaneLayout.of(correlated.shape, "YX"))
     assert found.correlated and found.pd >= 2
     assert "correlated" in found.describe()
+
+
+def test_camera_noise_model_is_the_calibration_given():
+    model = NoiseModel.from_camera(gain=2.5, read_noise=3.0, baseline=100.0)
+    signal = np.array([100.0, 140.0])
+    assert model.variance(signal) == pytest.approx([9.0, 2.5 * 40 + 9.0])
+    assert model.variance(np.array([0.0]))[0] > 0  # below the baseline the floor holds
+    assert model.given and "given" in model.describe()
+    assert NoiseModel.from_dict(model.to_dict()) == model
+    old_file = {k: v for k, v in model.to_dict().items() if k != "given"}
+    assert not NoiseModel.from_dict(old_file).given  # models saved before calibration support
+    three = model.for_channels(3)
+    assert three.gain == (2.5,) * 3 and three.given
+    with pytest.raises(ValueError, match="describes 3 channels but the data has 2"):
+        three.for_channels(2)
+
+
+@pytest.mark.parametrize("gain, read_noise, message", [
+    (-1.0, 1.0, "cannot be negative"),
+    (0.0, 0.0, "no noise at all"),
+    (float("nan"), 1.0, "finite number"),
+    (1.0, "2", "finite number"),
+])
+def test_bad_camera_noise_model_is_explained(gain, read_noise, message):
+    with pytest.raises(ValueError, match=message):
+        NoiseModel.from_camera(gain, read_noise)

@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 
 from .denoiser import Denoiser, FitProgress, PredictionCancelled, PredictProgress  # noqa: E402
 from .network import TBSN  # noqa: E402
+from .noise import NoiseModel  # noqa: E402
 
-__all__ = ["TBSN", "Denoiser", "DenoiseWidget", "FitProgress", "PredictProgress", "PredictionCancelled", "__version__"]
+__all__ = ["TBSN", "Denoiser", "DenoiseWidget", "FitProgress", "NoiseModel", "PredictProgress", "PredictionCancelled",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -23,6 +23,7 @@ from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS
 from .denoiser import Denoiser, PredictProgress
 from .image_io import ImageFile, open_output, read_image
 from .model_io import ModelFileError, write_text_atomic
+from .noise import NoiseModel
 from .training import FitProgress
 
 
@@ -86,12 +87,21 @@ def _interrupt_stops_fit(denoiser: Denoiser) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _camera_noise(args: argparse.Namespace) -> NoiseModel | None:
+    if args.gain is None and args.read_noise is None:
+        return None
+    if args.gain is None or args.read_noise is None:
+        raise ValueError("a calibrated noise model needs both --gain and --read-noise (leave both out to "
+                         "estimate the noise from the data)")
+    return NoiseModel.from_camera(args.gain, args.read_noise, args.baseline)
+
+
 def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     fit_config = FIT_PRESETS[args.preset]
     changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v}
     denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
                         estimator=args.estimator or "posterior", lattice=args.lattice,
-                        fit_config=dataclasses.replace(fit_config, **changes))
+                        fit_config=dataclasses.replace(fit_config, **changes), noise_model=_camera_noise(args))
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
@@ -236,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--lattice", action=argparse.BooleanOptionalAction, default=True,
                          help="correct the network's mean from the noisy pixels its dilated blind spot skips "
                          "(pixel-independent noise; default on)")
+        camera = sub.add_argument_group(
+            "calibrated noise model", "give the camera's noise instead of estimating it from the data (both "
+            "--gain and --read-noise, in the image's units): variance = gain * (signal - baseline) + read-noise^2")
+        camera.add_argument("--gain", type=float, help="image units per detected photon (e.g. ADU per electron)")
+        camera.add_argument("--read-noise", type=float, help="read-noise standard deviation in image units")
+        camera.add_argument("--baseline", type=float, default=0.0,
+                            help="the camera's dark offset: the value of a pixel that detected nothing (default 0)")
 
     def tiling(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 768)")

@@ -149,6 +149,7 @@ class Denoiser:
         refine: int = R3_ROUNDS,
         context: int | str = "auto",
         lattice: bool = True,
+        noise_model: NoiseModel | None = None,
     ) -> None:
         """`pd`: "auto" (measure the noise correlation at fit time), 1 for pixel-independent
         noise, 2-8 for spatially correlated noise. `estimator`: "posterior" (noise model + blind
@@ -159,7 +160,8 @@ class Denoiser:
         flips and 90-degree rotations (8x the time), 1 does not, "auto" takes 8 for inputs up to
         AUTO_ENSEMBLE_PIXELS. `lattice`: for pixel-independent noise, fit a small linear filter
         that corrects the network's mean from the noisy pixels its dilated blind spot skips
-        (see lattice.py); False keeps the network's own mean."""
+        (see lattice.py); False keeps the network's own mean. `noise_model`: a calibrated camera
+        model (NoiseModel.from_camera) to use instead of estimating one from the data."""
         if preset not in NETWORK_PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(NETWORK_PRESETS)}")
         if pd != "auto" and (isinstance(pd, bool) or not isinstance(pd, int) or not 1 <= pd <= MAX_PD):
@@ -172,7 +174,10 @@ class Denoiser:
             raise ValueError(f"refine must be a whole number of R3 rounds (0 for none), got {refine!r}")
         if context != "auto" and (isinstance(context, bool) or not isinstance(context, int) or not 0 <= context <= 3):
             raise ValueError(f"context must be 'auto' or 0 to 3 planes on each side, got {context!r}")
+        if noise_model is not None and not isinstance(noise_model, NoiseModel):
+            raise TypeError(f"noise_model must be a NoiseModel (see NoiseModel.from_camera) or None, got {noise_model!r}")
         self.preset = preset
+        self.given_noise_model = noise_model
         self.context: int | str = context
         self.lattice = bool(lattice)
         self.pd: int | str = pd
@@ -288,7 +293,10 @@ class Denoiser:
                 f"at least {smallest}x{smallest} (choose the tiny preset, or a larger image)"
             )
         normalizer = Normalizer.from_data(data, layout)
-        noise_model = NoiseModel.estimate(data, layout)
+        if self.given_noise_model is not None:
+            noise_model = self.given_noise_model.for_channels(layout.channels)
+        else:
+            noise_model = NoiseModel.estimate(data, layout)
         correlation = measure_correlation(data, layout)
         pd = correlation.pd if self.pd == "auto" else int(self.pd)
         if pd == 1 and correlation.correlated:
@@ -607,6 +615,8 @@ class Denoiser:
         try:
             noise = description.get("noise_model")
             denoiser.noise_model = NoiseModel.from_dict(noise) if noise else None
+            if denoiser.noise_model is not None and denoiser.noise_model.given:
+                denoiser.given_noise_model = denoiser.noise_model  # fine-tuning keeps the calibration
             correlation = description.get("noise_correlation")
             denoiser.noise_correlation = NoiseCorrelation(tuple(correlation["by_lag"])) if correlation else None
         except (KeyError, TypeError, ValueError) as error:

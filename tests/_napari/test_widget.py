@@ -156,3 +156,18 @@ def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
 
     qtbot.waitUntil(lambda: not _RUNNING_WORKERS, timeout=WAIT_MS)
     assert running.summary.stopped_early and running.summary.iterations < 100_000
+
+
+def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="camera")
+    widget.iterations.value = 2
+    widget.time_budget.value = 0
+    widget.camera_gain.value = 2.0  # read noise still 0: a pure shot-noise model
+    widget.baseline.value = 1.0
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    model = widget.denoiser.noise_model
+    assert model.given and model.gain == (2.0,) and model.offset == (-2.0,)
+    assert "(given)" in widget.status.text()

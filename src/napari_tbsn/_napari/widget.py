@@ -19,6 +19,7 @@ from ..axes import AXIS_LETTERS, PlaneLayout, guess_axes, parse_axes
 from ..config import FIT_PRESETS, PRESET_HINTS
 from ..denoiser import Denoiser, PredictionCancelled, PredictProgress
 from ..devices import available_devices, resolve_device
+from ..noise import NoiseModel
 from ..training import FitProgress
 from .loss_plot import LossPlot
 
@@ -100,6 +101,15 @@ class DenoiseWidget(QWidget):
                                             ("1 plane each side", 1), ("2 planes each side", 2)],
             value="auto", tooltip="neighbouring Z (else T) planes the network sees beside the plane it denoises",
         )
+        self.camera_gain = FloatSpinBox(
+            label="camera gain", min=0, max=1e6, step=0.1, value=0,
+            tooltip="calibrated noise model: image units per detected photon (e.g. ADU per electron); "
+            "0 with read noise 0: estimate the noise from the data",
+        )
+        self.read_noise = FloatSpinBox(label="read noise", min=0, max=1e6, step=0.1, value=0,
+                                       tooltip="calibrated noise model: read-noise standard deviation in image units")
+        self.baseline = FloatSpinBox(label="camera baseline", min=-1e9, max=1e9, step=1, value=0,
+                                     tooltip="calibrated noise model: the value of a pixel that detected nothing")
         self.uncertainty = CheckBox(label="uncertainty layer", value=False,
                                     tooltip="also add the posterior standard deviation as a layer")
         self.device_select = ComboBox(
@@ -108,7 +118,8 @@ class DenoiseWidget(QWidget):
         )
         self.settings = Container(widgets=[
             self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget,
-            self.patch_size, self.pd, self.context, self.estimator, self.uncertainty, self.device_select,
+            self.patch_size, self.pd, self.context, self.estimator, self.camera_gain, self.read_noise, self.baseline,
+            self.uncertainty, self.device_select,
         ])
 
         self.fit_button = QPushButton("Fit")
@@ -227,14 +238,23 @@ class DenoiseWidget(QWidget):
         preset, pd, device = self.preset_select.value, self.pd.value, self.device_select.value
         context = self.context.value
         fit_config = dataclasses.replace(FIT_PRESETS[preset], patch_size=int(self.patch_size.value))
+        noise_model = self._camera_noise()
         current = self.denoiser
         if (current is not None and current.network is not None and current.preset == preset
                 and pd in ("auto", current.pd) and context in ("auto", current.context_planes)):
             current.device = resolve_device(device)  # fine-tune the fitted or loaded model
             current.fit_config = fit_config
+            current.given_noise_model = noise_model or current.given_noise_model
             return current
         return Denoiser(preset=preset, pd=pd, device=device, estimator=self.estimator.value, fit_config=fit_config,
-                        context=context)
+                        context=context, noise_model=noise_model)
+
+    def _camera_noise(self) -> NoiseModel | None:
+        """The calibrated noise model the user typed in, or None to estimate it from the data."""
+        gain, read_noise = float(self.camera_gain.value), float(self.read_noise.value)
+        if gain == 0 and read_noise == 0:
+            return None
+        return NoiseModel.from_camera(gain, read_noise, float(self.baseline.value))
 
     # -- running work ------------------------------------------------------------------
     def _start(self, job, description: str, on_done) -> None:
