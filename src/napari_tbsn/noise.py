@@ -67,8 +67,8 @@ class NoiseModel:
     Estimated from the noisy data (`estimate`), or given by the user from a camera calibration
     (`from_camera`, `given` True). The estimate cannot tell the sample's own fine grain from
     noise, so it counts that grain as noise: on D1 it finds offset 1.11 against the true read
-    variance 1.0, which costs the posterior 0.1 dB and makes the quality estimate 1.9 dB too
-    hopeful. A calibrated model removes both.
+    variance 1.0, which cost the posterior 0.1-0.2 dB and made the quality estimate 2-3 dB too
+    hopeful in the benchmark runs. A calibrated model removed both there.
     """
 
     gain: tuple[float, ...]
@@ -77,11 +77,12 @@ class NoiseModel:
     given: bool = False
 
     @classmethod
-    def from_camera(cls, gain: float, read_noise: float, baseline: float = 0.0, channels: int = 1) -> NoiseModel:
+    def from_camera(cls, gain: float, read_noise: float, baseline: float = 0.0) -> NoiseModel:
         """A calibrated Poisson-Gaussian model in input units: `gain` input units per detected
         photon (electron), `read_noise` the read-noise standard deviation in input units and
         `baseline` the camera's dark offset (the value of a pixel that detected nothing), so
-        that variance = gain * (signal - baseline) + read_noise^2. The same for every channel."""
+        that variance = gain * (signal - baseline) + read_noise^2. One channel; `for_channels`
+        repeats it for multichannel data (the Denoiser does that at fit time)."""
         values = {"gain": gain, "read_noise": read_noise, "baseline": baseline}
         for name, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -93,12 +94,10 @@ class NoiseModel:
             )
         if gain == 0 and read_noise == 0:
             raise ValueError("gain and read noise are both 0: that describes no noise at all; give at least one")
-        if channels < 1:
-            raise ValueError(f"channels must be at least 1, got {channels}")
         offset = read_noise**2 - gain * baseline
         # The floor keeps the variance positive below the baseline, where the line would not.
         floor = 0.05 * read_noise**2 if read_noise > 0 else 0.05 * gain
-        return cls((float(gain),) * channels, (float(offset),) * channels, (float(floor),) * channels, given=True)
+        return cls((float(gain),), (float(offset),), (float(floor),), given=True)
 
     def for_channels(self, channels: int) -> NoiseModel:
         """This model for `channels` channels: a one-channel model is repeated for each."""
