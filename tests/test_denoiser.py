@@ -1,3 +1,6 @@
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +169,22 @@ def test_a_given_noise_model_is_used_for_every_channel():
     assert not estimated.given and estimated.offset != camera.offset[:1] * 2
     with pytest.raises(TypeError, match="NoiseModel.from_camera"):
         Denoiser(noise_model=(1.0, 1.0))
+
+
+def test_a_camera_model_in_the_wrong_units_is_flagged_against_the_measured_noise(tmp_path):
+    from napari_tbsn import NoiseModel
+
+    _, noisy = noisy_image((64, 64), seed=4)  # photons: variance = signal + 1
+    matching = Denoiser(preset="tiny", device="cpu", noise_model=NoiseModel.from_camera(1.0, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        matching.fit(noisy, "YX", iterations=2)
+    said = re.search(r"the noise measured on the data is ([\d.]+)x that", matching.describe_noise())
+    assert said and 0.8 < float(said.group(1)) < 1.25
+    electrons = NoiseModel.from_camera(gain=10.0, read_noise=3.0)  # ~10x the true variance
+    with pytest.warns(UserWarning, match=r"noise measured on the data is 0\.\d+x the variance of the given camera"):
+        flagged = Denoiser(preset="tiny", device="cpu", noise_model=electrons).fit(noisy, "YX", iterations=2)
+    path = flagged.save(tmp_path / "flagged.safetensors")
+    loaded = Denoiser.load(path, device="cpu")
+    assert loaded.noise_measurement == flagged.noise_measurement is not None
+    assert "the noise measured on the data is 0." in loaded.describe_noise()

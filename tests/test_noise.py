@@ -3,7 +3,7 @@ import pytest
 from scipy.ndimage import convolve
 
 from napari_tbsn.axes import PlaneLayout
-from napari_tbsn.noise import NoiseModel, measure_correlation
+from napari_tbsn.noise import NoiseMeasurement, NoiseModel, measure_correlation
 
 from .conftest import noisy_image
 
@@ -22,6 +22,26 @@ def test_noise_model_recovers_gain_and_offset_without_clean_data(gain, offset):
     assert model.gain[0] == pytest.approx(gain, rel=0.1)
     assert model.offset[0] == pytest.approx(offset, rel=0.2, abs=0.1)
     assert model.variance(np.array([10.0]))[0] == pytest.approx(gain * 10 + offset, rel=0.1)
+
+
+def test_noise_measurement_follows_the_true_variance_and_the_model_is_its_line():
+    gain, offset = 2.0, 4.0
+    _, noisy = _poisson_gaussian(gain, offset)
+    layout = PlaneLayout.of(noisy.shape, "ZYX")
+    measurement = NoiseMeasurement.of(noisy, layout)
+    signal, variance = np.asarray(measurement.signal[0]), np.asarray(measurement.variance[0])
+    assert len(signal) == 32 and signal.max() > 10 * max(signal.min(), 0.5)
+    truth_variance = gain * signal + offset
+    np.testing.assert_allclose(variance, truth_variance, rtol=0.3)  # ~1000 blocks a point
+    assert np.median(variance / truth_variance) == pytest.approx(1.0, abs=0.05)
+    assert NoiseModel.fit(measurement) == NoiseModel.estimate(noisy, layout)
+    truth = NoiseModel.from_camera(gain, read_noise=offset**0.5)
+    assert measurement.model_ratio(truth)[0] == pytest.approx(1.0, abs=0.1)
+    wrong_units = NoiseModel.from_camera(4 * gain, read_noise=2 * offset**0.5)  # variance 4x
+    assert measurement.model_ratio(wrong_units)[0] == pytest.approx(0.25, rel=0.1)
+    assert NoiseMeasurement.from_dict(measurement.to_dict()) == measurement
+    with pytest.raises(ValueError, match="one variance per signal level"):
+        NoiseMeasurement.from_dict({"signal": [[1.0, 2.0]], "variance": [[1.0]]})
 
 
 def test_noise_model_in_normalised_units_and_round_trip():

@@ -155,6 +155,7 @@ def _write_report(path: Path, denoiser: Denoiser) -> None:
         "context_planes": denoiser.context_planes,
         "lattice_filter": denoiser.lattice_filter.to_dict() if denoiser.lattice_filter else None,
         "noise_model": denoiser.noise_model.to_dict() if denoiser.noise_model else None,
+        "noise_measurement": denoiser.noise_measurement.to_dict() if denoiser.noise_measurement else None,
         "noise_correlation": denoiser.noise_correlation.to_dict() if denoiser.noise_correlation else None,
         "training": dataclasses.asdict(denoiser.summary) if denoiser.summary else None,
         "quality_estimate": None if quality is None else

@@ -27,7 +27,7 @@ from .devices import out_of_memory_error, resolve_device
 from .image_io import release_pages
 from .model_io import ModelFileError, load_model, save_model
 from .network import TBSN
-from .noise import NoiseCorrelation, NoiseModel, measure_correlation, pd_down, pd_up
+from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel, measure_correlation, pd_down, pd_up
 from .normalization import Normalizer
 from .patches import PatchSampler, check_finite, fitting_patch_size, load_training_planes
 from .lattice import LATTICE_PATCHES, LatticeFilter, fit_lattice_filter, residual_weight
@@ -55,6 +55,9 @@ R3_ROUNDS = 8
 # this many pixels, where 8x the prediction time stays small next to the fit (D1, 512x512:
 # +0.15 dB for 5 s -> 44 s on a 2-core CPU), and predicts once for larger data.
 AUTO_ENSEMBLE_PIXELS = 2**19
+# A given camera model whose variance the data's measured noise misses by more than this factor
+# (either way) draws a warning: a gain in electrons instead of input units, or a wrong baseline.
+CALIBRATION_MISMATCH = 1.5
 # The quality estimate's PSNR range: robust percentiles of the output (its extremes carry
 # residual noise; on D1 they overstate the clean range by 23%, the percentiles by 2%).
 RANGE_PERCENTILE = 0.1
@@ -99,6 +102,19 @@ class PredictProgress:
     elapsed: float
     eta: float | None
     fraction: float
+
+
+def _warn_on_mismatch(ratios: tuple[float, ...]) -> None:
+    """Warn where the data's measured noise is far from a given (calibrated) noise model."""
+    for channel, ratio in enumerate(ratios):
+        if not 1 / CALIBRATION_MISMATCH <= ratio <= CALIBRATION_MISMATCH:
+            where = f" in channel {channel}" if len(ratios) > 1 else ""
+            warnings.warn(
+                f"the noise measured on the data{where} is {ratio:.2g}x the variance of the given camera "
+                "model: check the gain, read noise and baseline and their units (input units per photon, "
+                "input units), or leave them out to estimate the noise from the data",
+                stacklevel=4,
+            )
 
 
 def _noise_terms(noise_model: NoiseModel, normalizer: Normalizer, device: torch.device) -> NoiseTerms:
@@ -195,6 +211,7 @@ class Denoiser:
         self.axes: str | None = None
         self.summary: TrainingSummary | None = None
         self.noise_model: NoiseModel | None = None
+        self.noise_measurement: NoiseMeasurement | None = None  # the measured points it was fitted to
         self.lattice_filter: LatticeFilter | None = None
         self.noise_correlation: NoiseCorrelation | None = None
         self.quality: QualityEstimate | None = None  # of the last prediction
@@ -240,7 +257,11 @@ class Denoiser:
         if self.noise_model is None or self.noise_correlation is None:
             return "no noise model (fit first)"
         output = "posterior" if self.uses_posterior else "blind-spot mean"
-        return (f"noise model (input units): {self.noise_model.describe()}; {self.noise_correlation.describe()}; "
+        fit = ""
+        if self.noise_model.given and self.noise_measurement is not None:
+            ratios = ", ".join(f"{r:.2f}" for r in self.noise_measurement.model_ratio(self.noise_model))
+            fit = f"; the noise measured on the data is {ratios}x that"
+        return (f"noise model (input units): {self.noise_model.describe()}{fit}; {self.noise_correlation.describe()}; "
                 f"used pd {self.pd}, {output} output")
 
     @property
@@ -293,10 +314,12 @@ class Denoiser:
                 f"at least {smallest}x{smallest} (choose the tiny preset, or a larger image)"
             )
         normalizer = Normalizer.from_data(data, layout)
+        measurement = NoiseMeasurement.of(data, layout)
         if self.given_noise_model is not None:
             noise_model = self.given_noise_model.for_channels(layout.channels)
+            _warn_on_mismatch(measurement.model_ratio(noise_model))
         else:
-            noise_model = NoiseModel.estimate(data, layout)
+            noise_model = NoiseModel.fit(measurement)
         correlation = measure_correlation(data, layout)
         pd = correlation.pd if self.pd == "auto" else int(self.pd)
         if pd == 1 and correlation.correlated:
@@ -354,6 +377,7 @@ class Denoiser:
         self.axes = layout.axes
         self.pd = pd
         self.noise_model = noise_model
+        self.noise_measurement = measurement
         self.noise_correlation = correlation
         self._noise_terms = None
         return self
@@ -575,6 +599,7 @@ class Denoiser:
             "refine": self.refine,
             "lattice_filter": self.lattice_filter.to_dict() if self.lattice_filter else None,
             "noise_model": self.noise_model.to_dict() if self.noise_model else None,
+            "noise_measurement": self.noise_measurement.to_dict() if self.noise_measurement else None,
             "noise_correlation": self.noise_correlation.to_dict() if self.noise_correlation else None,
             "seed": self.seed,
             "fit": self.fit_config.to_dict(),
@@ -617,6 +642,8 @@ class Denoiser:
             denoiser.noise_model = NoiseModel.from_dict(noise) if noise else None
             if denoiser.noise_model is not None and denoiser.noise_model.given:
                 denoiser.given_noise_model = denoiser.noise_model  # fine-tuning keeps the calibration
+            measurement = description.get("noise_measurement")  # older files have none
+            denoiser.noise_measurement = NoiseMeasurement.from_dict(measurement) if measurement else None
             correlation = description.get("noise_correlation")
             denoiser.noise_correlation = NoiseCorrelation(tuple(correlation["by_lag"])) if correlation else None
         except (KeyError, TypeError, ValueError) as error:

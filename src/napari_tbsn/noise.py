@@ -1,7 +1,9 @@
 """What the noise looks like, measured on the noisy data itself.
 
-- `NoiseModel`: Poisson-Gaussian variance a * signal + b per channel, from a mean-variance fit
-  of Haar detail coefficients (no clean data, no network).
+- `NoiseMeasurement`: the noise variance measured at binned signal levels, from Haar detail
+  coefficients (no clean data, no network).
+- `NoiseModel`: Poisson-Gaussian variance a * signal + b per channel: a line through the
+  measurement, or given from a camera calibration.
 - `measure_correlation` / `choose_pd`: spatial noise correlation and the pixel-shuffle factor
   that breaks it.
 - `pd_down` / `pd_up`: pixel-shuffle downsampling (AP-BSN). With factor `pd`, the pixels with the
@@ -111,27 +113,15 @@ class NoiseModel:
 
     @classmethod
     def estimate(cls, data, layout: PlaneLayout) -> "NoiseModel":
-        """Fit the Poisson-Gaussian model from the noisy data alone.
+        """Fit the Poisson-Gaussian model from the noisy data alone: a line through the points
+        of `NoiseMeasurement.of(data, layout)`."""
+        return cls.fit(NoiseMeasurement.of(data, layout))
 
-        The diagonal Haar detail (a - b - c + d) / 2 of each 2x2 block cancels smooth signal and
-        has the variance of one pixel's noise; the block mean gives that block's signal level.
-        Blocks are binned by the mean of their 8 neighbouring blocks, whose noise is independent
-        of theirs, so the bin averages carry no selection bias; a weighted line through
-        (mean level, robust detail variance) gives gain and offset.
-        """
-        planes = sample_planes(data, layout)
-        gains, offsets, floors = [], [], []
-        for channel in range(layout.channels):
-            levels, neighbours, details = [], [], []
-            for plane in planes:
-                level, neighbour, detail = _haar_statistics(plane[channel])
-                levels.append(level)
-                neighbours.append(neighbour)
-                details.append(detail)
-            gain, offset, floor = _fit_line(np.concatenate(neighbours), np.concatenate(levels), np.concatenate(details))
-            gains.append(gain)
-            offsets.append(offset)
-            floors.append(floor)
+    @classmethod
+    def fit(cls, measurement: NoiseMeasurement) -> NoiseModel:
+        """A weighted line through each channel's measured (signal, variance) points."""
+        fits = [_fit_line(np.asarray(s), np.asarray(v)) for s, v in zip(measurement.signal, measurement.variance)]
+        gains, offsets, floors = zip(*fits)
         return cls(tuple(gains), tuple(offsets), tuple(floors))
 
     def variance(self, signal: np.ndarray, channel: int = 0) -> np.ndarray:
@@ -162,6 +152,55 @@ class NoiseModel:
         return model
 
 
+@dataclass(frozen=True)
+class NoiseMeasurement:
+    """The noise as measured on the data, before any model: for each channel, signal levels and
+    the noise variance found at each (LEVEL_BINS points, input units).
+
+    The diagonal Haar detail (a - b - c + d) / 2 of each 2x2 block cancels smooth signal and
+    has the variance of one pixel's noise; the block mean gives that block's signal level.
+    Blocks are binned by the mean of their 8 neighbouring blocks, whose noise is independent
+    of theirs, so the bin averages carry no selection bias. Each bin's variance is robust (a
+    median absolute deviation): structure that survives the Haar filter (edges, texture) sits
+    in the tails, which the median ignores. The estimated NoiseModel is a line through these
+    points; set beside a given (calibrated) model they show whether the calibration fits."""
+
+    signal: tuple[tuple[float, ...], ...]
+    variance: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def of(cls, data, layout: PlaneLayout) -> NoiseMeasurement:
+        planes = sample_planes(data, layout)
+        signals, variances = [], []
+        for channel in range(layout.channels):
+            statistics = [_haar_statistics(plane[channel]) for plane in planes]
+            levels, neighbours, details = (np.concatenate(parts) for parts in zip(*statistics))
+            signal, variance = _binned_variance(neighbours, levels, details)
+            signals.append(tuple(float(v) for v in signal))
+            variances.append(tuple(float(v) for v in variance))
+        return cls(tuple(signals), tuple(variances))
+
+    def model_ratio(self, model: NoiseModel) -> tuple[float, ...]:
+        """Per channel, the median over the measured points of measured / model variance: 1 where
+        the model describes the data; a calibration in the wrong units lands far from 1."""
+        ratios = []
+        for channel, (signal, variance) in enumerate(zip(self.signal, self.variance)):
+            expected = model.variance(np.asarray(signal), channel)
+            ratios.append(float(np.median(np.asarray(variance) / np.maximum(expected, 1e-30))))
+        return tuple(ratios)
+
+    def to_dict(self) -> dict:
+        return {"signal": [list(s) for s in self.signal], "variance": [list(v) for v in self.variance]}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> NoiseMeasurement:
+        signal = tuple(tuple(float(v) for v in channel) for channel in values["signal"])
+        variance = tuple(tuple(float(v) for v in channel) for channel in values["variance"])
+        if len(signal) != len(variance) or any(len(s) != len(v) for s, v in zip(signal, variance)):
+            raise ValueError("the noise measurement needs one variance per signal level, per channel")
+        return cls(signal, variance)
+
+
 def _haar_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from scipy.ndimage import uniform_filter
 
@@ -175,13 +214,17 @@ def _haar_statistics(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return level.ravel(), neighbour.ravel(), detail.ravel()
 
 
-def _fit_line(neighbour: np.ndarray, level: np.ndarray, detail: np.ndarray) -> tuple[float, float, float]:
+def _binned_variance(neighbour: np.ndarray, level: np.ndarray, detail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean level, robust detail variance) of LEVEL_BINS equal-count bins by neighbour level."""
     order = np.argsort(neighbour, kind="stable")
     bins = np.array_split(order, LEVEL_BINS)
     x = np.array([level[b].mean() for b in bins])
-    # Robust (median absolute deviation) variances: structure that survives the Haar filter
-    # (edges, texture, the reference's own grain) sits in the tails, which the median ignores.
     y = np.array([(MAD_TO_SIGMA * np.median(np.abs(detail[b] - np.median(detail[b])))) ** 2 for b in bins])
+    return x, y
+
+
+def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(gain, offset, floor) of a line through the measured (signal, variance) points."""
     design = np.stack([x, np.ones_like(x)], axis=1)
     gain, offset = np.linalg.lstsq(design, y, rcond=None)[0]
     for _ in range(3):  # weights 1/variance: the squared detail's spread grows with its mean

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ pytest.importorskip("napari")
 from qtpy.QtCore import QTimer  # noqa: E402
 
 from napari_tbsn import DenoiseWidget  # noqa: E402
+from napari_tbsn._napari.noise_plot import CHANNEL_COLOURS  # noqa: E402
 from napari_tbsn._napari.sample_data import noisy_nuclei  # noqa: E402
 
 from ..conftest import noisy_image  # noqa: E402
@@ -111,7 +114,10 @@ def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot
 
     # A saved model loads and denoises a TZYX layer; Preview does the shown slice only.
     path = widget.save_model(tmp_path / "model.safetensors")
+    widget.noise_plot.clear()
     widget.load_model(path)
+    assert widget.noise_plot.model == widget.denoiser.noise_model is not None
+    assert widget.noise_plot.measurement == widget.denoiser.noise_measurement is not None
     _, stack = noisy_image((2, 2, 64, 64), seed=3)
     viewer.add_image(stack, name="tzyx", axis_labels=("T", "Z", "Y", "X"))
     assert widget.axes.value == "TZYX"
@@ -158,6 +164,7 @@ def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
     assert running.summary.stopped_early and running.summary.iterations < 100_000
 
 
+@pytest.mark.filterwarnings("ignore:the noise measured on the data")  # the status says it too
 def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
     _, noisy = noisy_image((64, 64))
@@ -171,3 +178,21 @@ def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbo
     model = widget.denoiser.noise_model
     assert model.given and model.gain == (2.0,) and model.offset == (-2.0,)
     assert "(given)" in widget.status.text()
+    # Photons with read noise 1 against gain 2 above baseline 1: the status says they disagree.
+    assert re.search(r"the noise measured on the data is 0\.\d+x that", widget.status.text())
+    # The noise plot shows the given model's line beside the noise measured on the layer.
+    plot = widget.noise_plot
+    assert plot.model == model and len(plot.measurement.signal[0]) == 32
+    drawn = _colours_drawn(plot)
+    assert _rgb(CHANNEL_COLOURS[0]) in drawn and _rgb(CHANNEL_COLOURS[0].lighter(140)) in drawn
+    plot.clear()
+    assert _rgb(CHANNEL_COLOURS[0]) not in _colours_drawn(plot)
+
+
+def _rgb(colour) -> tuple[int, int, int]:
+    return colour.red(), colour.green(), colour.blue()
+
+
+def _colours_drawn(widget) -> set[tuple[int, int, int]]:
+    image = widget.grab().toImage()
+    return {_rgb(image.pixelColor(x, y)) for x in range(image.width()) for y in range(image.height())}

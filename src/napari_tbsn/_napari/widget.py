@@ -22,6 +22,7 @@ from ..devices import available_devices, resolve_device
 from ..noise import NoiseModel
 from ..training import FitProgress
 from .loss_plot import LossPlot
+from .noise_plot import NoisePlot
 
 if TYPE_CHECKING:
     import napari
@@ -136,6 +137,7 @@ class DenoiseWidget(QWidget):
         self.status = QLabel("pick a noisy image layer, then Fit")
         self.status.setWordWrap(True)
         self.loss_plot = LossPlot()
+        self.noise_plot = NoisePlot()
 
         buttons = QGridLayout()
         for index, button in enumerate([
@@ -149,6 +151,7 @@ class DenoiseWidget(QWidget):
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
         layout.addWidget(self.loss_plot)
+        layout.addWidget(self.noise_plot)
         layout.addStretch(1)
 
         self.fit_button.clicked.connect(self._on_fit)
@@ -370,6 +373,7 @@ class DenoiseWidget(QWidget):
     def _on_fitted(self, denoiser: Denoiser) -> None:
         self.denoiser = denoiser
         self._pending = None
+        self.noise_plot.show_model(denoiser.noise_model, denoiser.noise_measurement)
         summary = denoiser.summary
         if summary is not None:
             stopped = " (stopped)" if summary.stopped_early else ""
@@ -506,6 +510,7 @@ class DenoiseWidget(QWidget):
 
     def load_model(self, path: str | Path) -> Denoiser:
         self.denoiser = Denoiser.load(path, device=self.device_select.value)
+        self.noise_plot.show_model(self.denoiser.noise_model, self.denoiser.noise_measurement)
         self.preset_select.value = self.denoiser.preset
         self.pd.value = self.denoiser.pd
         self._say(f"loaded {Path(path).name}: Denoise with it, or Fit to fine-tune it on this layer")
