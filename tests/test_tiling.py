@@ -74,3 +74,23 @@ def test_border_pixels_get_reflected_context():
         position = np.arange(-2 * period - 1, 11 + 3 * period)
         assert np.all((index - position) % (2 * period) == 0)  # on the pixel's own blind lattice
         assert index.min() >= 0 and index.max() <= 10
+
+
+def test_a_plane_that_fits_the_tile_runs_as_one_tile_despite_its_border_padding():
+    import torch
+
+    from napari_tbsn.tiling import TiledPredictor
+
+    shapes = []
+
+    def model(batch, inside):
+        shapes.extend([tuple(batch.shape[-2:])] * len(batch))
+        return batch
+
+    predictor = TiledPredictor(model, 16, 128, 32, batch_size=4, device=torch.device("cpu"))
+    plane = np.random.default_rng(0).random((1, 128, 100), dtype=np.float32)
+    assert np.array_equal(predictor.predict(plane), plane)
+    assert shapes == [(144, 128)]  # 128 and 100 + reflected borders to the 16-pixel grid: one pass
+    shapes.clear()
+    assert np.allclose(predictor.predict(np.tile(plane, (1, 2, 1))), np.tile(plane, (1, 2, 1)))
+    assert len(shapes) > 1 and all(shape == (128, 128) for shape in shapes)  # larger: tile_size tiles

@@ -120,8 +120,16 @@ class TiledPredictor:
         before = (extra // 4) * 2  # even: the parity classes keep their image coordinates
         return before, extra - before
 
+    def tile_length(self, padded: int) -> int:
+        """The tile's length along a padded side: tile_size, or the whole side where the side
+        fits tile_size but for its border padding, so that a plane that fits the tile runs in
+        one pass rather than in two nearly whole, overlapping ones."""
+        if padded <= self.tile_size + round_up(2 * BORDER_MARGIN, self.size_multiple):
+            return padded
+        return self.tile_size
+
     def _tiles(self, height: int, width: int) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
-        tile_h, tile_w = min(self.tile_size, height), min(self.tile_size, width)
+        tile_h, tile_w = self.tile_length(height), self.tile_length(width)
         ys = tile_starts(height, tile_h, self.tile_overlap, self.size_multiple)
         xs = tile_starts(width, tile_w, self.tile_overlap, self.size_multiple)
         for y, overlaps_y in zip(ys, _overlaps(ys, tile_h)):

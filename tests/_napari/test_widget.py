@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("napari")
 from qtpy.QtCore import QTimer  # noqa: E402
 
+from napari.utils.notifications import notification_manager  # noqa: E402
+
 from napari_tbsn import DenoiseWidget  # noqa: E402
 from napari_tbsn._napari.noise_plot import CHANNEL_COLOURS  # noqa: E402
 from napari_tbsn._napari.sample_data import noisy_nuclei  # noqa: E402
@@ -164,22 +166,25 @@ def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
     assert running.summary.stopped_early and running.summary.iterations < 100_000
 
 
-@pytest.mark.filterwarnings("ignore:the noise measured on the data")  # the status says it too
+@pytest.mark.filterwarnings("ignore:the noise measured on the data")  # asserted below
 def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
     _, noisy = noisy_image((64, 64))
     viewer.add_image(noisy, name="camera")
     widget.iterations.value = 2
     widget.time_budget.value = 0
-    widget.camera_gain.value = 2.0  # read noise still 0: a pure shot-noise model
+    widget.camera_gain.value = 10.0  # read noise still 0: a pure shot-noise model
     widget.baseline.value = 1.0
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     model = widget.denoiser.noise_model
-    assert model.given and model.gain == (2.0,) and model.offset == (-2.0,)
+    assert model.given and model.gain == (10.0,) and model.offset == (-10.0,)
     assert "(given)" in widget.status.text()
-    # Photons with read noise 1 against gain 2 above baseline 1: the status says they disagree.
+    # Photons with read noise 1 against gain 10 above baseline 1: the status gives the ratio,
+    # and the fit's warning of the mismatch reaches napari's notifications from its thread.
     assert re.search(r"the noise measured on the data is 0\.\d+x that", widget.status.text())
+    warned = [n.message for n in notification_manager.records if str(n.severity) == "warning"]
+    assert any(message.startswith("the noise measured on the data is 0.") for message in warned), warned
     # The noise plot shows the given model's line beside the noise measured on the layer.
     plot = widget.noise_plot
     assert plot.model == model and len(plot.measurement.signal[0]) == 32

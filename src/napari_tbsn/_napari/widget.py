@@ -263,6 +263,7 @@ class DenoiseWidget(QWidget):
     def _start(self, job, description: str, on_done) -> None:
         from napari.qt.threading import create_worker
         from napari.utils import progress
+        from napari.utils.notifications import notification_manager
 
         def guarded():
             # Bad input found while working (NaN pixels, out of memory...) comes back as a
@@ -286,6 +287,11 @@ class DenoiseWidget(QWidget):
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(finish)
         worker.errored.connect(lambda error: None if self._closed else self._say(f"error: {error}"))
+        # Warnings raised in the worker (a calibration that misses the data, correlated noise at
+        # pd 1) become napari notifications. napari 0.9's worker means to relay them itself, but
+        # its relaying mixin's __init__ never runs (QRunnable's __init__ ends the chain); the
+        # manager drops a warning it has already shown, so a fixed napari shows it once.
+        worker.warned.connect(lambda warning: notification_manager.receive_warning(*warning))
         worker.finished.connect(self._on_finished)
         _RUNNING_WORKERS.add(worker)
         worker.finished.connect(lambda: _RUNNING_WORKERS.discard(worker))
