@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
-from qtpy.QtCore import QTimer  # noqa: E402
-
 from napari.utils.notifications import notification_manager  # noqa: E402
+from qtpy.QtCore import QTimer  # noqa: E402
 
 from napari_tbsn import DenoiseWidget  # noqa: E402
 from napari_tbsn._napari.noise_plot import CHANNEL_COLOURS  # noqa: E402
