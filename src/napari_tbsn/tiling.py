@@ -121,12 +121,10 @@ class TiledPredictor:
         return before, extra - before
 
     def tile_length(self, padded: int) -> int:
-        """The tile's length along a padded side: tile_size, or the whole side where the side
-        fits tile_size but for its border padding, so that a plane that fits the tile runs in
-        one pass rather than in two nearly whole, overlapping ones."""
-        if padded <= self.tile_size + round_up(2 * BORDER_MARGIN, self.size_multiple):
-            return padded
-        return self.tile_size
+        """The tile's length along a padded side: the whole side where it is no longer than a
+        tile_size side with its border padding, else tile_size. So a plane that fits the tile
+        runs in one pass rather than in two nearly whole, overlapping ones."""
+        return padded if padded <= self.tile_size + sum(self.padding(self.tile_size)) else self.tile_size
 
     def _tiles(self, height: int, width: int) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
         tile_h, tile_w = self.tile_length(height), self.tile_length(width)

@@ -165,7 +165,6 @@ def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
     assert running.summary.stopped_early and running.summary.iterations < 100_000
 
 
-@pytest.mark.filterwarnings("ignore:the noise measured on the data")  # asserted below
 def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
     _, noisy = noisy_image((64, 64))
