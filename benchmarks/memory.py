@@ -24,12 +24,11 @@ planes, size, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 data = np.lib.format.open_memmap(f"{folder}/in.npy", mode="r")
 out = np.lib.format.open_memmap(f"{folder}/out.npy", mode="w+", dtype=np.float32, shape=data.shape)
 torch.manual_seed(0)
-denoiser = Denoiser(preset="tiny", device="cpu", tile_size=1024, tile_overlap=0)
+from napari_tbsn import FittedModel, PredictOptions
 from napari_tbsn.network import TBSN
-denoiser.network = TBSN.from_preset("tiny").eval()
-denoiser.normalizer = Normalizer((0.0,), (1000.0,))
-denoiser.axes = "ZYX"
-denoiser.pd = 1  # as a fit on pixel-independent noise leaves it: one pass, no R3 rounds
+# pd 1, as a fit on pixel-independent noise leaves it: one pass, no R3 rounds.
+model = FittedModel(TBSN.from_preset("tiny").eval(), Normalizer((0.0,), (1000.0,)), pd=1, preset="tiny", axes="ZYX")
+denoiser = Denoiser.from_model(model, PredictOptions(tile_size=1024, tile_overlap=0), device="cpu")
 denoiser.predict(data, "ZYX", out=out)
 assert np.isfinite(out[-1]).all()
 # VmHWM is this process image's own peak; ru_maxrss would also carry the peak of the parent

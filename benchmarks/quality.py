@@ -51,25 +51,15 @@ def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: str, 
         result["iterations"] = denoiser.summary.iterations
         plain = plain and denoiser.uses_posterior
 
-        def predict_plain() -> np.ndarray:
-            denoiser.estimator = "blind_spot"
-            try:
-                return denoiser.predict(noisy, axes)
-            finally:
-                denoiser.estimator = "posterior"
-
         if plain:
-            result["plain"] = predict_plain()
+            result["plain"] = denoiser.predict(noisy, axes, estimator="blind_spot")
         if raw and denoiser.lattice_filter is not None:
-            lattice, denoiser.lattice_filter = denoiser.lattice_filter, None
-            result["raw"] = denoiser.predict(noisy, axes)
+            result["raw"] = denoiser.predict(noisy, axes, lattice=False)
             if plain:
-                result["raw_plain"] = predict_plain()
-            denoiser.lattice_filter = lattice
+                result["raw_plain"] = denoiser.predict(noisy, axes, lattice=False, estimator="blind_spot")
         if ensemble:
-            denoiser.ensemble = 8
             start = time.perf_counter()
-            result["ensemble"] = denoiser.predict(noisy, axes)
+            result["ensemble"] = denoiser.predict(noisy, axes, ensemble=8)
             result["ensemble_seconds"] = time.perf_counter() - start
         return result
 

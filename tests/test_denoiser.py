@@ -131,11 +131,10 @@ def test_flip_rotation_ensemble_undoes_each_of_eight_views(fitted_tiny, monkeypa
         views.append(tuple(batch.shape))
         return batch * 2 + 1, None
 
-    monkeypatch.setattr(fitted_tiny, "_view_output", pointwise)
-    monkeypatch.setattr(fitted_tiny, "ensemble", 8)
-    monkeypatch.setattr(fitted_tiny, "estimator", "blind_spot")
-    monkeypatch.setattr(fitted_tiny, "lattice_filter", None)
-    averaged = fitted_tiny.predict(noisy, "YX")
+    from napari_tbsn.prediction import TileModel
+
+    monkeypatch.setattr(TileModel, "view_output", lambda self, batch: pointwise(batch))
+    averaged = fitted_tiny.predict(noisy, "YX", ensemble=8, estimator="blind_spot", lattice=False)
     # Each view sees the plane with its reflected border (to 128x192 pixels), turned or not.
     assert len(views) == 8 and {(1, 1, 128, 192), (1, 1, 192, 128)} == set(views)
     expected = fitted_tiny.normalizer.denormalize(fitted_tiny.normalizer.normalize(noisy[None]) * 2 + 1)[0]
@@ -144,15 +143,19 @@ def test_flip_rotation_ensemble_undoes_each_of_eight_views(fitted_tiny, monkeypa
         Denoiser(ensemble=4)
 
 
-def test_ensemble_for_one_call_leaves_the_setting_alone(fitted_tiny, monkeypatch):
+def test_options_for_one_call_leave_the_defaults_alone(fitted_tiny, monkeypatch):
+    from napari_tbsn.prediction import TileModel
+
     _, noisy = noisy_image((64, 128), seed=9)
     views = []
-    monkeypatch.setattr(fitted_tiny, "_view_output", lambda batch: views.append(1) or (batch, None))
-    monkeypatch.setattr(fitted_tiny, "estimator", "blind_spot")
-    monkeypatch.setattr(fitted_tiny, "ensemble", 8)
-    fitted_tiny.predict(noisy, "YX", ensemble=1)  # e.g. the widget's quick preview
-    assert len(views) == 1 and fitted_tiny.ensemble == 8
-    assert fitted_tiny.describe()["tiling"]["ensemble"] == 8  # a saved model keeps its setting
+    monkeypatch.setattr(TileModel, "view_output", lambda self, batch: views.append(1) or (batch, None))
+    denoiser = Denoiser.from_model(fitted_tiny.model, fitted_tiny.options.replace(ensemble=8))
+    denoiser.predict(noisy, "YX", ensemble=1, estimator="blind_spot")  # e.g. the widget's quick preview
+    assert len(views) == 1 and denoiser.ensemble == 8 and denoiser.estimator == "posterior"
+    assert denoiser.describe()["tiling"]["ensemble"] == 8  # a saved model keeps its setting
+    assert denoiser.describe()["estimator"] == "posterior"
+    with pytest.raises(AttributeError):
+        denoiser.estimator = "blind_spot"  # options are per call, never assigned
     with pytest.raises(ValueError, match="ensemble"):
         fitted_tiny.predict(noisy, "YX", ensemble=4)
 

@@ -95,7 +95,7 @@ def test_damaged_filter_in_a_model_file_is_explained(fitted_tiny, tmp_path):
     state, description = model_io.load_model(path)
     description["lattice_filter"] = {"coefficients": "garbage"}
     model_io.save_model(path, state, description)
-    with pytest.raises(ModelFileError, match="lattice"):
+    with pytest.raises(ModelFileError, match="unreadable lattice filter"):
         Denoiser.load(path)
 
 

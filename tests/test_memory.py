@@ -12,15 +12,16 @@ import numpy as np
 
 CHILD = r"""
 import sys, numpy as np
-from napari_tbsn import Denoiser
+from napari_tbsn import Denoiser, FittedModel, PredictOptions
 from napari_tbsn.network import TBSN
 from napari_tbsn.normalization import Normalizer
+from napari_tbsn.prediction import TileModel
 folder = sys.argv[1]
 data = np.lib.format.open_memmap(f"{folder}/in.npy", mode="r")
 out = np.lib.format.open_memmap(f"{folder}/out.npy", mode="w+", dtype=np.float32, shape=data.shape)
-denoiser = Denoiser(preset="tiny", device="cpu", tile_size=512, tile_overlap=0)
-denoiser.network, denoiser.normalizer, denoiser.axes = TBSN.from_preset("tiny"), Normalizer((0.0,), (1.0,)), "ZYX"
-denoiser._run_network = lambda batch, views=1, inside=None: batch * 2  # the stand-in network
+model = FittedModel(TBSN.from_preset("tiny"), Normalizer((0.0,), (1.0,)), pd=1, preset="tiny", axes="ZYX")
+denoiser = Denoiser.from_model(model, PredictOptions(tile_size=512, tile_overlap=0), device="cpu")
+TileModel.__call__ = lambda self, batch, inside=None: batch * 2  # the stand-in network
 denoiser.predict(data, "ZYX", out=out)
 assert np.allclose(out[-1], 2 * data[-1].astype(np.float32), rtol=1e-6)
 # VmHWM is this process image's own peak; ru_maxrss would also carry the peak of the parent

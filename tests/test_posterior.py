@@ -35,11 +35,10 @@ def test_denoiser_posterior_uncertainty_and_quality_estimate():
     quality = denoiser.quality
     true_mse = float(np.mean((posterior - clean) ** 2))
     assert quality is not None and quality.mse == pytest.approx(true_mse, rel=0.5)
-    denoiser.estimator = "blind_spot"
-    plain = denoiser.predict(noisy, "YX")
+    plain = denoiser.predict(noisy, "YX", estimator="blind_spot")
     assert not np.allclose(plain, posterior)
     with pytest.raises(ValueError, match="posterior"):
-        denoiser.predict(noisy, "YX", uncertainty=uncertainty)
+        denoiser.predict(noisy, "YX", uncertainty=uncertainty, estimator="blind_spot")
 
 
 def test_correlated_noise_gets_pixel_shuffle_and_no_posterior(recwarn):
@@ -76,13 +75,18 @@ def test_context_planes_fit_predict_and_need_a_stack(tmp_path):
 
 
 def test_auto_ensemble_averages_eight_views_only_for_small_inputs():
-    from napari_tbsn.denoiser import AUTO_ENSEMBLE_PIXELS
+    from napari_tbsn import FittedModel
+    from napari_tbsn.network import TBSN
+    from napari_tbsn.normalization import Normalizer
+    from napari_tbsn.prediction import AUTO_ENSEMBLE_PIXELS
 
-    denoiser = Denoiser(preset="tiny", device="cpu", pd=1)
+    def denoiser_with_pd(pd):
+        return Denoiser.from_model(FittedModel(TBSN.from_preset("tiny"), Normalizer((0.0,), (1.0,)), pd, "tiny"))
+
+    denoiser = denoiser_with_pd(1)
     assert denoiser.ensemble == "auto"
     assert denoiser.ensemble_size((512, 512)) == 8
     assert denoiser.ensemble_size((4, 512, 512)) == 1
     assert denoiser.ensemble_size((AUTO_ENSEMBLE_PIXELS + 1,)) == 1
-    assert Denoiser(preset="tiny", device="cpu", pd=2).ensemble_size((64, 64)) == 1  # R3 averages already
-    denoiser.ensemble = 1
-    assert denoiser.ensemble_size((64, 64)) == 1
+    assert denoiser_with_pd(2).ensemble_size((64, 64)) == 1  # R3 averages already
+    assert denoiser.ensemble_size((64, 64), ensemble=1) == 1

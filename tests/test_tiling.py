@@ -26,11 +26,8 @@ def test_blend_weights_ignore_tile_edges_and_stay_flat_at_image_edges():
 
 def test_tiled_prediction_has_no_seams(fitted_tiny):
     _, noisy = noisy_image((250, 430), seed=3)
-    fitted_tiny.tile_size, fitted_tiny.tile_overlap = 1024, 0
-    whole = fitted_tiny.predict(noisy, "YX")
-    fitted_tiny.tile_size, fitted_tiny.tile_overlap = 384, 256  # two tiles across
-    tiled = fitted_tiny.predict(noisy, "YX")
-    fitted_tiny.tile_size, fitted_tiny.tile_overlap = 768, 256
+    whole = fitted_tiny.predict(noisy, "YX", tile_size=1024, tile_overlap=0)
+    tiled = fitted_tiny.predict(noisy, "YX", tile_size=384, tile_overlap=256)  # two tiles across
     data_range = float(whole.max() - whole.min())
     assert np.abs(tiled - whole).max() <= 1e-3 * data_range
 
@@ -50,19 +47,20 @@ def test_border_padding_never_shows_a_pixel_to_itself(fitted_tiny, pd):
     # Predict pads each side with reflected pixels. A copy of pixel p must stay on p's blind
     # lattice (p + 2 * pd * Z^2 once pixel-shuffled by pd), or the blind-spot output at the
     # border would see the noise it must not see.
+    import dataclasses
+
+    from napari_tbsn import Denoiser, PredictOptions
+
     _, noisy = noisy_image((140, 130), seed=5)
-    saved = fitted_tiny.pd, fitted_tiny.refine, fitted_tiny.estimator, fitted_tiny.ensemble
-    fitted_tiny.pd, fitted_tiny.refine, fitted_tiny.estimator, fitted_tiny.ensemble = pd, 0, "blind_spot", 8
-    try:
-        before = fitted_tiny.predict(noisy, "YX")
-        for y, x in [(0, 0), (1, 1), (0, 129), (139, 0), (138, 127), (1, 50), (50, 1), (50, 50)]:
-            changed = noisy.copy()
-            changed[y, x] += 100.0
-            after = fitted_tiny.predict(changed, "YX")
-            assert after[y, x] == before[y, x], (y, x)
-            assert np.abs(after - before).max() > 0.1  # the change is seen around it
-    finally:
-        fitted_tiny.pd, fitted_tiny.refine, fitted_tiny.estimator, fitted_tiny.ensemble = saved
+    denoiser = Denoiser.from_model(dataclasses.replace(fitted_tiny.model, pd=pd),
+                                   PredictOptions(refine=0, estimator="blind_spot", ensemble=8), device="cpu")
+    before = denoiser.predict(noisy, "YX")
+    for y, x in [(0, 0), (1, 1), (0, 129), (139, 0), (138, 127), (1, 50), (50, 1), (50, 50)]:
+        changed = noisy.copy()
+        changed[y, x] += 100.0
+        after = denoiser.predict(changed, "YX")
+        assert after[y, x] == before[y, x], (y, x)
+        assert np.abs(after - before).max() > 0.1  # the change is seen around it
 
 
 def test_border_pixels_get_reflected_context():

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .denoiser import Denoiser, FitProgress, PredictionCancelled, PredictProgress  # noqa: E402
+from .config import PredictOptions  # noqa: E402
+from .denoiser import Denoiser, FitProgress, PredictProgress  # noqa: E402
+from .model import FittedModel  # noqa: E402
 from .network import TBSN  # noqa: E402
 from .noise import NoiseModel  # noqa: E402
+from .progress import Cancelled, FitCancelled, PredictionCancelled  # noqa: E402
 
-__all__ = ["TBSN", "Denoiser", "DenoiseWidget", "FitProgress", "NoiseModel", "PredictProgress", "PredictionCancelled",
-           "__version__"]
+__all__ = ["TBSN", "Cancelled", "Denoiser", "DenoiseWidget", "FitCancelled", "FitProgress", "FittedModel",
+           "NoiseModel", "PredictOptions", "PredictProgress", "PredictionCancelled", "__version__"]
 
 
 def __getattr__(name: str):

@@ -39,6 +39,21 @@ def parse_axes(axes: str, ndim: int) -> str:
     return letters
 
 
+def check_array(data) -> None:
+    """Reject what cannot be denoised, where it enters, with the fix in the message."""
+    if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+        raise TypeError(f"expected an array (numpy, dask, zarr, memmap), got {type(data).__name__}")
+    dtype = np.dtype(data.dtype)
+    if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise TypeError(f"cannot denoise data of dtype {dtype}; convert it to a real-valued type first, "
+                        "e.g. data.astype(numpy.float32)")
+    shape = tuple(int(s) for s in data.shape)
+    if len(shape) < 2:
+        raise ValueError(f"expected at least a 2D image, got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"the data is empty (shape {shape}): it has no planes or pixels to denoise")
+
+
 def guess_axes(shape: tuple[int, ...], rgb: bool = False) -> str:
     """A sensible default for data with no axis metadata (napari's conventions)."""
     ndim = len(shape)
@@ -113,26 +128,72 @@ class PlaneLayout:
                 return letter
         return None
 
+    def context_length(self) -> int:
+        """Planes along the context axis (0 without one)."""
+        letter = self.context_axis
+        return 0 if letter is None else self.shape[self.axes.index(letter)]
+
+    def check_context(self, planes_each_side: int, fix: str) -> None:
+        """Refuse a context this stack cannot give without a plane seeing itself."""
+        if not planes_each_side:
+            return
+        if self.context_axis is None:
+            raise ValueError(f"a context of {planes_each_side} neighbouring plane(s) on each side needs a Z or T "
+                             f"axis with several planes, but axes {self.axes!r} have none; {fix}")
+        if self.context_length() < 2 * planes_each_side:
+            raise ValueError(
+                f"a context of {planes_each_side} plane(s) on each side needs at least {2 * planes_each_side} "
+                f"planes along {self.context_axis}, but this stack has {self.context_length()}; {fix}")
+
     def neighbour(self, plane: tuple[int, ...], letter: str, offset: int) -> tuple[int, ...]:
-        """The plane `offset` steps along `letter`, mirrored at the ends of the stack."""
+        """The plane `offset` steps along `letter`; past an end of the stack, the plane as far
+        the other way. Never `plane` itself: the context must not show the network the noisy
+        pixels it predicts (check_context ensures one of the two exists)."""
         position = self.plane_axes.index(self.axes.index(letter))
         last = self.shape[self.axes.index(letter)] - 1
         index = plane[position] + offset
-        index = -index if index < 0 else index
-        index = 2 * last - index if index > last else index
-        return plane[:position] + (min(max(index, 0), last),) + plane[position + 1 :]
+        if not 0 <= index <= last:
+            index = plane[position] - offset
+        if not 0 <= index <= last or offset == 0:
+            raise ValueError(f"plane {plane[position]} has no neighbour {abs(offset)} planes away along {letter} "
+                             f"in a stack of {last + 1}")
+        return plane[:position] + (index,) + plane[position + 1 :]
 
     def read_plane_with_context(self, data, plane: tuple[int, ...], planes_each_side: int) -> np.ndarray:
         """(C * (1 + 2k), Y, X): the plane, then its neighbours at -k..-1, +1..+k along the
         context axis."""
         blocks = [self.read_plane(data, plane)]
         if planes_each_side:
+            self.check_context(planes_each_side, "choose a smaller context")
             letter = self.context_axis
-            if letter is None:
-                raise ValueError(f"axes {self.axes!r} have no Z or T axis with neighbouring planes")
             offsets = [*range(-planes_each_side, 0), *range(1, planes_each_side + 1)]
             blocks += [self.read_plane(data, self.neighbour(plane, letter, offset)) for offset in offsets]
         return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+    def evenly_spaced(self, count: int) -> list[tuple[int, ...]]:
+        """Up to `count` plane indices spread evenly over the stack, first and last included."""
+        picks = np.linspace(0, self.plane_count - 1, max(1, min(count, self.plane_count))).round().astype(int)
+        return [self.plane_index(int(flat)) for flat in np.unique(picks)]
+
+    def context_window(self, plane: tuple[int, ...], planes_each_side: int) -> tuple[tuple, tuple]:
+        """(selection, keep): index `data[selection]` to get `plane` with the neighbours a model
+        with this context reads (one plane along every other plane axis), and `result[keep]`
+        to cut that plane out of its prediction. Predicting the window gives the plane the same
+        context as predicting the whole stack."""
+        context_axis = self.axes.index(self.context_axis) if planes_each_side and self.context_axis else None
+        selection: list = [slice(None)] * len(self.shape)
+        keep: list = [slice(None)] * len(self.shape)
+        for axis, index in zip(self.plane_axes, plane):
+            first, length = index, 1
+            if axis == context_axis:
+                # 2k + 1 planes around it, shifted inward at the ends: every neighbour the
+                # whole stack would give it lies inside, and the window has the 2k planes
+                # check_context asks for.
+                length = min(self.shape[axis], 2 * planes_each_side + 1)
+                first = int(np.clip(index - planes_each_side, 0, self.shape[axis] - length))
+            selection[axis] = slice(first, first + length)
+            keep[axis] = slice(index - first, index - first + 1)
+        return tuple(selection), tuple(keep)
 
     def write_plane(self, out, plane: tuple[int, ...], block: np.ndarray) -> None:
         """Store a (C, Y, X) block into `out` at `plane`, in `out`'s axis order."""

@@ -11,56 +11,49 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
+import os
 import signal
 import sys
-import time
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
 from .axes import guess_axes, parse_axes
-from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS
+from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
 from .denoiser import Denoiser, PredictProgress
-from .image_io import ImageFile, open_output, read_image
+from .image_io import ImageFile, check_writable, open_output, read_image
 from .model_io import ModelFileError, write_text_atomic
 from .noise import NoiseModel
+from .prediction import describe_output
+from .progress import Cancelled, format_seconds
 from .training import FitProgress
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every partial output is removed on the way out."""
+
+
 class ProgressBar:
-    """A one-line text progress bar on stderr (redrawn at most ten times a second)."""
+    """tqdm on stderr: redrawn in place on a terminal, a line every 10 seconds in a log file."""
 
-    def __init__(self, label: str, enabled: bool = True, width: int = 28) -> None:
-        self.label = label
-        self.enabled = enabled
-        self.width = width
-        self._last = 0.0
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        from tqdm import tqdm
 
-    def update(self, fraction: float, detail: str, eta: float | None, force: bool = False) -> None:
-        now = time.monotonic()
-        # Redraw in place on a terminal; in a log file, one line every 10 seconds.
-        terminal = sys.stderr.isatty()
-        if not self.enabled or (not force and now - self._last < (0.1 if terminal else 10.0)):
-            return
-        self._last = now
-        filled = int(round(self.width * min(max(fraction, 0.0), 1.0)))
-        bar = "#" * filled + "." * (self.width - filled)
-        eta_text = "" if eta is None else f" ETA {format_seconds(eta)}"
-        line = f"{self.label} |{bar}| {100 * fraction:5.1f}% {detail}{eta_text}"
-        sys.stderr.write(f"\r{line}   " if terminal else f"{line}\n")
-        sys.stderr.flush()
+        self._bar = tqdm(total=1000, desc=label, disable=not enabled, file=sys.stderr, leave=True,
+                         mininterval=0.1 if sys.stderr.isatty() else 10.0,
+                         bar_format="{desc} |{bar:28}| {percentage:5.1f}% {postfix}")
+        self._done = 0
+
+    def update(self, fraction: float, detail: str, eta: float | None) -> None:
+        steps = int(round(1000 * min(max(fraction, 0.0), 1.0)))
+        self._bar.set_postfix_str(f"{detail} ETA {format_seconds(eta)}", refresh=False)
+        self._bar.update(steps - self._done)
+        self._done = steps
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    minutes, seconds = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+        self._bar.close()
 
 
 def _input_axes(image: ImageFile, given: str | None) -> str:
@@ -72,13 +65,13 @@ def _input_axes(image: ImageFile, given: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _interrupt_stops_fit(denoiser: Denoiser) -> Iterator[None]:
-    """The first Ctrl-C ends the fit early (keeping the best weights); a second one aborts."""
+def _first_interrupt_cancels(denoiser: Denoiser) -> Iterator[None]:
+    """The first Ctrl-C stops the running job (a fit keeps its best weights); a second aborts."""
 
     def stop(signum, frame):
-        sys.stderr.write("\nstopping the fit after this iteration (Ctrl-C again to abort)\n")
+        sys.stderr.write("\nstopping (Ctrl-C again to abort)\n")
         denoiser.cancel()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
@@ -96,70 +89,107 @@ def _camera_noise(args: argparse.Namespace) -> NoiseModel | None:
     return NoiseModel.from_camera(args.gain, args.read_noise, args.baseline)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """No path the tool writes may be an input or another output; each must be writable. All
+    checked before any work, so a mistake costs nothing."""
+    inputs = {name: getattr(args, name) for name in ("input", "model") if getattr(args, name, None) is not None}
+    outputs = {name: getattr(args, name) for name in ("output", "save_model", "report", "uncertainty")
+               if getattr(args, name, None) is not None}
+    for name, path in outputs.items():
+        flag = "-o" if name == "output" else f"--{name.replace('_', '-')}"
+        for other, taken in [*inputs.items(), *((o, p) for o, p in outputs.items() if o < name)]:
+            if _same_file(path, taken):
+                raise ValueError(f"{flag} {path} is also the {other.replace('_', ' ')} path; "
+                                 "give each output its own new file name")
+        if name in ("output", "uncertainty") and args.run is not command_fit:
+            check_writable(path)
+        else:
+            check_writable_file(path)
+
+
+def check_writable_file(path: Path) -> None:
+    """A model or report path: a file name whose folder exists or can be made."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
+
+
 def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
-    fit_config = FIT_PRESETS[args.preset]
-    changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v}
+    changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v is not None}
     denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
                         estimator=args.estimator or "posterior", lattice=args.lattice,
-                        fit_config=dataclasses.replace(fit_config, **changes), noise_model=_camera_noise(args))
+                        fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
+                        noise_model=_camera_noise(args))
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
         validation = "" if progress.best_validation_loss is None else f" best val {progress.best_validation_loss:.5f}"
-        detail = f"it {progress.iteration} loss {progress.loss:.5f}{validation}"
-        bar.update(progress.fraction, detail, progress.eta)
+        bar.update(progress.fraction, f"it {progress.iteration} loss {progress.loss:.5f}{validation}", progress.eta)
 
     _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
          f"on {denoiser.device} (pd {args.pd})")
-    with _interrupt_stops_fit(denoiser):
-        denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget, callback=on_progress)
-    bar.close()
-    summary = denoiser.summary
-    assert summary is not None
+    try:
+        with _first_interrupt_cancels(denoiser):
+            denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget,
+                         callback=on_progress)
+    finally:
+        bar.close()
     _log(args, denoiser.describe_noise())
-    _log(args, f"fitted: {summary.iterations} iterations in {format_seconds(summary.seconds)}, best validation "
-         f"loss {summary.best_validation_loss:.6f} at iteration {summary.best_iteration}"
-         + (" (stopped early)" if summary.stopped_early else "")
-         + (f"; context: {denoiser.context_planes} neighbouring plane(s) on each side" if denoiser.context_planes else ""))
+    context = f"; context: {denoiser.context_planes} neighbouring plane(s) on each side" if denoiser.context_planes else ""
+    _log(args, f"fitted: {denoiser.summary.describe()}{context}")
     return denoiser
 
 
-def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str) -> None:
+def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
+             options: PredictOptions) -> None:
     bar = ProgressBar("denoise", enabled=not args.quiet)
 
     def on_progress(progress: PredictProgress) -> None:
         bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
 
     shape = tuple(image.data.shape)
-    with contextlib.ExitStack() as outputs:
-        out = outputs.enter_context(open_output(args.output, shape, axes, like=image))
-        uncertainty = None
-        if args.uncertainty:
-            uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image))
-        denoiser.predict(image.data, axes, out=out, callback=on_progress, uncertainty=uncertainty)
-    bar.close()
+    try:
+        with contextlib.ExitStack() as outputs, _first_interrupt_cancels(denoiser):
+            out = outputs.enter_context(open_output(args.output, shape, axes, like=image))
+            uncertainty = None
+            if args.uncertainty:
+                uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image))
+            denoiser.predict(image.data, axes, out=out, callback=on_progress, uncertainty=uncertainty,
+                             options=options)
+    finally:
+        bar.close()
     _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
                                          if args.uncertainty else ""))
     if denoiser.quality is not None:
         _log(args, denoiser.quality.describe())
     if args.report:
-        _write_report(args.report, denoiser)
+        _write_report(args.report, denoiser, options)
 
 
-def _write_report(path: Path, denoiser: Denoiser) -> None:
+def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> None:
     """What was fitted and how good the result is estimated to be, as JSON (atomically)."""
     quality = denoiser.quality
+    described = denoiser.describe()
     report = {
         "pd": denoiser.pd,
-        "estimator": "posterior" if denoiser.uses_posterior else "blind_spot",
+        "estimator": describe_output(denoiser.model, options).replace("blind-spot mean", "blind_spot"),
         "context_planes": denoiser.context_planes,
-        "lattice_filter": denoiser.lattice_filter.to_dict() if denoiser.lattice_filter else None,
-        "noise_model": denoiser.noise_model.to_dict() if denoiser.noise_model else None,
-        "noise_measurement": denoiser.noise_measurement.to_dict() if denoiser.noise_measurement else None,
-        "noise_correlation": denoiser.noise_correlation.to_dict() if denoiser.noise_correlation else None,
-        "training": dataclasses.asdict(denoiser.summary) if denoiser.summary else None,
+        **{key: described[key] for key in ("lattice_filter", "noise_model", "noise_measurement", "noise_correlation",
+                                           "training")},
         "quality_estimate": None if quality is None else
-        {"mse": quality.mse, "rmse": quality.rmse, "psnr": quality.psnr, "data_range": quality.data_range},
+        {"mse": quality.mse, "rmse": quality.rmse, "psnr": quality.psnr if math.isfinite(quality.psnr) else None,
+         "data_range": quality.data_range},
     }
     write_text_atomic(path, json.dumps(report, indent=1))
 
@@ -169,14 +199,10 @@ def _log(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def _apply_prediction_options(args: argparse.Namespace, denoiser: Denoiser) -> None:
-    if args.tile_size:
-        denoiser.tile_size = args.tile_size
-    denoiser.ensemble = args.ensemble
-    if args.refine is not None:
-        denoiser.refine = args.refine
-    if args.estimator:
-        denoiser.estimator = args.estimator
+def _prediction_options(args: argparse.Namespace, defaults: PredictOptions) -> PredictOptions:
+    """The defaults with the options given on the command line, checked before any work."""
+    return defaults.replace(tile_size=args.tile_size, ensemble=args.ensemble, refine=args.refine,
+                            estimator=args.estimator)
 
 
 def command_fit(args: argparse.Namespace) -> None:
@@ -189,25 +215,27 @@ def command_fit(args: argparse.Namespace) -> None:
 
 def command_predict(args: argparse.Namespace) -> None:
     denoiser = Denoiser.load(args.model, device=args.device)
-    _apply_prediction_options(args, denoiser)
+    options = _prediction_options(args, denoiser.options)
     image = read_image(args.input)
-    _predict(args, denoiser, image, _input_axes(image, args.axes))
+    _predict(args, denoiser, image, _input_axes(image, args.axes), options)
 
 
 def command_denoise(args: argparse.Namespace) -> None:
+    options = _prediction_options(args, PredictOptions(lattice=args.lattice))
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
     denoiser = _fit(args, image, axes)
-    _apply_prediction_options(args, denoiser)
     if args.save_model:
         denoiser.save(args.save_model)
         _log(args, f"saved the model to {args.save_model}")
-    _predict(args, denoiser, image, axes)
+    _predict(args, denoiser, image, axes, options)
 
 
 def command_sample(args: argparse.Namespace) -> None:
     from .samples import SAMPLE_AXES, clean_stack, noisy_stack
 
+    if args.output.exists() and not args.output.is_dir():
+        raise ValueError(f"{args.output} is a file; tbsn sample -o takes a folder to write noisy.tif and clean.tif into")
     args.output.mkdir(parents=True, exist_ok=True)
     for name, stack in (("noisy.tif", noisy_stack()), ("clean.tif", clean_stack())):
         with open_output(args.output / name, stack.shape, SAMPLE_AXES) as out:
@@ -311,13 +339,34 @@ def _auto_or_whole(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Bad input: one line on stderr and exit 2; stopped: exit 130 (Ctrl-C) or
+    143 (SIGTERM). Every output is written under a temporary name and renamed only when
+    complete, so a stopped or failed command leaves none behind."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
+        if args.command != "sample":
+            _check_paths(args)
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, MemoryError, ModelFileError, RuntimeError) as error:
-        print(f"tbsn: error: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, OSError, MemoryError, ModelFileError, RuntimeError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"tbsn: error: {message}", file=sys.stderr)
+        return 130 if isinstance(error, Cancelled) else 2
+    except KeyboardInterrupt:
+        print("tbsn: stopped by Ctrl-C; nothing was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("tbsn: stopped by SIGTERM; nothing was written", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -12,6 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def _check_whole(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, low: float, high: float | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or (high is not None and value > high):
+        where = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
+        raise ValueError(f"{name} must be a finite number {where}, got {value!r}")
+
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Architecture of a TBSN (a 3-level parity-preserving U-Net of transformer blocks)."""
@@ -174,6 +187,18 @@ class FitConfig:
     max_training_pixels: int = 2**26
     compile: str = "auto"  # "auto" (CUDA only), "always" or "never"
 
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "batch_size", "validation_patches_max", "validation_every", "default_iterations",
+                     "max_training_pixels"):
+            _check_whole(name, getattr(self, name), minimum=1)
+        for name, low, high in (("learning_rate", 0.0, None), ("weight_decay", 0.0, None), ("warmup_fraction", 0.0, 1.0),
+                                ("min_lr_fraction", 0.0, 1.0), ("validation_fraction", 0.0, 1.0), ("ema_decay", 0.0, 1.0)):
+            _check_number(name, getattr(self, name), low, high)
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.compile not in ("auto", "always", "never"):
+            raise ValueError(f"compile must be 'auto', 'always' or 'never', got {self.compile!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -191,6 +216,56 @@ FIT_PRESETS: dict[str, FitConfig] = {
 }
 
 
+ESTIMATORS = ("posterior", "blind_spot")
+ENSEMBLES = (1, 8, "auto")
+R3_ROUNDS = 8
+MIN_TILE_SIZE = 64  # the tiling floor an out-of-memory retry halves down to
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How one prediction runs: checked here, passed per call, never stored into the model.
+
+    `estimator`: "posterior" (noise model + blind spot, pixel-independent noise) or
+    "blind_spot" (the plain blind-spot mean). `ensemble`: 8 averages over flips and 90-degree
+    rotations, 1 does not, "auto" takes 8 for small pixel-independent inputs. `refine`: R3
+    rounds for correlated noise (pd > 1; 0 for none). `lattice`: apply the fitted lattice
+    filter (pixel-independent noise). Tiles of `tile_size` pixels overlap by `tile_overlap`
+    and run `batch_size` at a time."""
+
+    estimator: str = "posterior"
+    ensemble: int | str = "auto"
+    refine: int = R3_ROUNDS
+    lattice: bool = True
+    tile_size: int = 768
+    tile_overlap: int = 256
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if isinstance(self.ensemble, bool) or self.ensemble not in ENSEMBLES:
+            raise ValueError(f"ensemble must be 1 (off), 8 (flips and rotations) or 'auto', got {self.ensemble!r}")
+        _check_whole("refine (R3 rounds)", self.refine, minimum=0)
+        if not isinstance(self.lattice, bool):
+            raise ValueError(f"lattice must be True or False, got {self.lattice!r}")
+        _check_whole("tile_size", self.tile_size, minimum=MIN_TILE_SIZE)
+        _check_whole("tile_overlap", self.tile_overlap, minimum=0)
+        _check_whole("batch_size", self.batch_size, minimum=1)
+
+    def replace(self, **changes: Any) -> "PredictOptions":
+        """A copy with `changes` (None values ignored), checked again."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PredictOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclass
 class TrainingSummary:
     """What a fit did, saved with the model."""
@@ -202,3 +277,12 @@ class TrainingSummary:
     stopped_early: bool = False
     variance_head_loss: float | None = None  # the posterior's prior-variance fit (NLL)
     history: list[dict[str, float]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the CLI and the widget."""
+        from .progress import format_seconds
+
+        best = "no validation loss" if self.best_validation_loss is None else \
+            f"best validation loss {self.best_validation_loss:.6g} at iteration {self.best_iteration}"
+        stopped = " (stopped early)" if self.stopped_early else ""
+        return f"{self.iterations} iterations in {format_seconds(self.seconds)}{stopped}, {best}"

@@ -39,17 +39,20 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def out_of_memory_error(device: torch.device, what: str) -> MemoryError:
     return MemoryError(
-        f"{device.type.upper()} ran out of memory while {what}; lower the tile size or batch size, "
-        "choose a smaller preset, or use device='cpu'"
+        f"{device.type.upper()} ran out of memory while {what}; choose a smaller preset, close other "
+        "programs using the device, or use device='cpu'"
     )
 
 
-def fast_bfloat16(device: torch.device) -> bool:
-    """Whether bfloat16 autocast pays on this device: CUDA, or a CPU with native bf16 units
-    (AVX512-BF16 or AMX), where oneDNN runs the convolutions in bf16."""
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision that pays on this device, or None for float32: bfloat16 on CUDA
+    GPUs from Ampere on (compute capability 8) and on CPUs with native bf16 units (AVX512-BF16
+    or AMX, where oneDNN runs the convolutions in bf16); float16 on older CUDA GPUs (T4, V100,
+    GTX 10xx), which have fast float16 but no fast bfloat16; float32 elsewhere."""
     if device.type == "cuda":
-        return True
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     if device.type != "cpu":
-        return False
+        return None
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return torch.bfloat16 if any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks) else None

@@ -1,29 +1,46 @@
 """Reading and writing image files (TIFF, .npy, .zarr) lazily, and writing them atomically.
 
-Inputs are opened as memory maps or lazy arrays where the format allows, so a terabyte
-stack is read one plane at a time. Outputs are written under a temporary name beside the
-target and renamed into place only when complete.
+Reading. Inputs are opened without loading them, so a terabyte stack is read one plane at a
+time: uncompressed TIFFs and .npy files as memory maps, compressed or tiled TIFFs as a
+`LazyTiffArray` that decodes only the pages an index touches, .zarr stores through zarr.
+A file that cannot be read (empty, truncated, not an image, a folder) is refused here with a
+one-line ValueError that says what to do, not with a traceback from deep inside a library.
+
+Writing. `check_writable` refuses an output path that cannot be written before any work is
+done. `open_output` writes under a hidden temporary name beside the target and renames it into
+place only when the block completes; on any exception, Ctrl-C included, the temporary goes.
+Outputs get the permissions the umask gives a new file, like any file the user saves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
+import operator
 import os
+import secrets
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import numpy as np
 
 from .axes import AXIS_LETTERS
-from .model_io import atomic_file, atomic_target
+from .model_io import atomic_file
 
 # tifffile's axis letters -> ours. tifffile's S is RGB samples, i.e. our C.
 TIFF_AXES = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X"}
 IMAGEJ_ORDER = "TZCYX"
+TIFF_SUFFIXES = (".tif", ".tiff")
+READABLE = "a .tif/.tiff, .npy or .zarr file"
+WRITABLE_SUFFIXES = (*TIFF_SUFFIXES, ".npy", ".zarr")
+# Files a zarr store (format 2 or 3) has at its root; a folder without them is not ours to replace.
+ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 
 @dataclass
@@ -54,11 +71,7 @@ def release_pages(array) -> None:
         base = getattr(base, "base", None)
 
 
-def _tiff_axes(letters: str) -> str | None:
-    mapped = "".join(TIFF_AXES.get(a, "?") for a in letters.upper())
-    if "?" in mapped or len(set(mapped)) != len(mapped) or not set(mapped) <= set(AXIS_LETTERS):
-        return None
-    return mapped
+# -- reading ------------------------------------------------------------------------------
 
 
 def read_image(path: str | os.PathLike) -> ImageFile:
@@ -67,23 +80,66 @@ def read_image(path: str | os.PathLike) -> ImageFile:
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
+    if suffix in (*TIFF_SUFFIXES, ".npy") and path.is_dir():
+        raise ValueError(
+            f"{path} is a folder, not a file; give the {suffix} file itself (only .zarr inputs are folders)"
+        )
+    if suffix in TIFF_SUFFIXES:
         return _read_tiff(path)
     if suffix == ".npy":
-        try:
-            data = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as error:
-            raise ValueError(f"{path} is not a readable .npy array: {error}") from error
-        return ImageFile(data, None, "npy")
+        return _read_npy(path)
     if suffix == ".zarr":
-        import zarr
+        return _read_zarr(path)
+    raise ValueError(f"cannot read {path.name}: use {READABLE}")
 
+
+def _read_npy(path: Path) -> ImageFile:
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError as error:  # numpy's answer to a 0-byte file
+        raise ValueError(f"{path} is empty; save the array again with numpy.save") from error
+    except (ValueError, OSError, UnpicklingError) as error:
+        # Truncated files, pickled objects and object arrays (which cannot be memory-mapped)
+        # all arrive here as ValueError, with numpy's reason in the message.
+        raise ValueError(
+            f"{path} is not a readable .npy array ({error}); it may be truncated or hold Python "
+            "objects: save a numeric array again with numpy.save"
+        ) from error
+    # np.load opens an .npz archive whatever its name. A bad file, not a bad argument: ValueError.
+    if not isinstance(data, np.ndarray):
+        raise ValueError(f"{path} is an .npz archive, not an .npy array; save one array with numpy.save")  # noqa: TRY004
+    return ImageFile(data, None, "npy")
+
+
+def _import_zarr(path: Path):
+    """zarr is an optional dependency: say how to get it instead of failing on the import."""
+    try:
+        import zarr
+    except ImportError as error:
+        raise ValueError(
+            f"{path.name} is a .zarr store, which needs the zarr package: pip install zarr "
+            "(or pip install 'napari-tbsn[zarr]')"
+        ) from error
+    return zarr
+
+
+def _read_zarr(path: Path) -> ImageFile:
+    zarr = _import_zarr(path)
+    try:
         data = zarr.open(str(path), mode="r")
-        if not hasattr(data, "shape"):
-            raise ValueError(f"{path} is a zarr group; point at one array inside it (e.g. {path}/0)")
-        axes = data.attrs.get("axes")
-        return ImageFile(data, axes if isinstance(axes, str) else None, "zarr")
-    raise ValueError(f"cannot read {path.name}: use a .tif/.tiff, .npy or .zarr file")
+    except (ValueError, OSError, KeyError) as error:  # zarr 2 and 3 raise different subclasses
+        raise ValueError(f"{path} is not a readable zarr store ({error}); point at a zarr array") from error
+    if not hasattr(data, "shape"):
+        raise ValueError(f"{path} is a zarr group; point at one array inside it (e.g. {path}/0)")
+    axes = data.attrs.get("axes")
+    return ImageFile(data, axes if isinstance(axes, str) else None, "zarr")
+
+
+def _tiff_axes(letters: str) -> str | None:
+    mapped = "".join(TIFF_AXES.get(a, "?") for a in letters.upper())
+    if "?" in mapped or len(set(mapped)) != len(mapped) or not set(mapped) <= set(AXIS_LETTERS):
+        return None
+    return mapped
 
 
 def _read_tiff(path: Path) -> ImageFile:
@@ -92,27 +148,244 @@ def _read_tiff(path: Path) -> ImageFile:
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
+            missing_bytes = _tiff_missing_bytes(series)
             axes = _tiff_axes(series.axes)
-            page = tif.pages[0]
-            metadata: dict[str, Any] = {}
-            if tif.is_imagej and tif.imagej_metadata:
-                kept = {k: v for k, v in tif.imagej_metadata.items() if k in ("spacing", "unit", "finterval")}
-                metadata["imagej"] = kept
-            tags = page.tags
-            if "XResolution" in tags and "YResolution" in tags:
-                metadata["resolution"] = (tags["XResolution"].value, tags["YResolution"].value)
-                if "ResolutionUnit" in tags:
-                    metadata["resolutionunit"] = int(tags["ResolutionUnit"].value)
-            shape = series.shape
-    except (tifffile.TiffFileError, ValueError, IndexError) as error:
-        raise ValueError(f"{path} is not a readable TIFF file: {error}") from error
+            metadata = _tiff_metadata(tif)
+            shape = tuple(series.shape)
+            pages_tile_the_series = _page_dimension_count(series) is not None
+    except (tifffile.TiffFileError, ValueError, IndexError, OSError) as error:
+        # IndexError: tifffile found no image series, e.g. a TIFF header followed by garbage.
+        raise ValueError(f"{path} is not a readable TIFF file ({error}); check that it is a complete TIFF") from error
+    if missing_bytes:
+        # An interrupted copy or download: refuse it now, not hours later when the missing planes come up.
+        raise ValueError(f"{path} is truncated ({missing_bytes} bytes of image data are missing); copy or save it again")
     try:
         data = tifffile.memmap(path, mode="r")
         if data.shape != shape:
             raise ValueError("memmap shape differs from the series shape")
     except (ValueError, TypeError, OSError):
-        data = tifffile.imread(path)  # compressed or tiled: read it whole
+        # Compressed or tiled pages cannot be mapped: decode them one at a time on demand.
+        # Only a series whose pages do not map onto its leading dimensions is read whole.
+        data = LazyTiffArray(path) if pages_tile_the_series else tifffile.imread(path)
     return ImageFile(data, axes, "tiff", metadata)
+
+
+def _tiff_metadata(tif) -> dict[str, Any]:
+    """What an output should carry over from this input: pixel size, Z spacing, time step."""
+    metadata: dict[str, Any] = {}
+    if tif.is_imagej and tif.imagej_metadata:
+        kept = {k: v for k, v in tif.imagej_metadata.items() if k in ("spacing", "unit", "finterval")}
+        metadata["imagej"] = kept
+    tags = tif.pages[0].tags
+    if "XResolution" in tags and "YResolution" in tags:
+        metadata["resolution"] = (tags["XResolution"].value, tags["YResolution"].value)
+        if "ResolutionUnit" in tags:
+            metadata["resolutionunit"] = int(tags["ResolutionUnit"].value)
+    return metadata
+
+
+def _tiff_missing_bytes(series) -> int:
+    """How many bytes of the series' image data lie past the end of their file (0 if none).
+
+    Only the end of the data is checked, where an interrupted copy or download cuts it. Each
+    page is measured against its own file: a multi-file OME series spans several.
+    """
+    missing = 0
+    if series.dataoffset is not None:  # one contiguous block, possibly listed as a single page
+        missing = series.dataoffset + series.nbytes - series.parent.filehandle.size
+    last_page = series.pages[-1] if len(series.pages) else None
+    if last_page is not None and len(last_page.dataoffsets):
+        data_end = max(offset + count for offset, count in zip(last_page.dataoffsets, last_page.databytecounts))
+        missing = max(missing, data_end - last_page.parent.filehandle.size)
+    return max(int(missing), 0)
+
+
+def _page_dimension_count(series) -> int | None:
+    """How many leading dimensions of the series index its pages, or None if the pages do not
+    split the series shape that way (then it cannot be read page by page)."""
+    shape = tuple(int(s) for s in series.shape)
+    page_size = int(series.keyframe.size)
+    if page_size == 0:
+        return None
+    size_inside_pages = 1
+    for page_ndim in range(len(shape), -1, -1):
+        if size_inside_pages == page_size:
+            leading = shape[:page_ndim]
+            return page_ndim if int(np.prod(leading, dtype=np.int64)) == len(series.pages) else None
+        if page_ndim == 0 or size_inside_pages > page_size:
+            return None
+        size_inside_pages *= shape[page_ndim - 1]
+    return None
+
+
+def _normalised_index(index, size: int, axis: int) -> int | range:
+    """An int index made non-negative and checked, or a slice as the range of positions it picks."""
+    if isinstance(index, slice):
+        return range(size)[index]
+    if isinstance(index, (bool, np.bool_)):
+        raise TypeError("boolean indices are not supported; read a block first with numpy.asarray(array[...])")
+    try:
+        position = operator.index(index)
+    except TypeError:
+        raise TypeError(
+            f"only integers and slices index a lazy TIFF array, got {type(index).__name__}; "
+            "read a block first with numpy.asarray(array[...])"
+        ) from None
+    if not -size <= position < size:
+        raise IndexError(f"index {position} is out of bounds for axis {axis} with size {size}")
+    return position % size
+
+
+class LazyTiffArray:
+    """A read-only array over the first series of a TIFF with compressed or tiled pages.
+
+    Such pages cannot be memory-mapped, and reading the whole stack up front needs its full
+    size in memory. Indexing decodes only the pages (planes) the index touches and cuts the
+    in-page part from each, so a stack is read plane by plane. The leading dimensions index the
+    pages; the trailing ones (Y, X, and samples) lie inside one page.
+
+    The TIFF stays open for the life of the array; close() releases it earlier.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import tifffile
+
+        self.path = Path(path)
+        self._file = tifffile.TiffFile(self.path)
+        try:
+            series = self._file.series[0]
+            self.shape: tuple[int, ...] = tuple(int(s) for s in series.shape)
+            self.dtype = np.dtype(series.dtype)
+            page_ndim = _page_dimension_count(series)
+            if page_ndim is None:
+                raise ValueError(
+                    f"the pages of {self.path} do not divide its shape {self.shape}; read it whole with tifffile.imread"
+                )
+            self._pages = list(series.pages)
+        except BaseException:
+            self._file.close()
+            raise
+        self._page_ndim = page_ndim
+        self._page_shape = self.shape[page_ndim:]
+        # Pages share one file handle; seeking and reading must not interleave across threads.
+        self._lock = threading.RLock()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d array")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyTiffArray({str(self.path)!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def _full_key(self, key) -> tuple:
+        """The index as one entry per dimension: Ellipsis expanded, missing trailing ones added."""
+        key = key if isinstance(key, tuple) else (key,)
+        ellipses = [i for i, k in enumerate(key) if k is Ellipsis]
+        if len(ellipses) > 1:
+            raise IndexError("an index can only have a single ellipsis ('...')")
+        if ellipses:
+            at = ellipses[0]
+            key = key[:at] + (slice(None),) * (self.ndim - len(key) + 1) + key[at + 1 :]
+        if len(key) > self.ndim:
+            raise IndexError(f"too many indices: the array is {self.ndim}-dimensional, {len(key)} were given")
+        return key + (slice(None),) * (self.ndim - len(key))
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = self._full_key(key)
+        picked = [_normalised_index(k, n, axis) for axis, (k, n) in enumerate(zip(key, self.shape))]
+        page_picks, in_page_key = picked[: self._page_ndim], key[self._page_ndim :]
+        in_page_key = tuple(k if isinstance(k, slice) else p for k, p in zip(in_page_key, picked[self._page_ndim :]))
+        # The in-page result shape, from a zero-byte view of one page.
+        in_page_shape = np.broadcast_to(np.zeros((), self.dtype), self._page_shape)[in_page_key].shape
+        kept_shape = tuple(len(p) for p in page_picks if isinstance(p, range))
+        result = np.empty(kept_shape + in_page_shape, self.dtype)
+        # Per page dimension, (position in the result or None if indexed away, page index).
+        choices = [list(enumerate(p)) if isinstance(p, range) else [(None, p)] for p in page_picks]
+        page_dims = self.shape[: self._page_ndim]
+        for combination in itertools.product(*choices):
+            position = tuple(at for at, _ in combination if at is not None)
+            page_number = 0
+            for (_, index), size in zip(combination, page_dims):
+                page_number = page_number * size + index
+            result[position] = self._read_page(page_number)[in_page_key]
+        return result
+
+    def _read_page(self, page_number: int) -> np.ndarray:
+        if self._file.filehandle.closed:
+            raise ValueError(f"{self.path} was closed; open it again with read_image")
+        page = self._pages[page_number]
+        if page is None:  # a plane the file does not store (some OME series): tifffile reads it as zeros
+            return np.zeros(self._page_shape, self.dtype)
+        return page.asarray(lock=self._lock).reshape(self._page_shape)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a lazy TIFF array is read from disk and cannot be viewed without a copy")
+        whole = self[...]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+    def close(self) -> None:
+        file = getattr(self, "_file", None)  # absent if __init__ failed before opening
+        if file is not None:
+            file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse an output path that open_output could not write, creating nothing.
+
+    Called before fitting, so a wrong -o costs seconds rather than the whole training.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir() and suffix != ".zarr":
+        example = path / f"denoised{suffix if suffix in WRITABLE_SUFFIXES else '.tif'}"
+        raise ValueError(f"{path} is a folder; give a file name such as {example}")
+    if suffix not in WRITABLE_SUFFIXES:
+        raise ValueError(f"cannot write {path.name}: use a .tif/.tiff, .npy or .zarr name")
+    if suffix == ".zarr":
+        _import_zarr(path)
+        # The new store replaces the old one wholesale; never do that to a folder zarr did not make.
+        if os.path.lexists(path) and not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
+            raise ValueError(
+                f"{path} exists and is not a zarr store, so it will not be replaced; "
+                "choose another name or remove it yourself"
+            )
+    _check_folder_creatable(path.parent)
+
+
+def _check_folder_creatable(folder: Path) -> None:
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the folder {folder}: {existing} is a file, not a folder; choose another location")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"no permission to write in {existing}; choose another location")
 
 
 def _tiff_options(axes: str, like: ImageFile | None) -> dict[str, Any]:
@@ -135,9 +408,8 @@ def _tiff_options(axes: str, like: ImageFile | None) -> dict[str, Any]:
 def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like: ImageFile | None = None) -> Iterator[Any]:
     """A writable float32 array that becomes `path` only if the block completes."""
     path = Path(path)
+    check_writable(path)
     suffix = path.suffix.lower()
-    if suffix not in (".tif", ".tiff", ".npy", ".zarr"):
-        raise ValueError(f"cannot write {path.name}: use a .tif/.tiff, .npy or .zarr name")
     if suffix == ".zarr":
         yield from _zarr_output(path, shape, axes)
         return
@@ -156,23 +428,63 @@ def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like
         del out
 
 
-def _zarr_output(path: Path, shape: tuple[int, ...], axes: str) -> Iterator[Any]:
-    import zarr
+def _hidden_folder_beside(path: Path, role: str) -> Path:
+    """A new empty folder `.{name}.{random}.{role}` beside `path`.
 
-    temporary = atomic_target(path)
-    temporary.unlink()
-    chunks = tuple(s if a in "CYX" else 1 for a, s in zip(axes, shape))
+    Made with mode 0o777 so the umask applies (tempfile.mkdtemp would make it 0o700). The random
+    part means a leftover from an earlier crash can never be in the way.
+    """
+    while True:
+        folder = path.with_name(f".{path.name}.{secrets.token_hex(6)}.{role}")
+        try:
+            folder.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        return folder
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put folder `new` at `target`, replacing whatever store is there; on failure the old
+    store is back at `target` and `new` is untouched."""
+    if not os.path.lexists(target):
+        os.replace(new, target)
+        return
+    # A folder can only be renamed onto an empty folder, so the old store moves aside first.
+    backup = _hidden_folder_beside(target, "old")
     try:
-        out = zarr.open_array(str(temporary), mode="w", shape=tuple(shape), chunks=chunks, dtype="float32")
+        os.replace(target, backup)
+    except BaseException:
+        backup.rmdir()
+        raise
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _zarr_output(path: Path, shape: tuple[int, ...], axes: str) -> Iterator[Any]:
+    zarr = _import_zarr(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _hidden_folder_beside(path, "partial")
+    chunks = tuple(s if a in "CYX" else 1 for a, s in zip(axes, shape))
+    complete = False
+    try:
+        # "w-": create inside the empty folder made above instead of deleting and remaking it.
+        out = zarr.open_array(str(temporary), mode="w-", shape=tuple(shape), chunks=chunks, dtype="float32")
         out.attrs["axes"] = axes
         yield out
-        if path.exists():
-            backup = path.with_name(f".{path.name}.old")
-            os.replace(path, backup)
-            os.replace(temporary, path)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
+        complete = True
+        try:
+            _replace_folder(temporary, path)
+        except OSError as error:
+            raise ValueError(
+                f"could not move the finished result into {path} ({error.strerror}); it is kept at "
+                f"{temporary}: rename that folder to {path.name} yourself"
+            ) from error
     finally:
-        if temporary.exists():
+        # Any interruption before completion (Ctrl-C, SIGTERM, an error) removes the partial
+        # store; a finished result that could not be moved into place is kept, never deleted.
+        if not complete:
             shutil.rmtree(temporary, ignore_errors=True)

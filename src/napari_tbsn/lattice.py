@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .posterior import NoiseTerms, posterior_weight, split_output
+from .progress import FitCancelled, raise_if_cancelled
 
 REACH = 4
 LATTICE_PATCHES = 32  # training patches the filter is fitted on
@@ -150,13 +152,18 @@ class LatticeFilter:
         return cls(coefficients, int(values.get("reach", REACH)), prior_scale)
 
 
-def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None) -> LatticeFilter:
+def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None,
+                       cancel: threading.Event | None = None) -> LatticeFilter:
     """Fit the filter to a fitted network's mean on noisy patches (B, C [+ context], H, W)."""
     config = network.config
     device = next(network.parameters()).device
     network.eval()
+    outputs = []
     with torch.no_grad():
-        output = torch.cat([network(chunk.to(device)).float() for chunk in patches.split(4)])
+        for chunk in patches.split(4):
+            raise_if_cancelled(cancel, FitCancelled, "the lattice fit")
+            outputs.append(network(chunk.to(device)).float())
+    output = torch.cat(outputs)
     noisy = patches[:, : config.in_channels].float()
     if config.variance_head:
         mean, prior = split_output(output)

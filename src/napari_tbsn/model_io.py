@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,30 @@ class ModelFileError(ValueError):
 
 
 def atomic_target(path: Path) -> Path:
-    """A temporary path beside `path`, to be renamed over it once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    return Path(name)
+    """A new, empty, hidden file beside `path`, to be written and then renamed over it.
+
+    Created with mode 0o666 so the process umask applies: the rename carries the mode over to
+    the output, which should end up like any file the user saves (mkstemp would make it 0o600).
+    The random part of the name keeps two writers of the same target apart.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"cannot create the folder {path.parent} for {path.name} ({error.strerror}); "
+            "a file may be in the way of one of its folders: choose another location"
+        ) from error
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.partial")
+        try:
+            descriptor = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise ValueError(f"cannot write in {path.parent} ({error.strerror}); choose another location") from error
+        os.close(descriptor)
+        return temporary
 
 
 @contextlib.contextmanager
@@ -43,10 +62,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         os.replace(temporary, path)
     finally:
+        # `finally`, not `except Exception`: Ctrl-C, SystemExit and a SIGTERM turned into an
+        # exception must not leave a hidden half-written file either. After the rename there
+        # is nothing left to remove.
         temporary.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one."""
     with atomic_file(path) as temporary:
         temporary.write_text(text)
 

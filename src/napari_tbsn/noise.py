@@ -53,11 +53,10 @@ def pd_up(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 def sample_planes(data, layout: PlaneLayout, count: int = SAMPLE_PLANES) -> list[np.ndarray]:
     """Up to `count` evenly spaced (C, Y, X) float64 planes."""
-    picks = np.unique(np.linspace(0, layout.plane_count - 1, min(layout.plane_count, count)).round().astype(int))
     planes = []
-    for index in picks:
-        plane = layout.read_plane(data, layout.plane_index(int(index)))
-        check_finite(plane, f"plane {int(index)} of the input")
+    for index in layout.evenly_spaced(count):
+        plane = layout.read_plane(data, index)
+        check_finite(plane, f"plane {index} of the input")
         planes.append(plane.astype(np.float64))
     return planes
 

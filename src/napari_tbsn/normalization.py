@@ -24,10 +24,8 @@ class Normalizer:
     @classmethod
     def from_data(cls, data, layout: PlaneLayout) -> "Normalizer":
         """Percentiles from up to 16 evenly spaced planes, subsampled: never loads a whole stack."""
-        count = layout.plane_count
-        picks = np.unique(np.linspace(0, count - 1, min(count, SAMPLE_PLANES)).round().astype(int))
         stride = max(1, int(np.sqrt(layout.height * layout.width / SAMPLE_PIXELS_PER_PLANE)))
-        samples = [layout.read_plane(data, layout.plane_index(i))[:, ::stride, ::stride] for i in picks]
+        samples = [layout.read_plane(data, plane)[:, ::stride, ::stride] for plane in layout.evenly_spaced(SAMPLE_PLANES)]
         values = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
         low = np.percentile(values, LOW_PERCENTILE, axis=1)
         high = np.percentile(values, HIGH_PERCENTILE, axis=1)

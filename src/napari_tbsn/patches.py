@@ -88,13 +88,11 @@ def load_training_planes(
     its k neighbours on either side), within a pixel budget."""
     depth = layout.channels * (1 + 2 * planes_each_side)
     per_plane = depth * layout.height * layout.width
-    count = layout.plane_count
-    keep = max(1, min(count, max_pixels // max(per_plane, 1)))
-    picks = np.unique(np.linspace(0, count - 1, keep).round().astype(int))
+    picks = layout.evenly_spaced(max(1, max_pixels // max(per_plane, 1)))
     planes = np.empty((len(picks), depth, layout.height, layout.width), dtype=np.float32)
-    for slot, flat in enumerate(picks):
-        block = layout.read_plane_with_context(data, layout.plane_index(int(flat)), planes_each_side)
-        check_finite(block, f"plane {int(flat)} of the input")
+    for slot, plane in enumerate(picks):
+        block = layout.read_plane_with_context(data, plane, planes_each_side)
+        check_finite(block, f"plane {plane} of the input")
         planes[slot] = normalizer.normalize(block)
     return planes
 

@@ -14,11 +14,14 @@ followed by the C log prior variances.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from .progress import FitCancelled, raise_if_cancelled
 
 # exp() of the log-variance head stays within these bounds (normalised units: data spans ~1).
 LOG_VARIANCE_RANGE = (-20.0, 4.0)
@@ -58,7 +61,8 @@ def split_output(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit_variance_head(
-    network: nn.Module, patches: torch.Tensor, noise: NoiseTerms, steps: int = HEAD_STEPS
+    network: nn.Module, patches: torch.Tensor, noise: NoiseTerms, steps: int = HEAD_STEPS,
+    cancel: threading.Event | None = None,
 ) -> float:
     """Fit the prior-variance head alone, after the mean: the Gaussian NLL of the noisy patches
     under N(mu, v_prior + v_noise(mu)), on features computed once. Returns the final NLL.
@@ -74,7 +78,7 @@ def fit_variance_head(
     device = network.output_conv.weight.device
     network.eval()
     with torch.no_grad():
-        features = torch.cat([network.features(chunk.to(device)) for chunk in patches.split(4)]).float()
+        features = torch.cat([network.features(_checked(chunk, cancel).to(device)) for chunk in patches.split(4)]).float()
         weight, bias = network.output_conv.weight, network.output_conv.bias
         mean = torch.nn.functional.conv2d(features, weight[:means].float(), bias[:means].float())
         noisy = patches[:, : config.in_channels].to(device).float()  # the rest are context planes
@@ -86,6 +90,7 @@ def fit_variance_head(
     head_bias = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([head_weight, head_bias], lr=HEAD_LEARNING_RATE)
     for _ in range(steps):
+        raise_if_cancelled(cancel, FitCancelled, "the variance-head fit")
         log_variance = torch.nn.functional.conv2d(features, head_weight, head_bias)
         total = torch.exp(log_variance.clamp(*LOG_VARIANCE_RANGE)) + noise_variance
         loss = 0.5 * torch.mean(torch.log(total) + squared_residual / total)
@@ -96,6 +101,11 @@ def fit_variance_head(
         weight[means:] = head_weight.to(weight)
         bias[means:] = head_bias.to(bias)
     return float(loss.detach())
+
+
+def _checked(chunk: torch.Tensor, cancel: threading.Event | None) -> torch.Tensor:
+    raise_if_cancelled(cancel, FitCancelled, "the fit")
+    return chunk
 
 
 @dataclass(frozen=True)

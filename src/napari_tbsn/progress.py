@@ -1,11 +1,52 @@
-"""Long work is written as generators that yield progress; this runs one to its end."""
+"""Long work: generators that yield progress, one cancel token per job, and their timing.
+
+A job (a fit, a prediction) gets its own `threading.Event` when it starts. Whoever wants it
+stopped sets the event; the code doing the work only reads it, never clears it, so a Stop
+that arrives in any phase (loading the data, training, the closing fits, predicting) is seen
+by every phase after it.
+"""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
 Result = TypeVar("Result")
+
+
+class Cancelled(RuntimeError):
+    """A job stopped by its cancel token."""
+
+
+class FitCancelled(Cancelled):
+    """A fit stopped before it had weights to keep; the previous model is unchanged."""
+
+
+class PredictionCancelled(Cancelled):
+    """Raised by predict when cancel() stopped it; planes already written stay written."""
+
+
+def raise_if_cancelled(cancel: threading.Event | None, error: type[Cancelled], what: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise error(f"{what} stopped by cancel()")
+
+
+class CancellableArray:
+    """A read-only view of an array whose every read first checks a cancel token, so that
+    loading and analysing a large stack (read plane by plane) stops at the next plane."""
+
+    def __init__(self, data, cancel: threading.Event, error: type[Cancelled] = FitCancelled) -> None:
+        self._data = data
+        self._cancel = cancel
+        self._error = error
+        self.shape = tuple(data.shape)
+        self.dtype = data.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key):
+        raise_if_cancelled(self._cancel, self._error, "reading the data")
+        return self._data[key]
 
 
 def drive(steps: Generator[Any, None, Result], callback: Callable[[Any], None] | None = None) -> Result:
@@ -17,3 +58,17 @@ def drive(steps: Generator[Any, None, Result], callback: Callable[[Any], None] |
             return finished.value
         if callback is not None:
             callback(item)
+
+
+def remaining_seconds(elapsed: float, fraction: float) -> float | None:
+    """The time left at this rate, or None before any progress."""
+    return max(elapsed * (1 - fraction) / fraction, 0.0) if fraction > 0 else None
+
+
+def format_seconds(seconds: float | None) -> str:
+    """'1h02m03s', '2m05s', or '?' for an unknown duration."""
+    if seconds is None:
+        return "?"
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
@@ -15,9 +17,10 @@ import torch
 from torch import nn
 
 from .config import FitConfig, TrainingSummary
-from .devices import fast_bfloat16
+from .devices import autocast_dtype, out_of_memory_error
 from .noise import pd_down
 from .patches import PatchSampler
+from .progress import remaining_seconds
 
 # Validation may take at most this share of the fitting time. One validation patch costs about
 # a third of a training patch (a forward pass without the backward), so a stack with many held-out
@@ -67,7 +70,10 @@ def validation_interval(validation_patches: int, config: FitConfig) -> int:
 
 
 class Trainer:
-    """Fits a network with AdamW, keeping the weights with the best validation loss."""
+    """Fits a network with AdamW, keeping the weights with the best validation loss.
+
+    The network it is given is changed in place: give it a copy of one worth keeping. It stops
+    when `cancel` is set (and never clears it)."""
 
     def __init__(
         self,
@@ -77,6 +83,7 @@ class Trainer:
         device: torch.device,
         pd: int = 1,
         seed: int = 0,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.network = network
         self.sampler = sampler
@@ -88,11 +95,16 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
-        self.autocast = config.mixed_precision and fast_bfloat16(device)
+        self.autocast = autocast_dtype(device) if config.mixed_precision else None
+        # float16 needs its gradients scaled so that small ones do not underflow; bfloat16 does not.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         self.forward = self._maybe_compile(network)
         self.validation = torch.from_numpy(sampler.validation)
         self.validation_every = validation_interval(len(self.validation), config)
-        self._cancel = threading.Event()
+        self.cancel_token = cancel if cancel is not None else threading.Event()
+        self.batch_size = config.batch_size
+        self.patch_size = sampler.patch_size
+        self.granularity = getattr(network, "size_multiple", 1) * pd
         # An exponential moving average of the weights: on short fits it denoises better
         # than the last iterate. Validation, and so the kept best weights, use the average.
         self.parameters = [p for p in network.parameters() if p.requires_grad]
@@ -128,13 +140,15 @@ class Trainer:
             return network
 
     def cancel(self) -> None:
-        self._cancel.set()
+        self.cancel_token.set()
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
         batch = pd_down(batch.to(self.device, non_blocking=True), self.pd)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             try:
                 output = self.forward(batch)
+            except torch.OutOfMemoryError:
+                raise  # not a compile failure: the caller shrinks the batch
             except Exception:
                 if self.forward is self.network:
                     raise
@@ -159,76 +173,91 @@ class Trainer:
             loss = self.validation_loss()
             return loss, (copy.deepcopy(self.network.state_dict()) if loss < best_loss else None)
 
+    def _shrink(self, error: Exception) -> None:
+        """After running out of memory: halve the batch, else the patch, and say so."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size > 1:
+            self.batch_size //= 2
+            change = f"batch size {self.batch_size}"
+        elif self.patch_size // 2 >= self.granularity and (self.patch_size // 2) % self.granularity == 0:
+            self.patch_size //= 2
+            change = f"{self.patch_size}-pixel patches"
+        else:
+            raise out_of_memory_error(self.device, "fitting, even with one patch of the smallest size") from error
+        warnings.warn(f"{self.device.type.upper()} ran out of memory while fitting; continuing with {change}",
+                      stacklevel=2)
+
+    def _step(self, learning_rate: float) -> float:
+        """One optimisation step on a fresh batch; retried smaller after an out-of-memory error."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        while True:
+            batch = torch.from_numpy(self.sampler.sample(self.rng, self.batch_size))
+            batch = batch[..., : self.patch_size, : self.patch_size]
+            try:
+                loss = self._run(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                return float(loss.detach())
+            except torch.OutOfMemoryError as error:
+                self.optimizer.zero_grad(set_to_none=True)
+                self._shrink(error)
+
     def run(self, iterations: int | None, time_budget: float | None) -> Generator[FitProgress, None, TrainingSummary]:
         """Train until `iterations` or `time_budget` seconds (whichever comes first) or cancel,
-        yielding progress after every iteration; returns the summary."""
+        yielding progress after every iteration; returns the summary. The network ends with
+        the best weights reached (the averaged ones with the lowest validation loss)."""
         if iterations is None and time_budget is None:
             iterations = self.config.default_iterations
         summary = TrainingSummary()
-        best_state = copy.deepcopy(self.network.state_dict())
-        best_loss = math.inf
+        best = _Best(copy.deepcopy(self.network.state_dict()))
         start = time.perf_counter()
 
         def fraction_done(iteration: int) -> float:
-            return max(
-                iteration / iterations if iterations else 0.0,
-                (time.perf_counter() - start) / time_budget if time_budget else 0.0,
-            )
+            return max(iteration / iterations if iterations else 0.0,
+                       (time.perf_counter() - start) / time_budget if time_budget else 0.0)
 
-        def checkpoint(iteration: int, loss_value: float) -> float:
-            nonlocal best_loss, best_state
-            validation, state = self._validate(best_loss)
-            if state is not None:
-                best_loss, best_state, summary.best_iteration = validation, state, iteration
-            summary.history.append({"iteration": iteration, "loss": loss_value, "validation_loss": validation})
-            return validation
-
-        iteration = 0
-        validation = None
-        self._cancel.clear()
+        iteration, validation, loss = 0, None, math.nan
         self.network.train()
-        while True:
-            fraction = fraction_done(iteration)
-            if fraction >= 1.0 or self._cancel.is_set():
-                break
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.config.learning_rate * learning_rate_factor(fraction, self.config)
-            batch = torch.from_numpy(self.sampler.sample(self.rng, self.config.batch_size))
-            loss = self._run(batch)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+        while fraction_done(iteration) < 1.0 and not self.cancel_token.is_set():
+            loss = self._step(self.config.learning_rate * learning_rate_factor(fraction_done(iteration), self.config))
             self._update_average(iteration)
             iteration += 1
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"the training loss became {loss_value} at iteration {iteration}; "
-                    "lower the learning rate or check the input for extreme values"
-                )
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss} at iteration {iteration}; "
+                                         "lower the learning rate or check the input for extreme values")
             validation = None
             if iteration % self.validation_every == 0 or iteration == iterations:
-                validation = checkpoint(iteration, loss_value)
-            elapsed = time.perf_counter() - start
-            fraction = fraction_done(iteration)
-            eta = elapsed * (1 - fraction) / fraction if fraction > 0 else None
-            yield FitProgress(
-                iteration=iteration,
-                total_iterations=iterations,
-                loss=loss_value,
-                validation_loss=validation,
-                best_validation_loss=None if best_loss == math.inf else best_loss,
-                elapsed=elapsed,
-                eta=max(eta, 0.0) if eta is not None else None,
-                fraction=min(fraction, 1.0),
-            )
-        # The last iterations since the last validation may hold the best weights.
-        if iteration > 0 and validation is None:
-            checkpoint(iteration, loss_value)
-        self.network.load_state_dict(best_state)
+                validation = self._checkpoint(best, summary, iteration, loss)
+            elapsed, fraction = time.perf_counter() - start, fraction_done(iteration)
+            yield FitProgress(iteration, iterations, loss, validation, best.loss_or_none, elapsed,
+                              remaining_seconds(elapsed, fraction), min(fraction, 1.0))
+        if iteration > 0 and validation is None:  # the iterations since the last validation may hold the best
+            self._checkpoint(best, summary, iteration, loss)
+        self.network.load_state_dict(best.state)
         self.network.eval()
         summary.iterations = iteration
         summary.seconds = time.perf_counter() - start
-        summary.best_validation_loss = None if best_loss == math.inf else best_loss
-        summary.stopped_early = self._cancel.is_set()
+        summary.best_validation_loss = best.loss_or_none
+        summary.stopped_early = self.cancel_token.is_set()
         return summary
+
+    def _checkpoint(self, best: _Best, summary: TrainingSummary, iteration: int, loss: float) -> float:
+        validation, state = self._validate(best.loss)
+        if state is not None:
+            best.loss, best.state, summary.best_iteration = validation, state, iteration
+        summary.history.append({"iteration": iteration, "loss": loss, "validation_loss": validation})
+        return validation
+
+
+@dataclasses.dataclass
+class _Best:
+    state: dict
+    loss: float = math.inf
+
+    @property
+    def loss_or_none(self) -> float | None:
+        return None if self.loss == math.inf else self.loss

@@ -25,7 +25,7 @@ def viewer_and_widget(make_napari_viewer):
     viewer = make_napari_viewer()
     widget = DenoiseWidget(viewer)
     viewer.window.add_dock_widget(widget, name="TBSN Denoise")
-    widget.preset_select.value = "tiny"
+    widget.form.preset_select.value = "tiny"
     return viewer, widget
 
 
@@ -38,10 +38,10 @@ def test_fit_stop_denoise_end_to_end(viewer_and_widget, qtbot):
     data, meta, _ = noisy_nuclei()[0]
     layer = viewer.add_image(data[:3], scale=(2.0, 0.25, 0.25), translate=(0, 5, 5), **meta)
     original = layer.data.copy()
-    assert widget.layer_select.value is layer and widget.axes.value == "ZYX"
+    assert widget.form.layer_select.value is layer and widget.form.axes.value == "ZYX"
 
-    widget.iterations.value = 100_000
-    widget.time_budget.value = 0
+    widget.form.iterations.value = 100_000
+    widget.form.time_budget.value = 0
     ticks: list[int] = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(1))
@@ -73,19 +73,19 @@ def test_bad_axes_are_shown_and_the_widget_recovers(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
     _, noisy = noisy_image((64, 64))
     viewer.add_image(noisy, name="plain")
-    assert widget.axes.value == "YX"
-    widget.axes.value = "YQ"
+    assert widget.form.axes.value == "YX"
+    widget.form.axes.value = "YQ"
     widget.fit_button.click()
     assert not widget.busy and "unknown letters" in widget.status.text()
     # An error inside the worker (NaN pixels) arrives as a message; the widget stays usable.
     broken = noisy.copy()
     broken[3, 3] = np.nan
     viewer.add_image(broken, name="broken")
-    widget.iterations.value = 2
+    widget.form.iterations.value = 2
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert "NaN" in widget.status.text()
-    widget.layer_select.value = viewer.layers["plain"]
+    widget.form.layer_select.value = viewer.layers["plain"]
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert widget.denoiser is not None and widget.denoiser.is_fitted
@@ -97,11 +97,11 @@ def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot
     _, series = noisy_image((3, 64, 96), seed=2)
     lazy = dask_array.from_array(series, chunks=(1, 64, 96))
     timelapse = viewer.add_image(lazy, name="timelapse", axis_labels=("T", "Y", "X"))
-    assert widget.axes.value == "TYX"
-    widget.iterations.value = 3
-    assert widget.pd.value == "auto" and widget.estimator.value == "posterior" and widget.context.value == "auto"
-    widget.context.value = 1  # the neighbouring frames (auto gives Z-stacks only)
-    widget.uncertainty.value = True
+    assert widget.form.axes.value == "TYX"
+    widget.form.iterations.value = 3
+    assert widget.form.pd.value == "auto" and widget.form.estimator.value == "posterior" and widget.form.context.value == "auto"
+    widget.form.context.value = 1  # the neighbouring frames (auto gives Z-stacks only)
+    widget.form.uncertainty.value = True
     widget.fit_denoise_button.click()
     _wait_idle(qtbot, widget)
     assert viewer.layers["timelapse (TBSN)"].data.shape == (3, 64, 96)
@@ -111,7 +111,7 @@ def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot
     assert timelapse.data is lazy
     status = widget.status.text()
     assert "estimated PSNR" in status and "uncertainty" in status
-    widget.uncertainty.value = False
+    widget.form.uncertainty.value = False
 
     # A saved model loads and denoises a TZYX layer; Preview does the shown slice only.
     path = widget.save_model(tmp_path / "model.safetensors")
@@ -121,7 +121,7 @@ def test_time_series_and_3d_layers_with_fit_and_denoise(viewer_and_widget, qtbot
     assert widget.noise_plot.measurement == widget.denoiser.noise_measurement is not None
     _, stack = noisy_image((2, 2, 64, 64), seed=3)
     viewer.add_image(stack, name="tzyx", axis_labels=("T", "Z", "Y", "X"))
-    assert widget.axes.value == "TZYX"
+    assert widget.form.axes.value == "TZYX"
     viewer.dims.set_current_step(0, 1)
     viewer.dims.set_current_step(1, 1)
     widget.preview_button.click()
@@ -139,19 +139,19 @@ def test_layer_choices_follow_the_viewer(viewer_and_widget):
     first = viewer.add_image(np.zeros((64, 64), np.float32), name="a")
     viewer.add_points(np.zeros((1, 2)), name="points")
     def images():
-        return [choice for choice in widget.layer_select.choices if choice is not None]
+        return [choice for choice in widget.form.layer_select.choices if choice is not None]
 
-    assert images() == [first] and widget.layer_select.value is first
+    assert images() == [first] and widget.form.layer_select.value is first
     viewer.layers.remove(first)
-    assert images() == [] and widget.layer_select.value is None
+    assert images() == [] and widget.form.layer_select.value is None
 
 
 def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
     _, noisy = noisy_image((128, 128))
     viewer.add_image(noisy, name="plain")
-    widget.iterations.value = 100_000
-    widget.time_budget.value = 0
+    widget.form.iterations.value = 100_000
+    widget.form.time_budget.value = 0
     widget.fit_button.click()
     qtbot.waitUntil(lambda: widget._pending is not None and widget._pending._trainer is not None, timeout=WAIT_MS)
     running = widget._pending
@@ -169,10 +169,10 @@ def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbo
     viewer, widget = viewer_and_widget
     _, noisy = noisy_image((64, 64))
     viewer.add_image(noisy, name="camera")
-    widget.iterations.value = 2
-    widget.time_budget.value = 0
-    widget.camera_gain.value = 10.0  # read noise still 0: a pure shot-noise model
-    widget.baseline.value = 1.0
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.form.camera_gain.value = 10.0  # read noise still 0: a pure shot-noise model
+    widget.form.baseline.value = 1.0
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     model = widget.denoiser.noise_model

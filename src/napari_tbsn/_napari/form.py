@@ -1,0 +1,152 @@
+"""The widget's settings: the fields a user fills in, and one frozen snapshot of them.
+
+`SettingsForm.read()` runs on the GUI thread, before a worker starts, and returns a
+`JobSettings` that the worker uses without touching Qt. The expert fields (camera noise
+model, patch size, pd, tile size) sit in an "Advanced" section, folded by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, SpinBox
+
+from ..axes import AXIS_LETTERS, guess_axes, parse_axes
+from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
+from ..devices import available_devices
+from ..noise import NoiseModel
+
+
+def layer_data(layer):
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def layer_axes(layer) -> str:
+    """Axes for a layer: its axis labels when they are STCZYX letters, else a guess."""
+    shape = tuple(layer_data(layer).shape)
+    labels = [str(label).upper() for label in getattr(layer, "axis_labels", ()) or ()]
+    if len(labels) == len(shape) and all(len(a) == 1 and a in AXIS_LETTERS for a in labels):
+        try:
+            return parse_axes("".join(labels), len(shape))
+        except ValueError:
+            pass
+    return guess_axes(shape, rgb=bool(getattr(layer, "rgb", False)))
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything a fit or denoise job needs from the form, read on the GUI thread."""
+
+    layer: Any
+    data: Any
+    axes: str
+    preset: str
+    pd: int | str
+    context: int | str
+    device: str
+    iterations: int | None
+    time_budget: float | None
+    fit_config: FitConfig
+    noise_model: NoiseModel | None
+    options: PredictOptions
+    uncertainty: bool
+
+
+class SettingsForm(Container):
+    """The settings fields, laid out by magicgui."""
+
+    def __init__(self, image_layers) -> None:
+        self.layer_select = ComboBox(label="image layer", choices=image_layers, nullable=True)
+        self.axes = LineEdit(label="axes", tooltip="one letter per dimension from STCZYX, e.g. ZYX or TYX")
+        self.preset_select = ComboBox(
+            label="network", choices=[(PRESET_HINTS[name], name) for name in ("tiny", "small", "paper")], value="small")
+        self.iterations = SpinBox(label="iterations", min=0, max=10_000_000, step=100, value=0,
+                                  tooltip="0: stop by the time budget instead")
+        self.time_budget = FloatSpinBox(label="time budget (s)", min=0, max=1e7, step=30, value=120,
+                                        tooltip="0: stop by the iterations instead")
+        self.context = ComboBox(
+            label="stack context", choices=[("auto (1 for Z-stacks)", "auto"), ("0 (each plane alone)", 0),
+                                            ("1 plane each side", 1), ("2 planes each side", 2)],
+            value="auto", tooltip="neighbouring Z (else T) planes the network sees beside the plane it denoises")
+        self.estimator = ComboBox(
+            label="output", choices=[("posterior (noise model)", "posterior"), ("blind-spot mean", "blind_spot")],
+            value="posterior", tooltip="posterior: folds the noisy pixel back in with the fitted noise model "
+            "(pixel-independent noise); blind-spot mean: the network's prediction alone")
+        self.uncertainty = CheckBox(label="uncertainty layer", value=False,
+                                    tooltip="also add the posterior standard deviation as a layer")
+        self.device_select = ComboBox(
+            label="device", choices=[("auto", "auto")] + [(name, device) for device, name in available_devices()],
+            value="auto")
+        self.show_advanced = PushButton(text="Advanced ▸")
+        self.advanced = Container(widgets=self._advanced_fields(), visible=False)
+        self.show_advanced.changed.connect(self._toggle_advanced)
+        self.preset_select.changed.connect(lambda preset: setattr(self.patch_size, "value",
+                                                                  FIT_PRESETS[preset].patch_size))
+        super().__init__(widgets=[
+            self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget, self.context,
+            self.estimator, self.uncertainty, self.device_select, self.show_advanced, self.advanced,
+        ])
+
+    def _advanced_fields(self) -> list:
+        self.pd = ComboBox(
+            label="pd factor", choices=[("auto (measure the noise)", "auto")] + [(str(n), n) for n in range(1, 9)],
+            value="auto", tooltip="auto: measured from the data; 1 for pixel-independent noise; "
+            "2-5 for spatially correlated noise")
+        self.patch_size = SpinBox(label="patch size", min=64, max=1024, step=64, value=FIT_PRESETS["small"].patch_size,
+                                  tooltip="training patch size in pixels (a multiple of 64)")
+        self.tile_size = SpinBox(label="tile size", min=64, max=8192, step=64, value=PredictOptions.tile_size,
+                                 tooltip="prediction tile size in pixels: smaller needs less memory")
+        self.camera_gain = FloatSpinBox(
+            label="camera gain", min=0, max=1e6, step=0.1, value=0,
+            tooltip="calibrated noise model: image units per detected photon (e.g. ADU per electron); "
+            "0 with read noise 0: estimate the noise from the data")
+        self.read_noise = FloatSpinBox(label="read noise", min=0, max=1e6, step=0.1, value=0,
+                                       tooltip="calibrated noise model: read-noise standard deviation in image units")
+        self.baseline = FloatSpinBox(label="camera baseline", min=-1e9, max=1e9, step=1, value=0,
+                                     tooltip="calibrated noise model: the value of a pixel that detected nothing")
+        return [self.pd, self.patch_size, self.tile_size, self.camera_gain, self.read_noise, self.baseline]
+
+    def _toggle_advanced(self, *_: Any) -> None:
+        self.advanced.visible = not self.advanced.visible
+        self.show_advanced.text = "Advanced ▾" if self.advanced.visible else "Advanced ▸"
+
+    def camera_noise(self) -> NoiseModel | None:
+        """The calibrated noise model typed in, or None (gain and read noise 0) to estimate it."""
+        gain, read_noise = float(self.camera_gain.value), float(self.read_noise.value)
+        if gain == 0 and read_noise == 0:
+            return None
+        return NoiseModel.from_camera(gain, read_noise, float(self.baseline.value))
+
+    def read(self) -> JobSettings:
+        """A snapshot of the form, checked; raises ValueError (with the fix) on bad settings."""
+        layer = self.layer_select.value
+        if layer is None:
+            raise ValueError("no image layer chosen: open or pick a noisy image first")
+        data = layer_data(layer)
+        preset = self.preset_select.value
+        iterations = int(self.iterations.value) or None
+        budget = float(self.time_budget.value) or None
+        if iterations is None and budget is None:
+            iterations = FIT_PRESETS[preset].default_iterations
+        return JobSettings(
+            layer=layer, data=data, axes=parse_axes(self.axes.value, len(data.shape)), preset=preset,
+            pd=self.pd.value, context=self.context.value, device=self.device_select.value, iterations=iterations,
+            time_budget=budget, fit_config=dataclasses.replace(FIT_PRESETS[preset], patch_size=int(self.patch_size.value)),
+            noise_model=self.camera_noise(),
+            options=PredictOptions(estimator=self.estimator.value, tile_size=int(self.tile_size.value)),
+            uncertainty=bool(self.uncertainty.value),
+        )
+
+    def show_model(self, preset: str, pd: int, noise_model: NoiseModel | None) -> None:
+        """Fill the fields from a loaded model, so that Fit fine-tunes it as it was fitted."""
+        self.preset_select.value = preset
+        self.pd.value = pd
+        gain, read_noise, baseline = 0.0, 0.0, 0.0
+        if noise_model is not None and noise_model.given:
+            # The same variance line, gain * signal + offset, as gain, read noise and baseline.
+            gain, offset = noise_model.gain[0], noise_model.offset[0]
+            read_noise = offset**0.5 if offset >= 0 else 0.0
+            baseline = -offset / gain if offset < 0 and gain > 0 else 0.0
+        self.camera_gain.value, self.read_noise.value, self.baseline.value = gain, read_noise, baseline

@@ -1,0 +1,144 @@
+"""A fitted model: everything a prediction needs, frozen.
+
+Fitting builds a new FittedModel and never changes an old one (it trains a copy of the
+network), so a fit that fails or is stopped leaves the model the user had exactly as it was.
+`model_io` writes and reads it: weights in safetensors, the rest as JSON in its header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import FitConfig, NetworkConfig, PredictOptions, TrainingSummary
+from .lattice import LatticeFilter
+from .model_io import ModelFileError, load_model, save_model
+from .network import TBSN
+from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel
+from .normalization import Normalizer
+
+
+@dataclass(frozen=True, eq=False)
+class FittedModel:
+    """A fitted TBSN and what it was fitted with. Nothing here is changed after a fit: the
+    network is only ever run in eval mode, and a fine-tune trains a copy."""
+
+    network: TBSN
+    normalizer: Normalizer
+    pd: int
+    preset: str
+    axes: str | None = None
+    noise_model: NoiseModel | None = None
+    noise_measurement: NoiseMeasurement | None = None  # the measured points the noise model rests on
+    noise_correlation: NoiseCorrelation | None = None
+    lattice_filter: LatticeFilter | None = None
+    summary: TrainingSummary | None = None
+    # False when a fit stopped before the prior-variance head was fitted: the model then gives
+    # the plain blind-spot mean until a fine-tune completes it.
+    variance_head_fitted: bool = True
+    seed: int = 0
+    fit_config: FitConfig = dataclasses.field(default_factory=FitConfig)
+
+    @property
+    def config(self) -> NetworkConfig:
+        return self.network.config
+
+    @property
+    def channels(self) -> int:
+        return self.network.config.in_channels
+
+    @property
+    def context_planes(self) -> int:
+        """Neighbouring planes on each side that the network reads."""
+        return self.network.config.context_planes
+
+    @property
+    def predicts_posterior(self) -> bool:
+        """Whether the model can give the posterior: a fitted prior-variance head and a noise model."""
+        return self.config.variance_head and self.variance_head_fitted and self.noise_model is not None
+
+    @property
+    def predict_pd(self) -> int:
+        """Pixel-shuffle factor at inference: a smaller one than for training (AP-BSN)."""
+        return min(self.pd, 2)
+
+    @property
+    def minimum_size(self) -> int:
+        """The smallest H and W that prediction accepts."""
+        return self.network.size_multiple * self.predict_pd
+
+    def describe(self, defaults: PredictOptions) -> dict[str, Any]:
+        """Everything saved beside the weights, with the prediction defaults of the Denoiser."""
+        return {
+            "preset": self.preset,
+            "network": self.config.to_dict(),
+            "channels": self.channels,
+            "normalization": self.normalizer.to_dict(),
+            "axes": self.axes,
+            "pd": self.pd,
+            "estimator": defaults.estimator,
+            "refine": defaults.refine,
+            "variance_head_fitted": self.variance_head_fitted,
+            "lattice_filter": self.lattice_filter.to_dict() if self.lattice_filter else None,
+            "noise_model": self.noise_model.to_dict() if self.noise_model else None,
+            "noise_measurement": self.noise_measurement.to_dict() if self.noise_measurement else None,
+            "noise_correlation": self.noise_correlation.to_dict() if self.noise_correlation else None,
+            "seed": self.seed,
+            "fit": self.fit_config.to_dict(),
+            "tiling": {"tile_size": defaults.tile_size, "tile_overlap": defaults.tile_overlap,
+                       "ensemble": defaults.ensemble},
+            "training": dataclasses.asdict(self.summary) if self.summary else None,
+            "package_version": __version__,
+        }
+
+    def save(self, path: str | Path, defaults: PredictOptions) -> Path:
+        """Weights (safetensors) and description (JSON header), written atomically."""
+        return save_model(path, self.network.state_dict(), self.describe(defaults))
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[FittedModel, PredictOptions]:
+        """The model in `path` and the prediction defaults saved with it."""
+        state, description = load_model(path)
+        try:
+            network = TBSN(NetworkConfig.from_dict(description["network"]))
+            network.load_state_dict(state, strict=True)
+            tiling = description.get("tiling", {})
+            defaults = PredictOptions(
+                estimator=description.get("estimator", "blind_spot"),
+                refine=int(description.get("refine", PredictOptions.refine)),
+                tile_size=int(tiling.get("tile_size", PredictOptions.tile_size)),
+                tile_overlap=int(tiling.get("tile_overlap", PredictOptions.tile_overlap)),
+                ensemble=tiling.get("ensemble", PredictOptions.ensemble),
+            )
+            model = cls(
+                network=network.eval(),
+                normalizer=Normalizer.from_dict(description["normalization"]),
+                pd=int(description.get("pd", 1)),
+                preset=str(description.get("preset", "small")),
+                axes=description.get("axes"),
+                noise_model=_optional(NoiseModel.from_dict, description, "noise_model"),
+                noise_measurement=_optional(NoiseMeasurement.from_dict, description, "noise_measurement"),
+                noise_correlation=_optional(lambda c: NoiseCorrelation(tuple(c["by_lag"])), description,
+                                            "noise_correlation"),
+                lattice_filter=_optional(LatticeFilter.from_dict, description, "lattice_filter"),
+                summary=_optional(lambda t: TrainingSummary(**t), description, "training"),
+                variance_head_fitted=bool(description.get("variance_head_fitted", True)),
+                seed=int(description.get("seed", 0)),
+                fit_config=FitConfig.from_dict(description.get("fit", {})),
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            raise ModelFileError(f"{path} does not describe a usable TBSN model ({error}); save the model again") \
+                from error
+        return model, defaults
+
+
+def _optional(read, description: dict, key: str):
+    """description[key] read by `read`, or None where absent (older files)."""
+    value = description.get(key)
+    try:
+        return read(value) if value else None
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"an unreadable {key.replace('_', ' ')}: {error}") from error
