@@ -52,6 +52,11 @@ class ProgressBar:
         self._bar.update(steps - self._done)
         self._done = steps
 
+    def note(self, message: str) -> None:
+        """A line above the bar."""
+        if not self._bar.disable:
+            self._bar.write(message, file=sys.stderr)
+
     def close(self) -> None:
         self._bar.close()
 
@@ -65,17 +70,19 @@ def _input_axes(image: ImageFile, given: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _first_interrupt_cancels(denoiser: Denoiser) -> Iterator[None]:
-    """The first Ctrl-C stops the running job (a fit keeps its best weights); a second aborts."""
+def _first_interrupt_cancels() -> Iterator[threading.Event]:
+    """A cancel token for the job in the block: the first Ctrl-C sets it (a fit stops and keeps
+    its best weights); a second one aborts."""
+    cancel = threading.Event()
 
     def stop(signum, frame):
         sys.stderr.write("\nstopping (Ctrl-C again to abort)\n")
-        denoiser.cancel()
+        cancel.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = signal.signal(signal.SIGINT, stop)
     try:
-        yield
+        yield cancel
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -134,15 +141,17 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
+        if progress.iteration == 1:
+            bar.note("training: Ctrl-C stops the fit early and keeps the best weights reached")
         validation = "" if progress.best_validation_loss is None else f" best val {progress.best_validation_loss:.5f}"
         bar.update(progress.fraction, f"it {progress.iteration} loss {progress.loss:.5f}{validation}", progress.eta)
 
     _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
          f"on {denoiser.device} (pd {args.pd})")
     try:
-        with _first_interrupt_cancels(denoiser):
+        with _first_interrupt_cancels() as cancel:
             denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget,
-                         callback=on_progress)
+                         callback=on_progress, cancel=cancel)
     finally:
         bar.close()
     _log(args, denoiser.describe_noise())
@@ -159,14 +168,15 @@ def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axe
         bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
 
     shape = tuple(image.data.shape)
+    _log(args, f"denoising {args.input} {shape} with the {describe_output(denoiser.model, options)} output")
     try:
-        with contextlib.ExitStack() as outputs, _first_interrupt_cancels(denoiser):
+        with contextlib.ExitStack() as outputs, _first_interrupt_cancels() as cancel:
             out = outputs.enter_context(open_output(args.output, shape, axes, like=image))
             uncertainty = None
             if args.uncertainty:
                 uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image))
             denoiser.predict(image.data, axes, out=out, callback=on_progress, uncertainty=uncertainty,
-                             options=options)
+                             options=options, cancel=cancel)
     finally:
         bar.close()
     _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
@@ -354,10 +364,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "sample":
             _check_paths(args)
         args.run(args)
+    except Cancelled as stopped:
+        print(f"tbsn: stopped ({stopped}); nothing was written", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, MemoryError, ModelFileError, RuntimeError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"tbsn: error: {message}", file=sys.stderr)
-        return 130 if isinstance(error, Cancelled) else 2
+        return 2
     except KeyboardInterrupt:
         print("tbsn: stopped by Ctrl-C; nothing was written", file=sys.stderr)
         return 130

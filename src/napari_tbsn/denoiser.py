@@ -111,17 +111,19 @@ class Denoiser:
 
     @classmethod
     def from_model(cls, model: FittedModel, options: PredictOptions | None = None, device: str | torch.device = "auto",
-                   fit_config: FitConfig | None = None, noise_model: NoiseModel | None = None) -> Denoiser:
+                   fit_config: FitConfig | None = None, noise_model: NoiseModel | None | str = "keep") -> Denoiser:
         """A Denoiser holding `model`: it predicts with it, and fit() fine-tunes a copy of it
-        (with `fit_config`, default the model's own, and `noise_model`, default its calibration)."""
+        with `fit_config` (default: the model's own) and `noise_model`: "keep" the model's
+        calibration (if it has one), a new NoiseModel, or None to estimate the noise."""
         options = options or PredictOptions()
-        given = model.noise_model if model.noise_model is not None and model.noise_model.given else None
+        if noise_model == "keep":
+            noise_model = model.noise_model if model.noise_model is not None and model.noise_model.given else None
         denoiser = cls(preset=model.preset, pd=model.pd, device=device, seed=model.seed,
                        estimator=options.estimator, fit_config=fit_config or model.fit_config,
                        tile_size=options.tile_size, tile_overlap=options.tile_overlap,
                        predict_batch_size=options.batch_size, ensemble=options.ensemble, refine=options.refine,
                        context=model.context_planes, lattice=options.lattice,
-                       noise_model=noise_model if noise_model is not None else given)
+                       noise_model=noise_model)
         denoiser._model = model
         return denoiser
 

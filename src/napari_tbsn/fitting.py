@@ -147,7 +147,8 @@ def fit_model(
         summary = yield from trainer.run(iterations, time_budget)
     except torch.OutOfMemoryError as error:
         raise out_of_memory_error(device, "fitting") from error
-    stopped = FitCancelled("the fit was stopped; the previous model is unchanged")
+    stopped = FitCancelled("the fit was stopped; the previous model is unchanged" if previous is not None else
+                           "the fit was stopped before it reached any weights")
     if summary.iterations == 0 or (previous is not None and cancel.is_set()):
         raise stopped
     model = FittedModel(

@@ -159,13 +159,21 @@ class Trainer:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
+        """The mean blind-spot loss over the held-out patches (cut to the training patch size,
+        which an out-of-memory error may have shrunk); retried smaller after one."""
         self.network.eval()
-        total = 0.0
-        for start in range(0, len(self.validation), self.config.batch_size):
-            chunk = self.validation[start : start + self.config.batch_size]
-            total += float(self._run(chunk)) * len(chunk)
-        self.network.train()
-        return total / len(self.validation)
+        try:
+            while True:
+                try:
+                    total = 0.0
+                    for start in range(0, len(self.validation), self.batch_size):
+                        chunk = self.validation[start : start + self.batch_size, :, : self.patch_size, : self.patch_size]
+                        total += float(self._run(chunk)) * len(chunk)
+                    return total / len(self.validation)
+                except torch.OutOfMemoryError as error:
+                    self._shrink(error)
+        finally:
+            self.network.train()
 
     def _validate(self, best_loss: float) -> tuple[float, dict | None]:
         """Validation loss of the averaged weights, and a copy of them if they are the best."""

@@ -153,16 +153,13 @@ def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
     widget.form.iterations.value = 100_000
     widget.form.time_budget.value = 0
     widget.fit_button.click()
-    qtbot.waitUntil(lambda: widget._pending is not None and widget._pending._trainer is not None, timeout=WAIT_MS)
-    running = widget._pending
+    qtbot.waitUntil(lambda: len(widget.loss_plot.training) >= 1, timeout=WAIT_MS)
+    cancel = widget._cancel
     viewer.window.remove_dock_widget(widget)
     widget.deleteLater()
-    qtbot.waitUntil(lambda: running._trainer is None, timeout=WAIT_MS)
-    # The stopped fit then fits its variance head; let its thread end inside the test.
     from napari_tbsn._napari.widget import _RUNNING_WORKERS
 
-    qtbot.waitUntil(lambda: not _RUNNING_WORKERS, timeout=WAIT_MS)
-    assert running.summary.stopped_early and running.summary.iterations < 100_000
+    qtbot.waitUntil(lambda: cancel.is_set() and not _RUNNING_WORKERS, timeout=WAIT_MS)
 
 
 def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbot):
@@ -199,3 +196,73 @@ def _rgb(colour) -> tuple[int, int, int]:
 def _colours_drawn(widget) -> set[tuple[int, int, int]]:
     image = widget.grab().toImage()
     return {_rgb(image.pixelColor(x, y)) for x in range(image.width()) for y in range(image.height())}
+
+
+@pytest.mark.parametrize("bad, words", [
+    (np.zeros((10, 10), np.float32), "at least"),
+    (np.full((64, 64), 5.0, np.float32), "constant"),
+    (np.where(np.eye(64, dtype=bool), np.inf, 1.0).astype(np.float32), "infinite"),
+    (np.ones((64, 64), bool), "dtype"),
+])
+def test_bad_layers_give_one_line_and_leave_the_widget_usable(viewer_and_widget, qtbot, bad, words):
+    viewer, widget = viewer_and_widget
+    original = bad.copy()
+    viewer.add_image(bad, name="bad")
+    widget.form.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert words in widget.status.text() and "\n" not in widget.status.text()
+    np.testing.assert_array_equal(viewer.layers["bad"].data, original)
+    assert widget.fit_button.isEnabled() and widget.denoiser is None
+
+
+def test_settings_are_read_on_the_gui_thread_and_never_stick_to_the_model(viewer_and_widget, qtbot, tmp_path,
+                                                                           monkeypatch):
+    import tempfile
+
+    from napari_tbsn._napari import widget as widget_module
+
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    widget.form.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    model = widget.denoiser.model
+    # A denoise with the plain mean and a (forced) memory-mapped output.
+    monkeypatch.setattr(widget_module, "IN_MEMORY_LIMIT", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    widget.form.estimator.value = "blind_spot"
+    widget.denoise_button.click()
+    widget.form.estimator.value = "posterior"  # changed while the worker runs: not seen by it
+    _wait_idle(qtbot, widget)
+    plain = np.asarray(viewer.layers["plain (TBSN)"].data)
+    np.testing.assert_allclose(plain, widget.denoiser.predict(noisy, "YX", estimator="blind_spot"), atol=1e-5)
+    assert list(tmp_path.iterdir()) == []  # the temporary memory map needs no cleaning up
+    assert widget.denoiser.model is model and widget.denoiser.estimator == "posterior"
+    assert widget.denoiser.describe()["estimator"] == "posterior"  # nothing stuck to the saved model
+
+
+def test_a_stopped_fine_tune_keeps_the_previous_model_and_camera_fields_can_go_back(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((128, 128))
+    viewer.add_image(noisy, name="plain")
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.form.camera_gain.value, widget.form.read_noise.value = 1.0, 1.0
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    fitted = widget.denoiser
+    assert fitted.noise_model.given
+    widget.form.iterations.value = 100_000
+    widget.fit_button.click()
+    qtbot.waitUntil(lambda: len(widget.loss_plot.training) >= 2, timeout=WAIT_MS)
+    widget.stop_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser is fitted and "previous model is unchanged" in widget.status.text()
+    # Camera fields back to 0: the fine-tune estimates the noise again.
+    widget.form.camera_gain.value, widget.form.read_noise.value = 0.0, 0.0
+    widget.form.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser is not fitted and not widget.denoiser.noise_model.given
