@@ -220,7 +220,7 @@ def test_settings_are_read_on_the_gui_thread_and_never_stick_to_the_model(viewer
                                                                            monkeypatch):
     import tempfile
 
-    from napari_tbsn._napari import widget as widget_module
+    from napari_tbsn._napari import results as widget_module
 
     viewer, widget = viewer_and_widget
     _, noisy = noisy_image((64, 64))

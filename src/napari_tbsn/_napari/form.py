@@ -82,6 +82,7 @@ class SettingsForm(Container):
         self.show_advanced = PushButton(text="Advanced ▸")
         self.advanced = Container(widgets=self._advanced_fields(), visible=False)
         self.show_advanced.changed.connect(self._toggle_advanced)
+        self.layer_select.changed.connect(self._on_layer_changed)
         self.preset_select.changed.connect(lambda preset: setattr(self.patch_size, "value",
                                                                   FIT_PRESETS[preset].patch_size))
         super().__init__(widgets=[
@@ -107,6 +108,10 @@ class SettingsForm(Container):
         self.baseline = FloatSpinBox(label="camera baseline", min=-1e9, max=1e9, step=1, value=0,
                                      tooltip="calibrated noise model: the value of a pixel that detected nothing")
         return [self.pd, self.patch_size, self.tile_size, self.camera_gain, self.read_noise, self.baseline]
+
+    def _on_layer_changed(self, layer) -> None:
+        if layer is not None:
+            self.axes.value = layer_axes(layer)
 
     def _toggle_advanced(self, *_: Any) -> None:
         self.advanced.visible = not self.advanced.visible

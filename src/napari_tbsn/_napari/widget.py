@@ -8,36 +8,32 @@ model only when the fit succeeded.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
-import os
-import shutil
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..axes import PlaneLayout
 from ..denoiser import Denoiser, PredictProgress
 from ..progress import Cancelled, format_seconds
 from ..training import FitProgress
-from .form import JobSettings, SettingsForm, layer_axes, layer_data
+from .form import JobSettings, SettingsForm, layer_axes  # noqa: F401 - layer_axes: public
 from .loss_plot import LossPlot
 from .noise_plot import NoisePlot
+from .results import add_result_layer, output_array, shown_plane
 
 if TYPE_CHECKING:
     import napari
 
-IN_MEMORY_LIMIT = 2 * 1024**3  # larger results go to a temporary memory-mapped file
 # Workers still running, kept alive until they finish: a worker whose widget was closed and
 # collected would otherwise lose the Qt object its last signals go through.
 _RUNNING_WORKERS: set = set()
 PROGRESS_STEPS = 1000
+MODEL_FILES = "TBSN model (*.safetensors)"
 __all__ = ["DenoiseWidget", "layer_axes"]
 
 
@@ -45,24 +41,6 @@ __all__ = ["DenoiseWidget", "layer_axes"]
 class _Failure:
     message: str
     error: bool = True  # False for a Stop
-
-
-def temporary_memmap(shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 memory map in a temporary file that nothing has to delete: the file is unlinked
-    at once (its pages live as long as the mapping), or, where the system refuses that, at exit."""
-    folder = tempfile.mkdtemp(prefix="napari-tbsn-")
-    array = np.lib.format.open_memmap(os.path.join(folder, "denoised.npy"), mode="w+", dtype=np.float32, shape=shape)
-    try:
-        shutil.rmtree(folder)
-    except OSError:  # an open file cannot be removed on Windows
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return array
-
-
-def output_array(shape: tuple[int, ...]) -> np.ndarray:
-    if np.prod(shape, dtype=np.int64) * 4 <= IN_MEMORY_LIMIT:
-        return np.empty(shape, dtype=np.float32)
-    return temporary_memmap(shape)
 
 
 class DenoiseWidget(QWidget):
@@ -83,18 +61,15 @@ class DenoiseWidget(QWidget):
         self.fit_button, self.stop_button = self.buttons["Fit"], self.buttons["Stop"]
         self.denoise_button, self.fit_denoise_button = self.buttons["Denoise"], self.buttons["Fit && Denoise"]
         self.preview_button = self.buttons["Preview slice"]
-        self.progress_bar = QProgressBar()
+        self.progress_bar, self.status = QProgressBar(), QLabel("pick a noisy image layer, then Fit")
         self.progress_bar.setRange(0, PROGRESS_STEPS)
-        self.progress_bar.setTextVisible(True)
-        self.status = QLabel("pick a noisy image layer, then Fit")
         self.status.setWordWrap(True)
         self.loss_plot, self.noise_plot = LossPlot(), NoisePlot()
         self._lay_out()
-        actions = (self._on_fit, self.stop, self._on_denoise, self._on_fit_denoise, self._on_preview, self._on_save,
-                   self._on_load)
+        actions = (lambda: self._fit(then_denoise=False), self.stop, self._on_denoise,
+                   lambda: self._fit(then_denoise=True), self._on_preview, self._on_save, self._on_load)
         for button, action in zip(self.buttons.values(), actions):
             button.clicked.connect(lambda *_, action=action: action())
-        self.form.layer_select.changed.connect(self._on_layer_changed)
         for event in ("removed", "reordered"):
             getattr(viewer.layers.events, event).connect(self._refresh_layers)
         viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -103,13 +78,11 @@ class DenoiseWidget(QWidget):
         self.destroyed.connect(lambda *_: self._on_destroyed())
         self._set_busy(False)
         self._refresh_layers()
-        self._on_layer_changed(self.form.layer_select.value)
 
     def _lay_out(self) -> None:
-        grid = QGridLayout()
+        grid, layout = QGridLayout(), QVBoxLayout(self)
         for index, button in enumerate(self.buttons.values()):
             grid.addWidget(button, index // 2, index % 2)
-        layout = QVBoxLayout(self)
         layout.addWidget(self.form.native)
         layout.addLayout(grid)
         for widget in (self.progress_bar, self.status, self.loss_plot, self.noise_plot):
@@ -139,10 +112,6 @@ class DenoiseWidget(QWidget):
         self.form.layer_select.reset_choices()
         if isinstance(event.value, Image) and not self.busy and "(TBSN" not in event.value.name:
             self.form.layer_select.value = event.value
-
-    def _on_layer_changed(self, layer) -> None:
-        if layer is not None:
-            self.form.axes.value = layer_axes(layer)
 
     # -- running work ------------------------------------------------------------------
     @property
@@ -253,12 +222,6 @@ class DenoiseWidget(QWidget):
                         estimator=settings.options.estimator, fit_config=settings.fit_config,
                         noise_model=settings.noise_model, tile_size=settings.options.tile_size)
 
-    def _on_fit(self) -> None:
-        self._fit(then_denoise=False)
-
-    def _on_fit_denoise(self) -> None:
-        self._fit(then_denoise=True)
-
     def _fit(self, then_denoise: bool) -> None:
         try:
             settings = self.form.read()
@@ -326,37 +289,15 @@ class DenoiseWidget(QWidget):
         out, uncertainty, quality = result
         replace = name is not None  # a new preview replaces the last one
         name = name or f"{layer.name} (TBSN)"
-        self._add_layer(layer, out, name, translate, replace=replace)
+        add_result_layer(self.viewer, layer, out, name, translate, replace=replace)
         if uncertainty is not None:
-            self._add_layer(layer, uncertainty, f"{name} uncertainty", translate, colormap="magma", replace=replace)
+            add_result_layer(self.viewer, layer, uncertainty, f"{name} uncertainty", translate, colormap="magma",
+                             replace=replace)
         estimate = f"; {quality.describe()}" if quality is not None else ""
         self._say(f"added '{name}'" + (" and its uncertainty (posterior SD)" if uncertainty is not None else "")
                   + estimate)
 
-    def _add_layer(self, layer, out, name: str, translate=None, colormap: str | None = None,
-                   replace: bool = False) -> None:
-        sample = np.asarray(out[tuple(slice(None, None, max(1, s // 256)) for s in out.shape)])
-        low, high = np.percentile(sample, [0.5, 99.9]) if sample.size else (0.0, 1.0)
-        kwargs: dict[str, Any] = {
-            "name": name, "scale": layer.scale, "translate": layer.translate if translate is None else translate,
-            "contrast_limits": (float(low), float(max(high, low + 1e-6))), "colormap": colormap or layer.colormap.name,
-            "blending": layer.blending, "rgb": layer.rgb,
-        }
-        for optional in ("axis_labels", "units"):
-            if getattr(layer, optional, None) is not None:
-                kwargs[optional] = getattr(layer, optional)
-        if replace and name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        self.viewer.add_image(out, **kwargs)
-
     # -- preview -----------------------------------------------------------------------
-    def current_plane(self, layer, axes: str) -> tuple[int, ...]:
-        """The data index of every S/T/Z axis at the slice shown in the viewer."""
-        layout = PlaneLayout.of(layer_data(layer).shape, axes)
-        point = np.asarray(self.viewer.dims.point[-layer.ndim:], dtype=float)
-        data_point = (point - np.asarray(layer.translate)) / np.asarray(layer.scale)
-        return tuple(int(np.clip(round(data_point[axis]), 0, layout.shape[axis] - 1)) for axis in layout.plane_axes)
-
     def _on_preview(self) -> None:
         chosen = self._job_settings()
         if chosen is None:
@@ -364,20 +305,17 @@ class DenoiseWidget(QWidget):
         settings, denoiser = chosen
         layer = settings.layer
         layout = PlaneLayout.of(settings.data.shape, settings.axes)
-        plane = self.current_plane(layer, settings.axes)
+        plane, translate = shown_plane(self.viewer, layer, layout)
         selection, keep = layout.context_window(plane, denoiser.context_planes)
         block = settings.data[selection]
-        translate = np.asarray(layer.translate, dtype=float).copy()
-        for axis, index in zip(layout.plane_axes, plane):
-            translate[axis] += index * layer.scale[axis]
         quick = dataclasses.replace(settings, options=settings.options.replace(ensemble=1))  # a quick look: no x8
 
-        def shown_plane(result):
+        def cut(result):
             denoised, uncertainty, quality = result
             return denoised[keep], None if uncertainty is None else uncertainty[keep], quality
 
         self._start(lambda cancel: (yield from self._predict_job(denoiser, quick, block, cancel)), "TBSN preview",
-                    lambda result: self._add_result(layer, shown_plane(result), name=f"{layer.name} (TBSN preview)",
+                    lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
                                                     translate=translate))
 
     # -- model files -------------------------------------------------------------------
@@ -396,18 +334,15 @@ class DenoiseWidget(QWidget):
         return self.denoiser
 
     def _on_save(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save TBSN model", "tbsn_model.safetensors",
-                                              "TBSN model (*.safetensors)")
-        if path:
-            try:
-                self.save_model(path)
-            except (ValueError, OSError, RuntimeError) as error:
-                self._error(str(error))
+        self._with_file(QFileDialog.getSaveFileName(self, "Save TBSN model", "tbsn_model.safetensors", MODEL_FILES),
+                        self.save_model)
 
     def _on_load(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load TBSN model", "", "TBSN model (*.safetensors)")
-        if path:
+        self._with_file(QFileDialog.getOpenFileName(self, "Load TBSN model", "", MODEL_FILES), self.load_model)
+
+    def _with_file(self, chosen: tuple[str, str], action) -> None:
+        if chosen[0]:
             try:
-                self.load_model(path)
-            except (ValueError, OSError) as error:
+                action(chosen[0])
+            except (ValueError, OSError, RuntimeError) as error:
                 self._error(str(error))
