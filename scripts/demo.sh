@@ -2,12 +2,9 @@
 # Install napari-tbsn into ./.venv (CPU torch) and denoise the bundled sample stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-# The CPU build of torch first; for a GPU install the CUDA build that suits your driver instead.
-.venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q "torch>=2.4"
-.venv/bin/pip install -q -e .
+bash scripts/install.sh
 .venv/bin/tbsn sample -o demo_out
+rm -f demo_out/denoised.tif demo_out/model.safetensors  # a rerun writes them afresh
 .venv/bin/tbsn denoise demo_out/noisy.tif -o demo_out/denoised.tif --preset tiny --time-budget 60 \
     --save-model demo_out/model.safetensors
 .venv/bin/python - <<'PY'
