@@ -4,7 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/tbsn sample -o demo_out
-rm -f demo_out/denoised.tif demo_out/model.safetensors  # a rerun writes them afresh
 .venv/bin/tbsn denoise demo_out/noisy.tif -o demo_out/denoised.tif --preset tiny --time-budget 60 \
     --save-model demo_out/model.safetensors
 .venv/bin/python - <<'PY'

@@ -34,9 +34,9 @@ def main() -> None:
     viewer.add_image(data, **meta)
     widget = DenoiseWidget(viewer)
     viewer.window.add_dock_widget(widget, name="TBSN Denoise", area="right")
-    widget.preset_select.value = "small"
-    widget.iterations.value = 0
-    widget.time_budget.value = float(sys.argv[1]) if len(sys.argv) > 1 else 90.0
+    widget.form.preset_select.value = "small"
+    widget.form.iterations.value = 0
+    widget.form.time_budget.value = float(sys.argv[1]) if len(sys.argv) > 1 else 90.0
     widget.fit_denoise_button.click()
     wait_until_idle(widget)
     viewer.dims.set_current_step(0, 8)
