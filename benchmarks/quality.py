@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import CASES, NOISE2VOID_300S, make_case, psnr  # noqa: E402
 
 
-def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: str, device: str,
+def run_tbsn(noisy: np.ndarray, axes: str, budget: float | int, preset: str, pd: str, device: str,
              ensemble: bool, plain: bool, raw: bool, options: tuple[str, ...] = ()) -> dict:
-    """`tbsn denoise` (with the extra command-line `options`) on the noisy stack; then, from the
+    """`tbsn denoise` (with the extra command-line `options`, fitting for `budget` seconds, or
+    for `budget` iterations when it is an int) on the noisy stack; then, from the
     saved model, the x8 ensemble (with `ensemble`), the plain blind-spot mean (with `plain`) and,
     with `raw`, the same outputs from the network's own mean, without the lattice refinement."""
     import json
@@ -39,8 +40,9 @@ def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, pd: str, 
         report = Path(folder) / "report.json"
         tifffile.imwrite(source, noisy, metadata={"axes": axes})
         start = time.perf_counter()
+        length = ["--iterations", str(budget)] if isinstance(budget, int) else ["--time-budget", str(budget)]
         code = main(["denoise", str(source), "-o", str(target), "--axes", axes, "--preset", preset,
-                     "--time-budget", str(budget), "--pd", str(pd), "--device", device, "--quiet",
+                     *length, "--pd", str(pd), "--device", device, "--quiet",
                      "--save-model", str(model), "--report", str(report), *options])
         result = {"seconds": time.perf_counter() - start}
         if code != 0:
@@ -109,6 +111,9 @@ def main() -> None:
     parser.add_argument("--told", default="D1",
                         help="pixel-independent cases also fitted told the true noise model (gain 1 and the read "
                         "noise, in photons), as BM3D + VST is told it; a second fit")
+    parser.add_argument("--iterations", default="",
+                        help="fixed iterations per case instead of the time budget, e.g. D1=813,D2=785: the PSNR then "
+                        "does not depend on the machine's speed, so runs of different code compare exactly")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ensemble", action="store_true", help="also report the x8 self-ensemble")
     parser.add_argument("--no-bm3d", action="store_true")
@@ -119,7 +124,9 @@ def main() -> None:
         case = CASES[name.strip()]
         clean, noisy = make_case(case)
         row = {"case": case.name, "noisy": psnr(noisy, clean)}
-        tbsn = run_tbsn(noisy, case.axes, args.budget, args.preset, args.pd, args.device, args.ensemble,
+        fixed = dict(pair.split("=") for pair in args.iterations.split(",") if pair)
+        budget = int(fixed[case.name]) if case.name in fixed else args.budget
+        tbsn = run_tbsn(noisy, case.axes, budget, args.preset, args.pd, args.device, args.ensemble,
                         case.name in args.plain.split(","), case.name in args.raw.split(","))
         row["tbsn"], row["tbsn_s"], row["iterations"] = psnr(tbsn["denoised"], clean), tbsn["seconds"], tbsn["iterations"]
         report = tbsn["report"]
@@ -137,7 +144,7 @@ def main() -> None:
         if "ensemble" in tbsn:
             row["x8"], row["x8_s"] = psnr(tbsn["ensemble"], clean), tbsn["ensemble_seconds"]
         if case.name in args.told.split(",") and not case.correlated:
-            told = run_tbsn(noisy, case.axes, args.budget, args.preset, args.pd, args.device, False, False, False,
+            told = run_tbsn(noisy, case.axes, budget, args.preset, args.pd, args.device, False, False, False,
                             ("--gain", "1", "--read-noise", str(case.read_sigma)))
             row["told"], row["told_its"] = psnr(told["denoised"], clean), told["iterations"]
             if told["report"]["quality_estimate"]:

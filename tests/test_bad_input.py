@@ -149,6 +149,12 @@ ROWS = [
       for option in ("patch-size", "batch-size", "tile-size") for value in ("0", "-64")],
     ("--refine -1 with pd 2", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o", str(f / "o.tif"), "--pd", "2",
                                             "--refine", "-1"], "refine"),
+    ("--uncertainty with the plain mean", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o", str(f / "o.tif"),
+                                                        "--estimator", "blind_spot", "--uncertainty", str(f / "u.tif")],
+     "posterior"),
+    ("--time-budget too short for one iteration", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o",
+                                                                str(f / "o.tif"), "--time-budget", "1e-9"],
+     "more time"),
     ("--pd 0", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o", str(f / "o.tif"), "--pd", "0"], "pd"),
     ("--pd 9", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o", str(f / "o.tif"), "--pd", "9"], "pd"),
     ("--context 4", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o", str(f / "o.tif"), "--context", "4"],
@@ -353,7 +359,8 @@ def test_one_ctrl_c_ends_the_fit_early_and_keeps_its_best_weights(signal_inputs)
     try:
         assert returned == 0, err
         assert "stopped early" in err
-        assert Denoiser.load(signal_inputs / "early.safetensors").summary.stopped_early
+        model = Denoiser.load(signal_inputs / "early.safetensors")
+        assert model.summary.stopped_early and model.uses_posterior  # completed after the training ended
     finally:
         (signal_inputs / "early.safetensors").unlink(missing_ok=True)
 
@@ -370,7 +377,7 @@ def test_plane_layout_reads_and_writes_every_plane_back_in_place(axes, data):
         with pytest.raises(ValueError, match="Y and X"):
             parse_axes(axes, len(axes))
         return
-    shape = tuple(data.draw(st.integers(1, 3)) for _ in axes)
+    shape = tuple(data.draw(st.integers(1, 8 if letter in "ZT" else 3)) for letter in axes)
     layout = PlaneLayout.of(shape, axes)
     array = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
     out = np.full(shape, -1, np.float32)

@@ -105,27 +105,24 @@ class _StopAfterReads:
         return self.data[key]
 
 
-def _stop_while_in(monkeypatch, module_name: str, function: str, cancel: threading.Event) -> dict:
-    """Patch `function` so that the token is set from another thread 0.2 s into its run."""
+def _stop_while_in(monkeypatch, module_name: str, cancel: threading.Event, checks: int) -> dict:
+    """Set the token at the `checks`-th cancel check inside `module` (napari_tbsn.posterior: the
+    variance-head loop; napari_tbsn.lattice: the lattice fit's loop), so the stop arrives while
+    the phase runs and only its own checks can see it in time."""
     import importlib
 
     module = importlib.import_module(module_name)
-    real = getattr(module, function)
-    when: dict = {}
+    real = module.raise_if_cancelled
+    when: dict = {"calls": 0}
 
-    def slowed_and_stopped(*args, **kwargs):
-        def stop_soon():
-            time.sleep(0.2)
+    def counting(token, error, what):
+        when["calls"] += 1
+        if when["calls"] == checks:
             when["set_at"] = time.perf_counter()
             cancel.set()
+        return real(token, error, what)
 
-        threading.Thread(target=stop_soon).start()
-        deadline = time.perf_counter() + 5
-        while not cancel.is_set() and time.perf_counter() < deadline:
-            time.sleep(0.01)  # the phase is "running" when the stop arrives
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, function, slowed_and_stopped)
+    monkeypatch.setattr(module, "raise_if_cancelled", counting)
     return when
 
 
@@ -144,14 +141,16 @@ def test_a_stopped_fine_tune_stops_within_a_second_and_keeps_the_previous_model(
                 when["set_at"] = time.perf_counter()
                 cancel.set()
     elif phase == "variance head":
-        when = _stop_while_in(monkeypatch, "napari_tbsn.fitting", "fit_variance_head", cancel)
+        when = _stop_while_in(monkeypatch, "napari_tbsn.posterior", cancel, checks=50)
     else:
-        when = _stop_while_in(monkeypatch, "napari_tbsn.fitting", "fit_lattice_filter", cancel)
+        when = _stop_while_in(monkeypatch, "napari_tbsn.lattice", cancel, checks=3)
     with pytest.raises(FitCancelled, match="previous model is unchanged|stopped"):
         denoiser.fit(data, "YX", iterations=1000 if phase == "training" else 3, callback=callback, cancel=cancel)
     stopped_at = time.perf_counter()
     set_at = data.set_at if phase == "loading" else when["set_at"]
     assert stopped_at - set_at < STOP_WITHIN_S, phase
+    if phase in ("variance head", "lattice"):
+        assert when["calls"] == (50 if phase == "variance head" else 3)  # stopped at the check after the stop
     assert denoiser.model is model
     for name, value in _weights(denoiser).items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
@@ -166,7 +165,7 @@ def test_a_first_fit_stopped_while_loading_has_no_model_and_one_stopped_later_ke
     assert not denoiser.is_fitted
     # Stopped in the variance-head fit: the best weights reached, but no posterior yet.
     cancel = threading.Event()
-    _stop_while_in(monkeypatch, "napari_tbsn.fitting", "fit_variance_head", cancel)
+    _stop_while_in(monkeypatch, "napari_tbsn.posterior", cancel, checks=50)
     denoiser.fit(noisy, "YX", iterations=3, cancel=cancel)
     assert denoiser.is_fitted and not denoiser.predicts_posterior and not denoiser.uses_posterior
     assert "Fit again" in denoiser.describe_noise()
@@ -174,18 +173,35 @@ def test_a_first_fit_stopped_while_loading_has_no_model_and_one_stopped_later_ke
 
 
 def test_a_stop_during_prediction_ends_it_within_a_second(fitted):
-    denoiser, noisy = fitted
+    """Set from another thread while tiles run through the x8 ensemble: the token is checked
+    before every network pass (each view, each R3 round), so a stop waits for one pass at most."""
+    denoiser, _ = fitted
+    _, large = noisy_image((384, 384), seed=15)
     cancel = threading.Event()
     when = {}
 
-    def stop_at_second_plane(progress):
-        if progress.plane == 1 and not cancel.is_set():
-            when["set_at"] = time.perf_counter()
-            cancel.set()
+    def stop_soon():
+        time.sleep(0.5)
+        when["set_at"] = time.perf_counter()
+        cancel.set()
 
+    threading.Thread(target=stop_soon).start()
     with pytest.raises(PredictionCancelled):
-        denoiser.predict(np.stack([noisy] * 4), "ZYX", callback=stop_at_second_plane, cancel=cancel)
+        denoiser.predict(np.stack([large] * 8), "ZYX", ensemble=8, cancel=cancel)
     assert time.perf_counter() - when["set_at"] < STOP_WITHIN_S
+
+
+def test_ending_the_training_early_still_completes_the_model():
+    _, noisy = noisy_image((128, 128), seed=16)
+    stop_training = threading.Event()
+    denoiser = Denoiser(preset="tiny", device="cpu").fit(
+        noisy, "YX", iterations=1000, stop_training=stop_training,
+        callback=lambda progress: progress.iteration == 3 and stop_training.set())
+    assert denoiser.summary.iterations == 3 and denoiser.summary.stopped_early
+    assert denoiser.uses_posterior and denoiser.lattice_filter is not None  # the closing fits ran
+    # A fine-tune keeps the pd its network was fitted at, whatever the new data measure.
+    refit = Denoiser.from_model(denoiser.model, device="cpu").fit(noisy, "YX", iterations=2)
+    assert refit.pd == denoiser.pd == 1 and refit.context_planes == 0
 
 
 def test_cancel_from_another_thread_never_races_the_job(fitted):

@@ -27,7 +27,7 @@ from .image_io import ImageFile, check_writable, open_output, read_image
 from .model_io import ModelFileError, write_text_atomic
 from .noise import NoiseModel
 from .prediction import describe_output
-from .progress import Cancelled, format_seconds
+from .progress import Cancelled, Stops, format_seconds
 from .training import FitProgress
 
 
@@ -70,19 +70,23 @@ def _input_axes(image: ImageFile, given: str | None) -> str:
 
 
 @contextlib.contextmanager
-def _first_interrupt_cancels() -> Iterator[threading.Event]:
-    """A cancel token for the job in the block: the first Ctrl-C sets it (a fit stops and keeps
-    its best weights); a second one aborts."""
-    cancel = threading.Event()
+def _interrupts() -> Iterator[Stops]:
+    """The first Ctrl-C in the block is a Stop (Stops.stop); a second one aborts."""
+    stops = Stops()
 
     def stop(signum, frame):
-        sys.stderr.write("\nstopping (Ctrl-C again to abort)\n")
-        cancel.set()
+        if stops.stop() == "training":
+            sys.stderr.write("\nending the training; the fit completes with the best weights (Ctrl-C again to abort)\n")
+        else:
+            sys.stderr.write("\nstopping (Ctrl-C again to abort)\n")
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stops
+        return
     previous = signal.signal(signal.SIGINT, stop)
     try:
-        yield cancel
+        yield stops
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -141,17 +145,18 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
+        stops.follow(progress)
         if progress.iteration == 1:
-            bar.note("training: Ctrl-C stops the fit early and keeps the best weights reached")
+            bar.note("training: Ctrl-C ends it early, and the fit completes with the best weights reached")
         validation = "" if progress.best_validation_loss is None else f" best val {progress.best_validation_loss:.5f}"
         bar.update(progress.fraction, f"it {progress.iteration} loss {progress.loss:.5f}{validation}", progress.eta)
 
     _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
          f"on {denoiser.device} (pd {args.pd})")
     try:
-        with _first_interrupt_cancels() as cancel:
+        with _interrupts() as stops:
             denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget,
-                         callback=on_progress, cancel=cancel)
+                         callback=on_progress, cancel=stops.cancel, stop_training=stops.stop_training)
     finally:
         bar.close()
     _log(args, denoiser.describe_noise())
@@ -170,13 +175,13 @@ def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axe
     shape = tuple(image.data.shape)
     _log(args, f"denoising {args.input} {shape} with the {describe_output(denoiser.model, options)} output")
     try:
-        with contextlib.ExitStack() as outputs, _first_interrupt_cancels() as cancel:
+        with contextlib.ExitStack() as outputs, _interrupts() as stops:
             out = outputs.enter_context(open_output(args.output, shape, axes, like=image))
             uncertainty = None
             if args.uncertainty:
                 uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image))
             denoiser.predict(image.data, axes, out=out, callback=on_progress, uncertainty=uncertainty,
-                             options=options, cancel=cancel)
+                             options=options, cancel=stops.cancel)
     finally:
         bar.close()
     _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
@@ -232,6 +237,9 @@ def command_predict(args: argparse.Namespace) -> None:
 
 def command_denoise(args: argparse.Namespace) -> None:
     options = _prediction_options(args, PredictOptions(lattice=args.lattice))
+    if args.uncertainty and (options.estimator != "posterior" or args.pd not in ("auto", 1)):
+        raise ValueError("--uncertainty needs the posterior output, which needs pixel-independent noise: "
+                         "leave out --estimator blind_spot and --pd (or give --pd 1)")
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
     denoiser = _fit(args, image, axes)
@@ -367,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Cancelled as stopped:
         print(f"tbsn: stopped ({stopped}); nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, MemoryError, ModelFileError, RuntimeError) as error:
+    except (ValueError, TypeError, OSError, MemoryError, ModelFileError, RuntimeError, ArithmeticError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"tbsn: error: {message}", file=sys.stderr)
         return 2

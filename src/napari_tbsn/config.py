@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 
-def _check_whole(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_whole(name: str, value: Any, minimum: int) -> int:
+    """`value` as an int (numpy integers included), or a ValueError that says what is wanted."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+    return int(value)
 
 
 def _check_number(name: str, value: Any, low: float, high: float | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
             or value < low or (high is not None and value > high):
         where = f"from {low:g} to {high:g}" if high is not None else f"of at least {low:g}"
         raise ValueError(f"{name} must be a finite number {where}, got {value!r}")
@@ -190,7 +193,7 @@ class FitConfig:
     def __post_init__(self) -> None:
         for name in ("patch_size", "batch_size", "validation_patches_max", "validation_every", "default_iterations",
                      "max_training_pixels"):
-            _check_whole(name, getattr(self, name), minimum=1)
+            object.__setattr__(self, name, _check_whole(name, getattr(self, name), minimum=1))
         for name, low, high in (("learning_rate", 0.0, None), ("weight_decay", 0.0, None), ("warmup_fraction", 0.0, 1.0),
                                 ("min_lr_fraction", 0.0, 1.0), ("validation_fraction", 0.0, 1.0), ("ema_decay", 0.0, 1.0)):
             _check_number(name, getattr(self, name), low, high)
@@ -246,12 +249,12 @@ class PredictOptions:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if isinstance(self.ensemble, bool) or self.ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be 1 (off), 8 (flips and rotations) or 'auto', got {self.ensemble!r}")
-        _check_whole("refine (R3 rounds)", self.refine, minimum=0)
+        if self.ensemble != "auto":
+            object.__setattr__(self, "ensemble", int(self.ensemble))
         if not isinstance(self.lattice, bool):
             raise ValueError(f"lattice must be True or False, got {self.lattice!r}")
-        _check_whole("tile_size", self.tile_size, minimum=MIN_TILE_SIZE)
-        _check_whole("tile_overlap", self.tile_overlap, minimum=0)
-        _check_whole("batch_size", self.batch_size, minimum=1)
+        for name, minimum in (("refine", 0), ("tile_size", MIN_TILE_SIZE), ("tile_overlap", 0), ("batch_size", 1)):
+            object.__setattr__(self, name, _check_whole(name, getattr(self, name), minimum))
 
     def replace(self, **changes: Any) -> "PredictOptions":
         """A copy with `changes` (None values ignored), checked again."""

@@ -8,7 +8,9 @@ model is a frozen FittedModel that only a successful fit replaces.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import threading
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from .axes import PlaneLayout, check_array, guess_axes
 from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkConfig, PredictOptions, network_preset
 from .devices import resolve_device
-from .fitting import FitSettings, fit_model
+from .fitting import FitSettings, context_for, fit_model
 from .model import FittedModel
 from .noise import NoiseModel
 from .prediction import (
@@ -51,14 +53,15 @@ def _check_fit_settings(preset, pd, context, noise_model, seed) -> None:
         raise ValueError(f"context must be 'auto' or 0 to 3 planes on each side, got {context!r}")
     if noise_model is not None and not isinstance(noise_model, NoiseModel):
         raise TypeError(f"noise_model must be a NoiseModel (see NoiseModel.from_camera) or None, got {noise_model!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be a whole number, got {seed!r}")
 
 
 def _check_budget(iterations, time_budget) -> None:
-    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+    if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral)
+                                   or iterations < 1):
         raise ValueError(f"iterations must be a whole number of at least 1, got {iterations!r}")
-    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, (int, float))
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real)
                                     or not math.isfinite(time_budget) or time_budget <= 0):
         raise ValueError(f"time_budget must be a finite, positive number of seconds, got {time_budget!r}")
 
@@ -124,6 +127,8 @@ class Denoiser:
                        predict_batch_size=options.batch_size, ensemble=options.ensemble, refine=options.refine,
                        context=model.context_planes, lattice=options.lattice,
                        noise_model=noise_model)
+        # A fine-tune fits a lattice filter where the model has one (pd 1, not turned off).
+        denoiser._settings = dataclasses.replace(denoiser._settings, lattice=model.lattice_filter is not None)
         denoiser._model = model
         return denoiser
 
@@ -200,13 +205,19 @@ class Denoiser:
 
     # -- fitting -----------------------------------------------------------------------
     def fit(self, data, axes: str, iterations: int | None = None, time_budget: float | None = None,
-            callback: Callable[[FitProgress], None] | None = None, cancel: threading.Event | None = None) -> Denoiser:
-        """Fit (or fine-tune, after load) the network to the noisy `data` itself. A fit stopped
-        before it reached any weights, or a stopped fine-tune, raises FitCancelled."""
-        return drive(self.fit_iter(data, axes, iterations, time_budget, cancel), callback)
+            callback: Callable[[FitProgress], None] | None = None, cancel: threading.Event | None = None,
+            stop_training: threading.Event | None = None) -> Denoiser:
+        """Fit (or fine-tune, after load) the network to the noisy `data` itself.
+
+        Setting `stop_training` ends the training early and completes the model with the best
+        weights reached. Setting `cancel` (or calling cancel()) stops the whole fit within a
+        second: a stopped fine-tune raises FitCancelled and keeps the previous model; a first
+        fit keeps the best weights it reached, or raises FitCancelled before it has any."""
+        return drive(self.fit_iter(data, axes, iterations, time_budget, cancel, stop_training), callback)
 
     def fit_iter(self, data, axes: str, iterations: int | None = None, time_budget: float | None = None,
-                 cancel: threading.Event | None = None) -> Generator[FitProgress, None, Denoiser]:
+                 cancel: threading.Event | None = None, stop_training: threading.Event | None = None,
+                 ) -> Generator[FitProgress, None, Denoiser]:
         """fit() as a generator that yields progress after every iteration (for GUIs). The
         arguments are checked, and the job's cancel token made, when it is called."""
         check_array(data)
@@ -220,12 +231,14 @@ class Denoiser:
         if min(layout.height, layout.width) < smallest:
             raise ValueError(f"the image is {layout.height}x{layout.width} pixels; fitting the {self.preset} preset "
                              f"needs at least {smallest}x{smallest} (choose the tiny preset, or a larger image)")
+        layout.check_context(context_for(self._settings, layout, previous),
+                             "choose a smaller context (0 for none)" if previous is None else "fit a new model")
         token = self._new_job(cancel)
-        return self._fit_steps(data, layout, iterations, time_budget, token, previous)
+        return self._fit_steps(data, layout, iterations, time_budget, token, previous, stop_training)
 
-    def _fit_steps(self, data, layout, iterations, time_budget, token, previous):
+    def _fit_steps(self, data, layout, iterations, time_budget, token, previous, stop_training):
         model = yield from fit_model(self._settings, data, layout, iterations, time_budget, self._device, token,
-                                     previous)
+                                     previous, stop_training)
         self._model = model  # only a fit that succeeded replaces the model
         return self
 
@@ -239,10 +252,10 @@ class Denoiser:
         return (options or self._options).replace(**changes)
 
     def ensemble_size(self, shape: tuple[int, ...], ensemble: int | str | None = None) -> int:
-        """How many flipped and rotated views predict averages for data of this shape."""
-        if self._model is None:
-            raise RuntimeError("fit() or load() a model first")
-        return ensemble_size(self._model, self.prediction_options(ensemble=ensemble), tuple(shape))
+        """How many flipped and rotated views predict averages for data of this shape (before a
+        fit: with the pd setting, "auto" counting as 1)."""
+        return ensemble_size(self.pd if self.pd != "auto" else 1, self.prediction_options(ensemble=ensemble),
+                             tuple(shape))
 
     def minimum_size(self) -> int:
         """The smallest H and W that predict accepts."""

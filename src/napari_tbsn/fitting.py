@@ -60,8 +60,9 @@ class DataAnalysis:
     pd: int
 
 
-def analyse(data, layout: PlaneLayout, settings: FitSettings) -> DataAnalysis:
-    """Normalisation, noise model and noise correlation of the data, and the pd they call for."""
+def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedModel | None = None) -> DataAnalysis:
+    """Normalisation, noise model and noise correlation of the data, and the pd they call for
+    (a fine-tune keeps the previous model's pd: its network was fitted at it)."""
     normalizer = Normalizer.from_data(data, layout)
     measurement = NoiseMeasurement.of(data, layout)
     if settings.noise_model is not None:
@@ -70,20 +71,11 @@ def analyse(data, layout: PlaneLayout, settings: FitSettings) -> DataAnalysis:
     else:
         noise_model = NoiseModel.fit(measurement)
     correlation = measure_correlation(data, layout)
-    pd = correlation.pd if settings.pd == "auto" else int(settings.pd)
+    pd = previous.pd if previous is not None else correlation.pd if settings.pd == "auto" else int(settings.pd)
     if pd == 1 and correlation.correlated:
         warnings.warn(f"the {correlation.describe()}; with pd=1 the network learns to copy correlated noise: "
                       "use pd='auto' (or the suggested pd)", stacklevel=2)
     return DataAnalysis(normalizer, measurement, noise_model, correlation, pd)
-
-
-def check_not_constant(data, layout: PlaneLayout) -> None:
-    """A flat image has no noise to learn from; say so before the noise fit fails on it."""
-    planes = [layout.read_plane(data, plane) for plane in layout.evenly_spaced(4)]
-    if all(float(np.ptp(plane)) == 0 for plane in planes):
-        value = float(planes[0].flat[0])
-        raise ValueError(f"the image is constant (every pixel is {value:g}): there is no signal or noise to fit; "
-                         "check that the right image or layer is chosen")
 
 
 def _warn_on_mismatch(ratios: tuple[float, ...]) -> None:
@@ -99,7 +91,10 @@ def _warn_on_mismatch(ratios: tuple[float, ...]) -> None:
             )
 
 
-def context_for(settings: FitSettings, layout: PlaneLayout) -> int:
+def context_for(settings: FitSettings, layout: PlaneLayout, previous: FittedModel | None = None) -> int:
+    """Neighbouring planes on each side the fitted network will read."""
+    if previous is not None:
+        return previous.context_planes
     if settings.context == "auto":
         # Measured at 300 s: +0.9 dB on a nuclei Z-stack, none on a time-lapse whose frames move.
         return 1 if layout.context_axis == "Z" and layout.context_length() >= 2 else 0
@@ -126,14 +121,17 @@ def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previo
 def fit_model(
     settings: FitSettings, data, layout: PlaneLayout, iterations: int | None, time_budget: float | None,
     device: torch.device, cancel: threading.Event, previous: FittedModel | None = None,
+    stop_training: threading.Event | None = None,
 ) -> Generator[FitProgress, None, FittedModel]:
     """Fit (or fine-tune `previous`) on `data`, yielding progress after every iteration.
 
-    Returns the new model. Raises FitCancelled when stopped with nothing worth keeping: before
-    training reached any weights, or at any point of a fine-tune (the previous model stays)."""
+    Returns the new model. `stop_training` ends the training early, and the fit completes with
+    the best weights reached. `cancel` stops the whole job within a second: it raises
+    FitCancelled where there is nothing worth keeping (before training reached any weights, or
+    at any point of a fine-tune: the previous model stays); a first fit cancelled later keeps
+    the best weights it reached, with the closing fits that had finished."""
     data = CancellableArray(data, cancel)  # every plane read checks the token
-    check_not_constant(data, layout)
-    analysis = analyse(data, layout, settings)
+    analysis = analyse(data, layout, settings, previous)
     network = starting_network(settings, layout, analysis.pd, previous).to(device)
     config = settings.fit_config
     granularity = network.size_multiple * analysis.pd
@@ -142,13 +140,15 @@ def fit_model(
                                   network.config.context_planes)
     rng = np.random.default_rng(settings.seed)
     sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
-    trainer = Trainer(network, sampler, config, device, analysis.pd, settings.seed, cancel)
+    trainer = Trainer(network, sampler, config, device, analysis.pd, settings.seed, cancel, stop_training)
     try:
         summary = yield from trainer.run(iterations, time_budget)
     except torch.OutOfMemoryError as error:
         raise out_of_memory_error(device, "fitting") from error
     stopped = FitCancelled("the fit was stopped; the previous model is unchanged" if previous is not None else
                            "the fit was stopped before it reached any weights")
+    if summary.iterations == 0 and not cancel.is_set():
+        raise ValueError("the fit ended before its first iteration; give it more time or iterations")
     if summary.iterations == 0 or (previous is not None and cancel.is_set()):
         raise stopped
     model = FittedModel(

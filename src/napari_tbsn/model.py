@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import FitConfig, NetworkConfig, PredictOptions, TrainingSummary
+from .config import MIN_TILE_SIZE, FitConfig, NetworkConfig, PredictOptions, TrainingSummary
 from .lattice import LatticeFilter
 from .model_io import ModelFileError, load_model, save_model
 from .network import TBSN
@@ -109,8 +109,9 @@ class FittedModel:
             defaults = PredictOptions(
                 estimator=description.get("estimator", "blind_spot"),
                 refine=int(description.get("refine", PredictOptions.refine)),
-                tile_size=int(tiling.get("tile_size", PredictOptions.tile_size)),
-                tile_overlap=int(tiling.get("tile_overlap", PredictOptions.tile_overlap)),
+                # Older versions took tiles below today's floor: predict those with the floor.
+                tile_size=max(int(tiling.get("tile_size", PredictOptions.tile_size)), MIN_TILE_SIZE),
+                tile_overlap=max(int(tiling.get("tile_overlap", PredictOptions.tile_overlap)), 0),
                 ensemble=tiling.get("ensemble", PredictOptions.ensemble),
             )
             model = cls(

@@ -27,6 +27,9 @@ class Normalizer:
         stride = max(1, int(np.sqrt(layout.height * layout.width / SAMPLE_PIXELS_PER_PLANE)))
         samples = [layout.read_plane(data, plane)[:, ::stride, ::stride] for plane in layout.evenly_spaced(SAMPLE_PLANES)]
         values = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
+        if values.min() == values.max():  # a flat image has no noise to learn; the noise fit would fail on it
+            raise ValueError(f"the image is constant (every pixel is {float(values.flat[0]):g}): there is no "
+                             "signal or noise to fit; check that the right image or layer is chosen")
         low = np.percentile(values, LOW_PERCENTILE, axis=1)
         high = np.percentile(values, HIGH_PERCENTILE, axis=1)
         # A flat channel would divide by zero; give it a unit range.

@@ -7,6 +7,7 @@ asked, R3-refined for correlated noise), the lattice filter's correction, then t
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
@@ -81,12 +82,12 @@ class PredictProgress:
     fraction: float
 
 
-def ensemble_size(model: FittedModel, options: PredictOptions, shape: tuple[int, ...]) -> int:
-    """How many flipped and rotated views a prediction of data of this shape averages."""
+def ensemble_size(pd: int, options: PredictOptions, shape: tuple[int, ...]) -> int:
+    """How many flipped and rotated views a prediction at `pd` of data of this shape averages."""
     if options.ensemble != "auto":
         return int(options.ensemble)
     # Measured with pixel-independent noise; with pd > 1, R3 already averages 8 passes.
-    return 8 if model.pd == 1 and math.prod(shape) <= AUTO_ENSEMBLE_PIXELS else 1
+    return 8 if pd == 1 and math.prod(shape) <= AUTO_ENSEMBLE_PIXELS else 1
 
 
 def uses_posterior(model: FittedModel, options: PredictOptions) -> bool:
@@ -97,20 +98,28 @@ class TileModel:
     """What runs on one batch of tiles: (B, C [+ context], h, w) noisy, normalised -> (B, 3C, h, w):
     the estimate, its posterior variance (zero for the plain mean) and its squared-error estimate."""
 
-    def __init__(self, model: FittedModel, options: PredictOptions, device: torch.device, views: int) -> None:
+    def __init__(self, model: FittedModel, options: PredictOptions, device: torch.device, views: int,
+                 cancel: threading.Event | None = None) -> None:
         self.model = model
         self.options = options
         self.device = device
         self.views = views
-        self.network = model.network.to(device).eval()
+        self.cancel = cancel  # checked before every network pass: a stop waits for one pass at most
+        network = model.network
+        held = next(network.parameters()).device
+        if held.type != device.type or device.index not in (None, held.index):  # never move the shared model
+            network = copy.deepcopy(network).to(device)
+        self.network = network.eval()
         self.posterior = uses_posterior(model, options)
         self.noise = None
         if model.noise_model is not None:
             normalizer = model.normalizer
             self.noise = NoiseTerms.of(*model.noise_model.normalized(np.asarray(normalizer.low), normalizer.scale),
                                        device)
-        # bfloat16 (or float16) on CUDA; CPUs predict in float32, where tiles reproduce the whole image.
-        self.autocast = autocast_dtype(device) if model.fit_config.mixed_precision and device.type == "cuda" else None
+        # bfloat16 on GPUs that have it; float32 elsewhere: on CPUs, where tiles then reproduce the
+        # whole image, and on older GPUs, whose float16 could overflow with no loss scale to catch it.
+        fast = model.fit_config.mixed_precision and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16
+        self.autocast = torch.bfloat16 if fast else None
 
     def __call__(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
         channels = self.model.channels
@@ -147,6 +156,7 @@ class TileModel:
         return torch.stack(means).mean(0), torch.stack(priors).mean(0) if priors else None
 
     def forward(self, batch: torch.Tensor, factor: int) -> torch.Tensor:
+        raise_if_cancelled(self.cancel, PredictionCancelled, "prediction")
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             return pd_up(self.network(pd_down(batch, factor)), factor).float()
 
@@ -223,7 +233,7 @@ def predict_planes(
 ) -> Generator[PredictProgress, None, QualityEstimate | None]:
     """Denoise every plane of `data` into `out` (and `uncertainty`), yielding progress after
     every batch of tiles; returns the quality estimate (None where it cannot be estimated)."""
-    tiles = TileModel(model, options, device, ensemble_size(model, options, layout.shape))
+    tiles = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
     tile_size = options.tile_size
     tally = QualityTally()
     channels = model.channels
@@ -254,6 +264,7 @@ def predict_planes(
 
 def _plane_steps(steps, cancel: threading.Event, number: int, planes: int, start: float):
     while True:
+        raise_if_cancelled(cancel, PredictionCancelled, "prediction")
         try:
             done, total = next(steps)
         except StopIteration as finished:

@@ -8,6 +8,7 @@ by every phase after it.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
@@ -47,6 +48,30 @@ class CancellableArray:
     def __getitem__(self, key):
         raise_if_cancelled(self._cancel, self._error, "reading the data")
         return self._data[key]
+
+
+@dataclasses.dataclass
+class Stops:
+    """How a user's Stop (a button, Ctrl-C) reaches a job. While a fit trains, the first Stop
+    ends the training and the fit completes its model with the best weights reached (seconds);
+    any other Stop cancels the job, within a second."""
+
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    stop_training: threading.Event = dataclasses.field(default_factory=threading.Event)
+    training: bool = False  # kept up to date from the fit's progress
+
+    def follow(self, item: Any) -> None:
+        """Track from a progress item whether the training is still running."""
+        fraction = getattr(item, "fraction", None)
+        self.training = hasattr(item, "iteration") and fraction is not None and fraction < 1
+
+    def stop(self) -> str:
+        """Apply one Stop; returns "training" (the training ends) or "job" (the job is cancelled)."""
+        if self.training and not self.stop_training.is_set():
+            self.stop_training.set()
+            return "training"
+        self.cancel.set()
+        return "job"
 
 
 def drive(steps: Generator[Any, None, Result], callback: Callable[[Any], None] | None = None) -> Result:

@@ -72,8 +72,9 @@ def validation_interval(validation_patches: int, config: FitConfig) -> int:
 class Trainer:
     """Fits a network with AdamW, keeping the weights with the best validation loss.
 
-    The network it is given is changed in place: give it a copy of one worth keeping. It stops
-    when `cancel` is set (and never clears it)."""
+    The network it is given is changed in place: give it a copy of one worth keeping. Training
+    ends early when `cancel` is set (the whole job stops) or `stop_training` is (the fit goes on
+    to its closing phases); it never clears either."""
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class Trainer:
         pd: int = 1,
         seed: int = 0,
         cancel: threading.Event | None = None,
+        stop_training: threading.Event | None = None,
     ) -> None:
         self.network = network
         self.sampler = sampler
@@ -102,6 +104,7 @@ class Trainer:
         self.validation = torch.from_numpy(sampler.validation)
         self.validation_every = validation_interval(len(self.validation), config)
         self.cancel_token = cancel if cancel is not None else threading.Event()
+        self.stop_training = stop_training if stop_training is not None else threading.Event()
         self.batch_size = config.batch_size
         self.patch_size = sampler.patch_size
         self.granularity = getattr(network, "size_multiple", 1) * pd
@@ -195,6 +198,8 @@ class Trainer:
             raise out_of_memory_error(self.device, "fitting, even with one patch of the smallest size") from error
         warnings.warn(f"{self.device.type.upper()} ran out of memory while fitting; continuing with {change}",
                       stacklevel=2)
+        # A float16 step cut short may leave the scaler half way through; start it afresh.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast == torch.float16)
 
     def _step(self, learning_rate: float) -> float:
         """One optimisation step on a fresh batch; retried smaller after an out-of-memory error."""
@@ -230,7 +235,7 @@ class Trainer:
 
         iteration, validation, loss = 0, None, math.nan
         self.network.train()
-        while fraction_done(iteration) < 1.0 and not self.cancel_token.is_set():
+        while fraction_done(iteration) < 1.0 and not self.cancel_token.is_set() and not self.stop_training.is_set():
             loss = self._step(self.config.learning_rate * learning_rate_factor(fraction_done(iteration), self.config))
             self._update_average(iteration)
             iteration += 1
@@ -250,7 +255,7 @@ class Trainer:
         summary.iterations = iteration
         summary.seconds = time.perf_counter() - start
         summary.best_validation_loss = best.loss_or_none
-        summary.stopped_early = self.cancel_token.is_set()
+        summary.stopped_early = self.cancel_token.is_set() or self.stop_training.is_set()
         return summary
 
     def _checkpoint(self, best: _Best, summary: TrainingSummary, iteration: int, loss: float) -> float:

@@ -154,7 +154,7 @@ def test_closing_the_widget_stops_a_running_fit(viewer_and_widget, qtbot):
     widget.form.time_budget.value = 0
     widget.fit_button.click()
     qtbot.waitUntil(lambda: len(widget.loss_plot.training) >= 1, timeout=WAIT_MS)
-    cancel = widget._cancel
+    cancel = widget._stops.cancel
     viewer.window.remove_dock_widget(widget)
     widget.deleteLater()
     from napari_tbsn._napari.widget import _RUNNING_WORKERS
@@ -257,7 +257,8 @@ def test_a_stopped_fine_tune_keeps_the_previous_model_and_camera_fields_can_go_b
     widget.form.iterations.value = 100_000
     widget.fit_button.click()
     qtbot.waitUntil(lambda: len(widget.loss_plot.training) >= 2, timeout=WAIT_MS)
-    widget.stop_button.click()
+    widget.stop_button.click()  # ends the training...
+    widget.stop_button.click()  # ...and a second Stop cancels the fine-tune
     _wait_idle(qtbot, widget)
     assert widget.denoiser is fitted and "previous model is unchanged" in widget.status.text()
     # Camera fields back to 0: the fine-tune estimates the noise again.

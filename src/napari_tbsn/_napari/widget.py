@@ -8,9 +8,7 @@ model only when the fit succeeded.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,9 +17,9 @@ from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPush
 
 from ..axes import PlaneLayout
 from ..denoiser import Denoiser, PredictProgress
-from ..progress import Cancelled, format_seconds
+from ..progress import Cancelled, Stops, format_seconds
 from ..training import FitProgress
-from .form import JobSettings, SettingsForm, layer_axes  # noqa: F401 - layer_axes: public
+from .form import JobSettings, SettingsForm
 from .loss_plot import LossPlot
 from .noise_plot import NoisePlot
 from .results import add_result_layer, output_array, shown_plane
@@ -34,7 +32,6 @@ if TYPE_CHECKING:
 _RUNNING_WORKERS: set = set()
 PROGRESS_STEPS = 1000
 MODEL_FILES = "TBSN model (*.safetensors)"
-__all__ = ["DenoiseWidget", "layer_axes"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class DenoiseWidget(QWidget):
         self.viewer = viewer
         self.denoiser: Denoiser | None = None  # holds the last model that fitted or loaded
         self._worker = None
-        self._cancel: threading.Event | None = None  # the running job's
+        self._stops: Stops | None = None  # the running job's
         self._activity = None
         self._activity_done = 0
         self._closed = False
@@ -91,7 +88,8 @@ class DenoiseWidget(QWidget):
 
     def _on_destroyed(self) -> None:
         self._closed = True  # late worker signals find nothing to update
-        self.stop()
+        if self._stops is not None:
+            self._stops.cancel.set()
 
     # -- layers ------------------------------------------------------------------------
     def _image_layers(self, *_: Any) -> list:
@@ -126,28 +124,27 @@ class DenoiseWidget(QWidget):
         if not busy:
             self.progress_bar.setFormat("idle")
 
-    def _say(self, message: str) -> None:
-        self.status.setText(message)
-
-    def _error(self, message: str) -> None:
+    def _say(self, message: str, error: bool = False) -> None:
+        """The status line; an error also as a napari notification."""
         from napari.utils.notifications import show_error
 
-        self._say(message)
-        show_error(message)
+        self.status.setText(message)
+        if error:
+            show_error(message)
 
     def _start(self, job, description: str, on_done) -> None:
-        """Run `job(cancel)` (a generator) in a worker; `on_done(result)` on the GUI thread."""
+        """Run `job(stops)` (a generator) in a worker; `on_done(result)` on the GUI thread."""
         from napari.qt.threading import create_worker
         from napari.utils import progress
         from napari.utils.notifications import notification_manager
 
-        cancel = threading.Event()
+        stops = Stops()
 
         def guarded():
             # Bad input found while working (NaN pixels, out of memory...) comes back as a
             # message for the user, not as a crash; anything unexpected still propagates.
             try:
-                return (yield from job(cancel))
+                return (yield from job(stops))
             except Cancelled as stopped:
                 return _Failure(str(stopped), error=False)
             except (ValueError, TypeError, MemoryError, FloatingPointError, OSError) as error:
@@ -156,10 +153,7 @@ class DenoiseWidget(QWidget):
         def finish(result) -> None:
             if self._closed:
                 return
-            if isinstance(result, _Failure):
-                (self._error if result.error else self._say)(result.message)
-            else:
-                on_done(result)
+            self._say(result.message, result.error) if isinstance(result, _Failure) else on_done(result)
 
         self._activity, self._activity_done = progress(total=PROGRESS_STEPS, desc=description), 0
         worker = create_worker(guarded, _start_thread=False)
@@ -172,7 +166,7 @@ class DenoiseWidget(QWidget):
         worker.finished.connect(self._on_finished)
         _RUNNING_WORKERS.add(worker)
         worker.finished.connect(lambda: _RUNNING_WORKERS.discard(worker))
-        self._worker, self._cancel = worker, cancel
+        self._worker, self._stops = worker, stops
         self._set_busy(True)
         self.progress_bar.setFormat(f"{description}…")
         worker.start()
@@ -180,6 +174,8 @@ class DenoiseWidget(QWidget):
     def _on_progress(self, item) -> None:
         if self._closed:
             return
+        if self._stops is not None:
+            self._stops.follow(item)  # on the GUI thread, in step with what the user sees
         if isinstance(item, FitProgress):
             self.loss_plot.add(item.iteration, item.loss, item.validation_loss)
             best = "" if item.best_validation_loss is None else f", best val {item.best_validation_loss:.4g}"
@@ -196,7 +192,7 @@ class DenoiseWidget(QWidget):
             self._activity_done = steps
 
     def _on_finished(self) -> None:
-        self._worker = self._cancel = None
+        self._worker = self._stops = None
         if self._activity is not None:
             self._activity.close()
             self._activity = None
@@ -204,11 +200,12 @@ class DenoiseWidget(QWidget):
             self._set_busy(False)
 
     def stop(self) -> None:
-        """Stop the running job within a second: a first fit keeps its best weights, a
-        fine-tune the previous model, a denoise adds nothing."""
-        cancel = self._cancel
-        if cancel is not None:
-            cancel.set()
+        """While a fit trains: end the training, and the fit completes with the best weights
+        reached. Otherwise (or pressed again): cancel the job within a second; a fine-tune then
+        keeps the previous model, a denoise adds nothing."""
+        stops = self._stops
+        if stops is not None and stops.stop() == "training":
+            self._say("ending the training: the fit completes with the best weights reached (Stop again to cancel)")
 
     # -- fit ---------------------------------------------------------------------------
     def _denoiser_for_fit(self, settings: JobSettings) -> Denoiser:
@@ -227,22 +224,27 @@ class DenoiseWidget(QWidget):
             settings = self.form.read()
             denoiser = self._denoiser_for_fit(settings)
         except (ValueError, TypeError) as error:
-            self._error(str(error))
+            self._say(str(error), error=True)
             return
         self.loss_plot.clear()
 
-        def job(cancel):
+        def job(stops):
             yield from denoiser.fit_iter(settings.data, settings.axes, settings.iterations, settings.time_budget,
-                                         cancel=cancel)
-            if not then_denoise or cancel.is_set():
+                                         cancel=stops.cancel, stop_training=stops.stop_training)
+            if not then_denoise or stops.cancel.is_set() or stops.stop_training.is_set():
                 return denoiser, None  # Stop pressed: keep the model, skip the denoise
-            with contextlib.suppress(Cancelled):
-                return denoiser, (yield from self._predict_job(denoiser, settings, settings.data, cancel))
-            return denoiser, None
+            try:  # the fitted model is kept whatever becomes of the denoise
+                return denoiser, (yield from self._predict_job(denoiser, settings, settings.data, stops.cancel))
+            except Cancelled:
+                return denoiser, None
+            except (ValueError, TypeError, MemoryError, OSError) as error:
+                return denoiser, _Failure(str(error))
 
         def done(result) -> None:
             self._on_fitted(result[0])
-            if then_denoise:
+            if isinstance(result[1], _Failure):
+                self._say(result[1].message, error=True)
+            elif then_denoise:
                 self._add_result(settings.layer, result[1])
 
         self._start(job, "TBSN fit & denoise" if then_denoise else "TBSN fit", done)
@@ -272,14 +274,14 @@ class DenoiseWidget(QWidget):
                 raise ValueError("no model yet: press Fit (or Load model) first")
             return settings, self.denoiser
         except (ValueError, TypeError) as error:
-            self._error(str(error))
+            self._say(str(error), error=True)
             return None
 
     def _on_denoise(self) -> None:
         chosen = self._job_settings()
         if chosen is not None:
             settings, denoiser = chosen
-            self._start(lambda cancel: (yield from self._predict_job(denoiser, settings, settings.data, cancel)),
+            self._start(lambda stops: (yield from self._predict_job(denoiser, settings, settings.data, stops.cancel)),
                         "TBSN denoise", lambda result: self._add_result(settings.layer, result))
 
     def _add_result(self, layer, result, name: str | None = None, translate=None) -> None:
@@ -314,7 +316,7 @@ class DenoiseWidget(QWidget):
             denoised, uncertainty, quality = result
             return denoised[keep], None if uncertainty is None else uncertainty[keep], quality
 
-        self._start(lambda cancel: (yield from self._predict_job(denoiser, quick, block, cancel)), "TBSN preview",
+        self._start(lambda stops: (yield from self._predict_job(denoiser, quick, block, stops.cancel)), "TBSN preview",
                     lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
                                                     translate=translate))
 
@@ -345,4 +347,4 @@ class DenoiseWidget(QWidget):
             try:
                 action(chosen[0])
             except (ValueError, OSError, RuntimeError) as error:
-                self._error(str(error))
+                self._say(str(error), error=True)
