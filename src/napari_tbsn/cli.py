@@ -43,7 +43,7 @@ class ProgressBar:
 
         self._bar = tqdm(total=1000, desc=label, disable=not enabled, file=sys.stderr, leave=True,
                          mininterval=0.1 if sys.stderr.isatty() else 10.0,
-                         bar_format="{desc} |{bar:28}| {percentage:5.1f}% {postfix}")
+                         bar_format="{desc} |{bar:28}| {percentage:5.1f}%{postfix}")
         self._done = 0
 
     def update(self, fraction: float, detail: str, eta: float | None) -> None:
