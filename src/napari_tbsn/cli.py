@@ -142,6 +142,8 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
                         estimator=args.estimator or "posterior", lattice=args.lattice,
                         fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
                         noise_model=_camera_noise(args))
+    _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
+         f"on {denoiser.device} (pd {args.pd})")
     bar = ProgressBar("fit", enabled=not args.quiet)
 
     def on_progress(progress: FitProgress) -> None:
@@ -151,8 +153,6 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
         validation = "" if progress.best_validation_loss is None else f" best val {progress.best_validation_loss:.5f}"
         bar.update(progress.fraction, f"it {progress.iteration} loss {progress.loss:.5f}{validation}", progress.eta)
 
-    _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
-         f"on {denoiser.device} (pd {args.pd})")
     try:
         with _interrupts() as stops:
             denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget,
@@ -167,13 +167,13 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
 
 def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
              options: PredictOptions) -> None:
+    shape = tuple(image.data.shape)
+    _log(args, f"denoising {args.input} {shape} with the {describe_output(denoiser.model, options)} output")
     bar = ProgressBar("denoise", enabled=not args.quiet)
 
     def on_progress(progress: PredictProgress) -> None:
         bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
 
-    shape = tuple(image.data.shape)
-    _log(args, f"denoising {args.input} {shape} with the {describe_output(denoiser.model, options)} output")
     try:
         with contextlib.ExitStack() as outputs, _interrupts() as stops:
             out = outputs.enter_context(open_output(args.output, shape, axes, like=image))
