@@ -26,7 +26,7 @@ from .denoiser import Denoiser, PredictProgress
 from .image_io import ImageFile, check_writable, open_output, read_image
 from .model_io import ModelFileError, write_text_atomic
 from .noise import NoiseModel
-from .prediction import describe_output
+from .prediction import describe_output, uses_posterior
 from .progress import Cancelled, Stops, format_seconds
 from .training import FitProgress
 
@@ -198,7 +198,7 @@ def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> No
     described = denoiser.describe()
     report = {
         "pd": denoiser.pd,
-        "estimator": describe_output(denoiser.model, options).replace("blind-spot mean", "blind_spot"),
+        "estimator": "posterior" if uses_posterior(denoiser.model, options) else "blind_spot",
         "context_planes": denoiser.context_planes,
         **{key: described[key] for key in ("lattice_filter", "noise_model", "noise_measurement", "noise_correlation",
                                            "training")},

@@ -28,7 +28,7 @@ from .network import TBSN
 from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel, measure_correlation
 from .normalization import Normalizer
 from .patches import PatchSampler, fitting_patch_size, load_training_planes
-from .posterior import HEAD_PATCHES, NoiseTerms, fit_variance_head
+from .posterior import HEAD_PATCHES, fit_variance_head
 from .progress import CancellableArray, FitCancelled, raise_if_cancelled
 from .training import FitProgress, Trainer
 
@@ -102,7 +102,8 @@ def context_for(settings: FitSettings, layout: PlaneLayout, previous: FittedMode
 
 
 def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previous: FittedModel | None) -> TBSN:
-    """A copy of the previous model's network to fine-tune, or a new one."""
+    """A copy of the previous model's network to fine-tune, or a new one. (Denoiser.fit_iter has
+    checked that the stack gives the context it reads.)"""
     if previous is not None:
         network = copy.deepcopy(previous.network)
     else:
@@ -110,8 +111,6 @@ def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previo
         context = context_for(settings, layout)
         network = TBSN(network_preset(settings.preset, layout.channels, variance_head=settings.posterior and pd == 1,
                                       context_channels=2 * context * layout.channels))
-    context = network.config.context_planes
-    layout.check_context(context, "fit a new model with a smaller context (0 for none)")
     if network.config.variance_head and pd != 1:
         raise ValueError(f"this model predicts a posterior, which needs pixel-independent noise (pd 1), but pd is "
                          f"{pd}; fit a new model for spatially correlated noise")
@@ -168,11 +167,6 @@ def fit_model(
     return model
 
 
-def _noise_terms(model: FittedModel, device: torch.device) -> NoiseTerms:
-    low, scale = np.asarray(model.normalizer.low), model.normalizer.scale
-    return NoiseTerms.of(*model.noise_model.normalized(low, scale), device)
-
-
 def _with_variance_head(model: FittedModel, sampler: PatchSampler, rng: np.random.Generator, device: torch.device,
                         cancel: threading.Event) -> FittedModel:
     """The model with its posterior's prior-variance head fitted (where it has one)."""
@@ -181,7 +175,7 @@ def _with_variance_head(model: FittedModel, sampler: PatchSampler, rng: np.rando
     raise_if_cancelled(cancel, FitCancelled, "the fit")
     network, summary = copy.deepcopy(model.network), copy.deepcopy(model.summary)  # a stop halfway changes neither
     patches = torch.from_numpy(sampler.sample(rng, HEAD_PATCHES))
-    summary.variance_head_loss = fit_variance_head(network, patches, _noise_terms(model, device), cancel=cancel)
+    summary.variance_head_loss = fit_variance_head(network, patches, model.noise_terms(device), cancel=cancel)
     return dataclasses.replace(model, network=network.eval(), summary=summary, variance_head_fitted=True)
 
 
@@ -190,5 +184,5 @@ def _with_lattice_filter(model: FittedModel, sampler: PatchSampler, rng: np.rand
     """The model with a lattice filter fitted to its mean (pixel-independent noise)."""
     raise_if_cancelled(cancel, FitCancelled, "the fit")
     patches = torch.from_numpy(sampler.sample(rng, LATTICE_PATCHES))
-    lattice = fit_lattice_filter(model.network, patches, _noise_terms(model, device), cancel=cancel)
+    lattice = fit_lattice_filter(model.network, patches, model.noise_terms(device), cancel=cancel)
     return dataclasses.replace(model, lattice_filter=lattice)

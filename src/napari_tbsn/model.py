@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from . import __version__
 from .config import MIN_TILE_SIZE, FitConfig, NetworkConfig, PredictOptions, TrainingSummary
 from .lattice import LatticeFilter
@@ -19,6 +22,7 @@ from .model_io import ModelFileError, load_model, save_model
 from .network import TBSN
 from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel
 from .normalization import Normalizer
+from .posterior import NoiseTerms
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,6 +68,11 @@ class FittedModel:
     def predict_pd(self) -> int:
         """Pixel-shuffle factor at inference: a smaller one than for training (AP-BSN)."""
         return min(self.pd, 2)
+
+    def noise_terms(self, device: torch.device) -> NoiseTerms:
+        """The noise model in the network's normalised units (it needs one)."""
+        low, scale = np.asarray(self.normalizer.low), self.normalizer.scale
+        return NoiseTerms.of(*self.noise_model.normalized(low, scale), device)
 
     @property
     def minimum_size(self) -> int:

@@ -27,7 +27,7 @@ from .lattice import residual_weight
 from .model import FittedModel
 from .noise import pd_down, pd_up
 from .patches import check_finite
-from .posterior import NoiseTerms, blind_spot_estimate, posterior_estimate, split_output
+from .posterior import blind_spot_estimate, posterior_estimate, split_output
 from .progress import PredictionCancelled, raise_if_cancelled, remaining_seconds
 from .tiling import TiledPredictor, round_up
 
@@ -111,11 +111,7 @@ class TileModel:
             network = copy.deepcopy(network).to(device)
         self.network = network.eval()
         self.posterior = uses_posterior(model, options)
-        self.noise = None
-        if model.noise_model is not None:
-            normalizer = model.normalizer
-            self.noise = NoiseTerms.of(*model.noise_model.normalized(np.asarray(normalizer.low), normalizer.scale),
-                                       device)
+        self.noise = model.noise_terms(device) if model.noise_model is not None else None
         # bfloat16 on GPUs that have it; float32 elsewhere: on CPUs, where tiles then reproduce the
         # whole image, and on older GPUs, whose float16 could overflow with no loss scale to catch it.
         fast = model.fit_config.mixed_precision and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16

@@ -17,6 +17,7 @@ from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPush
 
 from ..axes import PlaneLayout
 from ..denoiser import Denoiser, PredictProgress
+from ..prediction import uses_posterior
 from ..progress import Cancelled, Stops, format_seconds
 from ..training import FitProgress
 from .form import JobSettings, SettingsForm
@@ -260,8 +261,7 @@ class DenoiseWidget(QWidget):
     def _predict_job(denoiser: Denoiser, settings: JobSettings, data, cancel):
         """(denoised, uncertainty or None); runs in the worker, on the settings read before."""
         out = output_array(tuple(data.shape))
-        wants_uncertainty = settings.uncertainty and denoiser.predicts_posterior \
-            and settings.options.estimator == "posterior"
+        wants_uncertainty = settings.uncertainty and uses_posterior(denoiser.model, settings.options)
         uncertainty = output_array(tuple(data.shape)) if wants_uncertainty else None
         yield from denoiser.predict_iter(data, settings.axes, out=out, uncertainty=uncertainty,
                                          options=settings.options, cancel=cancel)
