@@ -3,6 +3,8 @@
     tbsn denoise IN -o OUT [--time-budget S | --iterations N] [--save-model M]
     tbsn fit IN -o MODEL
     tbsn predict IN --model MODEL -o OUT
+    tbsn distil IN --model MODEL -o MODEL2
+    tbsn export MODEL -o NAME.bioimageio.zip
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def _check_paths(args: argparse.Namespace) -> None:
             if _same_file(path, taken):
                 raise ValueError(f"{flag} {path} is also the {other.replace('_', ' ')} path; "
                                  "give each output its own new file name")
-        if name in ("output", "uncertainty") and args.run is not command_fit:
+        if name in ("output", "uncertainty") and args.run in (command_predict, command_denoise):
             check_writable(path)
         else:
             check_writable_file(path)
@@ -136,12 +138,16 @@ def check_writable_file(path: Path) -> None:
         raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
 
 
-def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
+def _new_denoiser(args: argparse.Namespace) -> Denoiser:
     changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v is not None}
-    denoiser = Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
-                        estimator=args.estimator or "posterior", lattice=args.lattice,
-                        fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
-                        noise_model=_camera_noise(args))
+    return Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
+                    estimator=args.estimator or "posterior", lattice=args.lattice,
+                    fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
+                    noise_model=_camera_noise(args))
+
+
+def _fit(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
+         time_budget: float | None) -> Denoiser:
     _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
          f"on {denoiser.device} (pd {args.pd})")
     bar = ProgressBar("fit", enabled=not args.quiet)
@@ -155,7 +161,7 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
 
     try:
         with _interrupts() as stops:
-            denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=args.time_budget,
+            denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=time_budget,
                          callback=on_progress, cancel=stops.cancel, stop_training=stops.stop_training)
     finally:
         bar.close()
@@ -165,10 +171,36 @@ def _fit(args: argparse.Namespace, image: ImageFile, axes: str) -> Denoiser:
     return denoiser
 
 
+def _distil(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
+            iterations: int | None, time_budget: float | None) -> None:
+    _log(args, f"distilling a student from the teacher on {args.input}")
+    bar = ProgressBar("distil", enabled=not args.quiet)
+
+    def on_progress(progress) -> None:
+        stops.follow(progress)
+        if isinstance(progress, FitProgress):
+            validation = "" if progress.best_validation_loss is None else \
+                f" best val {progress.best_validation_loss:.5f}"
+            bar.update(progress.fraction, f"student it {progress.iteration} loss {progress.loss:.5f}{validation}",
+                       progress.eta)
+        else:
+            bar.update(progress.fraction, f"teacher plane {progress.plane + 1}/{progress.planes}", progress.eta)
+
+    try:
+        with _interrupts() as stops:
+            denoiser.distil(image.data, axes, iterations=iterations, time_budget=time_budget, callback=on_progress,
+                            cancel=stops.cancel, stop_training=stops.stop_training)
+    finally:
+        bar.close()
+    _log(args, denoiser.student.summary.describe())
+
+
 def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
              options: PredictOptions) -> None:
     shape = tuple(image.data.shape)
     _log(args, f"denoising {args.input} {shape} with the {describe_output(denoiser.model, options)} output")
+    if args.student == "on" and denoiser.student is None:
+        raise ValueError(f"{getattr(args, 'model', 'the model')} has no distilled student: run tbsn distil first, or give --student auto")
     bar = ProgressBar("denoise", enabled=not args.quiet)
 
     def on_progress(progress: PredictProgress) -> None:
@@ -216,14 +248,17 @@ def _log(args: argparse.Namespace, message: str) -> None:
 
 def _prediction_options(args: argparse.Namespace, defaults: PredictOptions) -> PredictOptions:
     """The defaults with the options given on the command line, checked before any work."""
+    if args.uncertainty and args.student == "on":
+        raise ValueError("--uncertainty comes from the teacher, not the distilled student: give --student off "
+                         "(or auto)")
     return defaults.replace(tile_size=args.tile_size, ensemble=args.ensemble, refine=args.refine,
-                            estimator=args.estimator)
+                            estimator=args.estimator, student=args.student != "off" and not args.uncertainty)
 
 
 def command_fit(args: argparse.Namespace) -> None:
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
-    denoiser = _fit(args, image, axes)
+    denoiser = _fit(args, _new_denoiser(args), image, axes, args.time_budget)
     denoiser.save(args.output)
     _log(args, f"saved the model to {args.output}")
 
@@ -242,11 +277,30 @@ def command_denoise(args: argparse.Namespace) -> None:
                          "leave out --estimator blind_spot and --pd (or give --pd 1)")
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
-    denoiser = _fit(args, image, axes)
+    denoiser = _new_denoiser(args)
+    plan = denoiser.plan_student("off" if args.uncertainty else args.student, image.data, axes, args.time_budget)
+    _log(args, plan.reason)
+    _fit(args, denoiser, image, axes, plan.fit_budget or args.time_budget)
+    if plan.distil:
+        _distil(args, denoiser, image, axes, None, plan.distil_budget)
     if args.save_model:
         denoiser.save(args.save_model)
         _log(args, f"saved the model to {args.save_model}")
     _predict(args, denoiser, image, axes, options)
+
+
+def command_distil(args: argparse.Namespace) -> None:
+    denoiser = Denoiser.load(args.model, device=args.device)
+    image = read_image(args.input)
+    _distil(args, denoiser, image, _input_axes(image, args.axes), args.iterations, args.time_budget)
+    denoiser.save(args.output)
+    _log(args, f"saved the model with its student to {args.output}")
+
+
+def command_export(args: argparse.Namespace) -> None:
+    denoiser = Denoiser.load(args.model, device="cpu")
+    path = denoiser.export_bioimageio(args.output, name=args.name, authors=args.author or None)
+    _log(args, f"wrote the BioImage Model Zoo package {path}")
 
 
 def command_sample(args: argparse.Namespace) -> None:
@@ -262,6 +316,8 @@ def command_sample(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    student_help = ("denoise: distil a fast student UNet after the fit (auto: when that saves time on this data; "
+                    "the time budget is then shared); predict: use the model's student (auto: when it has one)")
     parser = argparse.ArgumentParser(
         prog="tbsn",
         description="Self-supervised TBSN denoising of microscopy images (TIFF, .npy, .zarr).",
@@ -302,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the camera's dark offset: the value of a pixel that detected nothing (default 0)")
 
     def tiling(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--tile-size", type=int, help="prediction tile size in pixels (default 768)")
+        sub.add_argument("--tile-size", type=_auto_or_whole,
+                         help="prediction tile size in pixels (default auto: from the free memory)")
+        sub.add_argument("--student", choices=("auto", "on", "off"), default="auto",
+                         help=student_help)
         sub.add_argument("--ensemble", type=_auto_or_whole, choices=("auto", 1, 8), default="auto",
                          help="8: average over flips and rotations (8x the prediction time); auto: 8 for "
                          "pixel-independent noise (pd 1) on inputs up to half a megapixel, else 1 "
@@ -340,6 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", type=Path, required=True, help="model file written by tbsn fit")
     predict.add_argument("-o", "--output", type=Path, required=True, help="denoised image (.tif, .npy, .zarr)")
     predict.set_defaults(run=command_predict)
+
+    distil = commands.add_parser("distil", help="distil a saved model's teacher into a fast student UNet")
+    common(distil)
+    budget = distil.add_mutually_exclusive_group()
+    budget.add_argument("--iterations", type=int, help="student training iterations")
+    budget.add_argument("--time-budget", type=float, help="seconds for the whole distillation")
+    distil.add_argument("--model", type=Path, required=True, help="model file written by tbsn fit")
+    distil.add_argument("-o", "--output", type=Path, required=True, help="model file with the student (.safetensors)")
+    distil.set_defaults(run=command_distil)
+
+    export = commands.add_parser("export", help="export a distilled model as a BioImage Model Zoo package")
+    export.add_argument("model", type=Path, help="model file with a distilled student")
+    export.add_argument("-o", "--output", type=Path, required=True, help="package file (NAME.bioimageio.zip)")
+    export.add_argument("--name", help="the model's name in the package")
+    export.add_argument("--author", action="append", help="an author's name (repeat for several)")
+    export.add_argument("--quiet", action="store_true")
+    export.set_defaults(run=command_export)
 
     sample = commands.add_parser("sample", help="write the bundled noisy sample stack and its clean reference")
     sample.add_argument("-o", "--output", type=Path, default=Path("."), help="folder (default: here)")

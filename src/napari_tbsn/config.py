@@ -233,16 +233,19 @@ class PredictOptions:
     "blind_spot" (the plain blind-spot mean). `ensemble`: 8 averages over flips and 90-degree
     rotations, 1 does not, "auto" takes 8 for small pixel-independent inputs. `refine`: R3
     rounds for correlated noise (pd > 1; 0 for none). `lattice`: apply the fitted lattice
-    filter (pixel-independent noise). Tiles of `tile_size` pixels overlap by `tile_overlap`
-    and run `batch_size` at a time."""
+    filter (pixel-independent noise). Tiles of `tile_size` pixels ("auto": as large as a
+    quarter of the free memory allows) overlap by `tile_overlap` and run `batch_size` at a
+    time. `student`: predict with the distilled student where the model has one (one fast
+    pass; the teacher's estimator, ensemble, R3 and lattice settings are then built into it)."""
 
     estimator: str = "posterior"
     ensemble: int | str = "auto"
     refine: int = R3_ROUNDS
     lattice: bool = True
-    tile_size: int = 768
+    tile_size: int | str = "auto"
     tile_overlap: int = 256
     batch_size: int = 4
+    student: bool = True
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -251,9 +254,13 @@ class PredictOptions:
             raise ValueError(f"ensemble must be 1 (off), 8 (flips and rotations) or 'auto', got {self.ensemble!r}")
         if self.ensemble != "auto":
             object.__setattr__(self, "ensemble", int(self.ensemble))
-        if not isinstance(self.lattice, bool):
-            raise ValueError(f"lattice must be True or False, got {self.lattice!r}")
-        for name, minimum in (("refine", 0), ("tile_size", MIN_TILE_SIZE), ("tile_overlap", 0), ("batch_size", 1)):
+        for name in ("lattice", "student"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.tile_size != "auto":
+            object.__setattr__(self, "tile_size", _check_whole("tile_size ('auto' or pixels)", self.tile_size,
+                                                              MIN_TILE_SIZE))
+        for name, minimum in (("refine", 0), ("tile_overlap", 0), ("batch_size", 1)):
             object.__setattr__(self, name, _check_whole(name, getattr(self, name), minimum))
 
     def replace(self, **changes: Any) -> "PredictOptions":

@@ -22,8 +22,10 @@ import torch
 from .axes import PlaneLayout, check_array, guess_axes
 from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkConfig, PredictOptions, network_preset
 from .devices import resolve_device
+from .distillation import StudentPlan, distil_model, plan_student
 from .fitting import FitSettings, context_for, fit_model
 from .model import FittedModel
+from .network import TBSN
 from .noise import NoiseModel
 from .prediction import (
     PredictProgress,
@@ -242,6 +244,73 @@ class Denoiser:
         self._model = model  # only a fit that succeeded replaces the model
         return self
 
+    # -- distillation ------------------------------------------------------------------
+    student = property(lambda self: self._fitted("student"), doc="The distilled student, or None.")
+
+    def distil(self, data, axes: str | None = None, iterations: int | None = None, time_budget: float | None = None,
+               callback: Callable[[Any], None] | None = None, cancel: threading.Event | None = None,
+               stop_training: threading.Event | None = None) -> Denoiser:
+        """Distil the fitted teacher into a fast UNet student (TBSN2UNet) on `data`, which
+        predict then uses (unless student=False). The teacher first predicts a few planes as
+        the predict options say (posterior, lattice, ensemble, R3); the student then trains to
+        reproduce them. `time_budget` covers both. The callback gets DistilProgress while the
+        teacher predicts and FitProgress while the student trains. Stop and cancel behave as
+        in fit(): a cancelled distillation raises FitCancelled and keeps the model as it was."""
+        return drive(self.distil_iter(data, axes, iterations, time_budget, cancel, stop_training), callback)
+
+    def distil_iter(self, data, axes: str | None = None, iterations: int | None = None,
+                    time_budget: float | None = None, cancel: threading.Event | None = None,
+                    stop_training: threading.Event | None = None) -> Generator[Any, None, Denoiser]:
+        """distil() as a generator (for GUIs); the arguments are checked when it is called."""
+        model = self._model
+        if model is None:
+            raise RuntimeError("fit the teacher first: distillation trains a student to reproduce it")
+        check_array(data)
+        layout = PlaneLayout.of(data.shape, axes or self._default_axes(data))
+        _check_budget(iterations, time_budget)
+        options = self._options.replace(student=False)
+        check_prediction_input(model, layout, None, None, options)
+        token = self._new_job(cancel)
+        return self._distil_steps(model, options, data, layout, iterations, time_budget, token, stop_training)
+
+    def _distil_steps(self, model, options, data, layout, iterations, time_budget, token, stop_training):
+        self._model = yield from distil_model(model, options, data, layout, iterations, time_budget, self._device,
+                                              token, stop_training)
+        return self
+
+    def plan_student(self, choice: str, data, axes: str, time_budget: float | None = None) -> StudentPlan:
+        """Whether Fit & Denoise should distil ("auto": when distillation and student prediction
+        take less time than teacher prediction, measured on this device), why, and how it
+        shares `time_budget` with the fit. Callable before the fit."""
+        check_array(data)
+        layout = PlaneLayout.of(data.shape, axes)
+        if self._model is not None:
+            teacher = self._model.network
+        else:
+            context = context_for(self._settings, layout)
+            teacher = TBSN(network_preset(self.preset, layout.channels, variance_head=self._settings.posterior,
+                                          context_channels=2 * context * layout.channels))
+        views = ensemble_size(1 if self.pd == "auto" else int(self.pd), self._options, layout.shape)
+        return plan_student(choice, teacher, self.preset, layout, views, time_budget, self._device)
+
+    def export_bioimageio(self, path: str | Path, *, name: str | None = None, authors: list[str] | None = None,
+                          **details: Any) -> Path:
+        """Write the distilled student as a BioImage Model Zoo package (bioimageio.spec 0.5 zip),
+        with a test tensor cut from the data it was distilled on. A model without a student is
+        refused: distil first."""
+        from .bioimageio import export_bioimageio
+
+        if self._model is None:
+            raise RuntimeError("nothing to export: fit() and distil() the Denoiser first")
+        student = self._model.student
+        sample = None if student is None else student.sample
+        return export_bioimageio(self._model, path, sample, name=name, authors=authors, **details)
+
+    def _default_axes(self, data) -> str:
+        model = self._model
+        return model.axes if model is not None and model.axes is not None and len(model.axes) == len(data.shape) \
+            else guess_axes(data.shape)
+
     # -- prediction --------------------------------------------------------------------
     def prediction_options(self, options: PredictOptions | None = None, **changes: Any) -> PredictOptions:
         """`options` (default: this Denoiser's) with `changes` (None values ignored), checked."""
@@ -289,9 +358,7 @@ class Denoiser:
             raise RuntimeError("this Denoiser has not been fitted yet: call fit() or Denoiser.load() first")
         options = self.prediction_options(options, ensemble=ensemble, **changes)
         check_array(data)
-        if axes is None:
-            axes = model.axes if model.axes is not None and len(model.axes) == len(data.shape) else guess_axes(data.shape)
-        layout = PlaneLayout.of(data.shape, axes)
+        layout = PlaneLayout.of(data.shape, axes or self._default_axes(data))
         check_prediction_input(model, layout, out, uncertainty, options)
         token = self._new_job(cancel)
         return self._predict_steps(model, options, data, layout, out, uncertainty, token)

@@ -56,3 +56,29 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
         return None
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return torch.bfloat16 if any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks) else None
+
+
+# Prediction tiles take at most this share of the memory free when they start.
+TILE_MEMORY_SHARE = 0.25
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a prediction on `device`: the GPU's free memory, or the host's available
+    memory (Linux MemAvailable; 4 GiB where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def tile_for_memory(bytes_per_pixel: float, device: torch.device, minimum: int, maximum: int = 4096) -> int:
+    """The largest square tile side (a multiple of 64) whose pass fits TILE_MEMORY_SHARE of the
+    free memory, from `minimum` to `maximum` pixels."""
+    side = int((TILE_MEMORY_SHARE * free_memory(device) / bytes_per_pixel) ** 0.5) // 64 * 64
+    return max(minimum, min(side, maximum))

@@ -23,6 +23,10 @@ from .network import TBSN
 from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel
 from .normalization import Normalizer
 from .posterior import NoiseTerms
+from .student import Student
+
+STUDENT_PREFIX = "student."
+SAMPLE_KEY = "sample.student_input"
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +49,7 @@ class FittedModel:
     variance_head_fitted: bool = True
     seed: int = 0
     fit_config: FitConfig = dataclasses.field(default_factory=FitConfig)
+    student: Student | None = None  # the distilled UNet (Denoiser.distil), or None
 
     @property
     def config(self) -> NetworkConfig:
@@ -100,17 +105,28 @@ class FittedModel:
             "tiling": {"tile_size": defaults.tile_size, "tile_overlap": defaults.tile_overlap,
                        "ensemble": defaults.ensemble},
             "training": dataclasses.asdict(self.summary) if self.summary else None,
+            "student": self.student.describe() if self.student else None,
             "package_version": __version__,
         }
 
     def save(self, path: str | Path, defaults: PredictOptions) -> Path:
-        """Weights (safetensors) and description (JSON header), written atomically."""
-        return save_model(path, self.network.state_dict(), self.describe(defaults))
+        """Weights (safetensors; the student's under "student.") and description (JSON header),
+        written atomically."""
+        state = dict(self.network.state_dict())
+        if self.student is not None:
+            state.update({STUDENT_PREFIX + name: tensor for name, tensor in self.student.network.state_dict().items()})
+            if self.student.sample is not None:
+                state[SAMPLE_KEY] = torch.tensor(self.student.sample)
+        return save_model(path, state, self.describe(defaults))
 
     @classmethod
     def load(cls, path: str | Path) -> tuple[FittedModel, PredictOptions]:
         """The model in `path` and the prediction defaults saved with it."""
         state, description = load_model(path)
+        sample = state.pop(SAMPLE_KEY, None)
+        student_state = {name[len(STUDENT_PREFIX):]: tensor for name, tensor in state.items()
+                         if name.startswith(STUDENT_PREFIX)}
+        state = {name: tensor for name, tensor in state.items() if not name.startswith(STUDENT_PREFIX)}
         try:
             network = TBSN(NetworkConfig.from_dict(description["network"]))
             network.load_state_dict(state, strict=True)
@@ -118,8 +134,7 @@ class FittedModel:
             defaults = PredictOptions(
                 estimator=description.get("estimator", "blind_spot"),
                 refine=int(description.get("refine", PredictOptions.refine)),
-                # Older versions took tiles below today's floor: predict those with the floor.
-                tile_size=max(int(tiling.get("tile_size", PredictOptions.tile_size)), MIN_TILE_SIZE),
+                tile_size=_saved_tile(tiling.get("tile_size", PredictOptions.tile_size)),
                 tile_overlap=max(int(tiling.get("tile_overlap", PredictOptions.tile_overlap)), 0),
                 ensemble=tiling.get("ensemble", PredictOptions.ensemble),
             )
@@ -138,11 +153,18 @@ class FittedModel:
                 variance_head_fitted=bool(description.get("variance_head_fitted", True)),
                 seed=int(description.get("seed", 0)),
                 fit_config=FitConfig.from_dict(description.get("fit", {})),
+                student=_optional(lambda d: Student.from_description(d, student_state, sample), description, "student"),
             )
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
             raise ModelFileError(f"{path} does not describe a usable TBSN model ({error}); save the model again") \
                 from error
         return model, defaults
+
+
+def _saved_tile(value) -> int | str:
+    """A saved tile size: "auto", or pixels (older versions took tiles below today's floor:
+    predict those with the floor)."""
+    return value if value == "auto" else max(int(value), MIN_TILE_SIZE)
 
 
 def _optional(read, description: dict, key: str):

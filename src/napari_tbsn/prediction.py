@@ -21,7 +21,7 @@ import torch
 
 from .axes import PlaneLayout
 from .config import MIN_TILE_SIZE, PredictOptions
-from .devices import autocast_dtype, out_of_memory_error
+from .devices import TILE_MEMORY_SHARE, autocast_dtype, free_memory, out_of_memory_error, tile_for_memory
 from .image_io import release_pages
 from .lattice import residual_weight
 from .model import FittedModel
@@ -29,7 +29,7 @@ from .noise import pd_down, pd_up
 from .patches import check_finite
 from .posterior import blind_spot_estimate, posterior_estimate, split_output
 from .progress import PredictionCancelled, raise_if_cancelled, remaining_seconds
-from .tiling import TiledPredictor, round_up
+from .tiling import MarginTiledPredictor, TiledPredictor, round_up
 
 # R3 (AP-BSN): each round swaps this fraction of the denoised pixels back to the noisy ones and
 # runs the network at full resolution; the rounds are averaged.
@@ -41,6 +41,11 @@ AUTO_ENSEMBLE_PIXELS = 2**19
 # The quality estimate's PSNR range: robust percentiles of the output (its extremes carry
 # residual noise; on D1 they overstate the clean range by 23%, the percentiles by 2%).
 RANGE_PERCENTILE = 0.1
+# Peak host memory of one pass per pixel of tile, measured on CPU (float32, variance head on):
+# the TBSN about 180 bytes per channel of its first level (tiny 1.4 kB, small 3.4-4.4 kB, paper
+# 8.9 kB); the small student 0.5 kB.
+TEACHER_BYTES_PER_PIXEL_PER_DIM = 180
+STUDENT_BYTES_PER_PIXEL_PER_WIDTH = 16
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,12 @@ def ensemble_size(pd: int, options: PredictOptions, shape: tuple[int, ...]) -> i
     return 8 if pd == 1 and math.prod(shape) <= AUTO_ENSEMBLE_PIXELS else 1
 
 
+def uses_student(model: FittedModel, options: PredictOptions) -> bool:
+    return options.student and model.student is not None
+
+
 def uses_posterior(model: FittedModel, options: PredictOptions) -> bool:
-    return options.estimator == "posterior" and model.predicts_posterior
+    return options.estimator == "posterior" and model.predicts_posterior and not uses_student(model, options)
 
 
 class TileModel:
@@ -180,13 +189,67 @@ class TileModel:
             total += self.forward(mixed, 1)[:, :channels]
         return total / self.options.refine
 
+    @property
+    def bytes_per_pixel(self) -> float:
+        return TEACHER_BYTES_PER_PIXEL_PER_DIM * self.model.config.dim
+
     def tiled(self, tile_size: int) -> TiledPredictor:
         granularity = self.network.size_multiple * self.model.predict_pd
         overlap = min(self.options.tile_overlap, tile_size // 2)
         # Tiles start on the network's grid, so a tile must exceed its overlap by a grid step.
         tile = max(granularity, (tile_size // granularity) * granularity, round_up(overlap + granularity, granularity))
-        return TiledPredictor(self, granularity, tile, overlap, self.options.batch_size, self.device,
-                              self.model.predict_pd)
+        batch = tiles_in_memory(tile, self.bytes_per_pixel, self.options, self.device)
+        return TiledPredictor(self, granularity, tile, overlap, batch, self.device, self.model.predict_pd)
+
+    def predict_iter(self, normalized: np.ndarray, tile_size: int):
+        """(C [+ context], H, W) -> (3C, H, W): estimate, posterior variance, squared error."""
+        return self.tiled(tile_size).predict_iter(normalized)
+
+
+class StudentModel:
+    """The distilled student on whole planes: (C [+ context], H, W) normalised -> (C, H, W)."""
+
+    def __init__(self, model: FittedModel, device: torch.device, cancel: threading.Event | None = None) -> None:
+        network = model.student.network
+        held = next(network.parameters()).device
+        if held.type != device.type or device.index not in (None, held.index):  # never move the shared model
+            network = copy.deepcopy(network).to(device)
+        self.network = network.eval()
+        self.device = device
+        self.cancel = cancel
+        fast = model.fit_config.mixed_precision and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16
+        self.autocast = torch.bfloat16 if fast else None
+
+    @property
+    def bytes_per_pixel(self) -> float:
+        return STUDENT_BYTES_PER_PIXEL_PER_WIDTH * self.network.config.width
+
+    def core(self, window: torch.Tensor) -> torch.Tensor:
+        raise_if_cancelled(self.cancel, PredictionCancelled, "prediction")
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            return self.network.core(window).float()
+
+    def predict_iter(self, normalized: np.ndarray, tile_size: int):
+        network = self.network
+        tiler = MarginTiledPredictor(self.core, network.padding, network.size_multiple, network.config.margin,
+                                     tile_size, self.device)
+        return tiler.predict_iter(normalized)
+
+
+def tiles_in_memory(tile: int, bytes_per_pixel: float, options: PredictOptions, device: torch.device) -> int:
+    """The batch of tiles: options.batch_size, fewer where their passes would not fit the
+    memory share that sizes automatic tiles."""
+    if options.tile_size != "auto":
+        return options.batch_size
+    fits = int(TILE_MEMORY_SHARE * free_memory(device) // (tile * tile * bytes_per_pixel))
+    return max(1, min(options.batch_size, fits))
+
+
+def tile_side(runner: TileModel | StudentModel, options: PredictOptions, device: torch.device) -> int:
+    """options.tile_size, or for "auto" the largest tile a quarter of the free memory holds."""
+    if options.tile_size != "auto":
+        return int(options.tile_size)
+    return tile_for_memory(runner.bytes_per_pixel, device, MIN_TILE_SIZE)
 
 
 def check_prediction_input(model: FittedModel, layout: PlaneLayout, out, uncertainty, options: PredictOptions) -> None:
@@ -201,6 +264,9 @@ def check_prediction_input(model: FittedModel, layout: PlaneLayout, out, uncerta
     for name, array in (("out", out), ("uncertainty", uncertainty)):
         if array is not None and tuple(array.shape) != layout.shape:
             raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {layout.shape}")
+    if uncertainty is not None and uses_student(model, options):
+        raise ValueError("an uncertainty map comes from the teacher, not the distilled student: "
+                         "predict with student=False (--student off)")
     if uncertainty is not None and not uses_posterior(model, options):
         raise ValueError("an uncertainty map needs the posterior estimator (a model fitted with "
                          "estimator='posterior' on pixel-independent noise)")
@@ -229,8 +295,11 @@ def predict_planes(
 ) -> Generator[PredictProgress, None, QualityEstimate | None]:
     """Denoise every plane of `data` into `out` (and `uncertainty`), yielding progress after
     every batch of tiles; returns the quality estimate (None where it cannot be estimated)."""
-    tiles = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
-    tile_size = options.tile_size
+    if uses_student(model, options):
+        runner: TileModel | StudentModel = StudentModel(model, device, cancel)
+    else:
+        runner = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
+    tile_size = tile_side(runner, options, device)
     tally = QualityTally()
     channels = model.channels
     scale = model.normalizer.scale.reshape(-1, 1, 1)
@@ -242,8 +311,8 @@ def predict_planes(
         normalized = model.normalizer.normalize(block)
         while True:
             try:
-                steps = tiles.tiled(tile_size).predict_iter(normalized)
-                result = yield from _plane_steps(steps, cancel, number, layout.plane_count, start)
+                steps = runner.predict_iter(normalized, tile_size)
+                result = yield from plane_steps(steps, cancel, number, layout.plane_count, start)
                 break
             except torch.OutOfMemoryError as error:
                 tile_size = _smaller_tile(tile_size, device, error)
@@ -252,13 +321,14 @@ def predict_planes(
         if uncertainty is not None:
             layout.write_plane(uncertainty, plane, np.sqrt(np.maximum(result[channels : 2 * channels], 0)) * scale)
             release_pages(uncertainty)
-        tally.add(denoised, result[2 * channels :] * scale**2)
+        if len(result) == 3 * channels:  # the student gives no error estimate (it sees every pixel)
+            tally.add(denoised, result[2 * channels :] * scale**2)
         release_pages(data)
         release_pages(out)
     return tally.estimate() if model.noise_model is not None and model.pd == 1 else None
 
 
-def _plane_steps(steps, cancel: threading.Event, number: int, planes: int, start: float):
+def plane_steps(steps, cancel: threading.Event, number: int, planes: int, start: float):
     while True:
         raise_if_cancelled(cancel, PredictionCancelled, "prediction")
         try:
@@ -283,6 +353,8 @@ def _smaller_tile(tile_size: int, device: torch.device, error: Exception) -> int
 
 
 def describe_output(model: FittedModel, options: PredictOptions) -> str:
+    if uses_student(model, options):
+        return "distilled student's"
     return "posterior" if uses_posterior(model, options) else "blind-spot mean"
 
 

@@ -177,3 +177,50 @@ class TiledPredictor:
         assert accumulated is not None
         inside = (slice(top, top + height), slice(left, left + width))
         return accumulated[(slice(None), *inside)] / weight_sum[inside]
+
+
+def margin_windows(length: int, tile: int, margin: int, multiple: int) -> list[tuple[int, int, int, int]]:
+    """(window start, window end, kept start, kept end) along a padded side of `length`: each
+    window reaches `margin` beyond the part it keeps, except at the side's ends; all on the
+    `multiple` grid (length, tile and margin must be multiples of it)."""
+    if length <= tile:
+        return [(0, length, 0, length)]
+    step = max(multiple, (tile - 2 * margin) // multiple * multiple)
+    windows = []
+    for start in range(0, length, step):
+        end = min(start + step, length)
+        windows.append((max(start - margin, 0), min(end + margin, length), start, end))
+    return windows
+
+
+class MarginTiledPredictor:
+    """Runs a network of bounded receptive field over a plane in windows cut from the plane
+    reflected as the network's own forward pass reflects it, keeping from each window only
+    pixels at least `margin` from its cut edges: the result equals one whole-plane pass."""
+
+    def __init__(self, core: Callable[[torch.Tensor], torch.Tensor], padding: Callable[[int], tuple[int, int]],
+                 multiple: int, margin: int, tile_size: int, device: torch.device) -> None:
+        self.core, self.padding, self.multiple, self.margin = core, padding, multiple, margin
+        self.tile_size = max(round_up(tile_size, multiple), 2 * margin + multiple)
+        self.device = device
+
+    def predict_iter(self, plane: np.ndarray) -> Generator[tuple[int, int], None, np.ndarray]:
+        """(C, H, W) float32 -> (C_out, H, W) float32, yielding (windows done, windows in all)."""
+        _, height, width = plane.shape
+        (top, bottom), (left, right) = self.padding(height), self.padding(width)
+        rows, columns = reflect_indices(height, top, bottom), reflect_indices(width, left, right)
+        padded = plane[:, rows[:, None], columns[None, :]]
+        windows = [(y, x) for y in margin_windows(len(rows), self.tile_size, self.margin, self.multiple)
+                   for x in margin_windows(len(columns), self.tile_size, self.margin, self.multiple)]
+        result: np.ndarray | None = None
+        for done, ((y0, y1, keep_y0, keep_y1), (x0, x1, keep_x0, keep_x1)) in enumerate(windows, 1):
+            window = torch.from_numpy(np.ascontiguousarray(padded[None, :, y0:y1, x0:x1])).to(self.device)
+            with torch.no_grad():
+                output = self.core(window)[0].float().cpu().numpy()
+            if result is None:
+                result = np.empty((output.shape[0], len(rows), len(columns)), dtype=np.float32)
+            result[:, keep_y0:keep_y1, keep_x0:keep_x1] = output[:, keep_y0 - y0 : keep_y1 - y0,
+                                                                 keep_x0 - x0 : keep_x1 - x0]
+            yield done, len(windows)
+        assert result is not None
+        return result[:, top : top + height, left : left + width]

@@ -86,7 +86,14 @@ class Trainer:
         seed: int = 0,
         cancel: threading.Event | None = None,
         stop_training: threading.Event | None = None,
+        objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        inputs: int | None = None,
+        forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """By default the network is fitted blind-spot: it reads the whole batch (the plane,
+        then its context planes) and the loss compares its output to the noisy plane. Another
+        `objective(output, batch)` (distillation: output against the teacher's channels after
+        the first `inputs`) and `forward` can be given."""
         self.network = network
         self.sampler = sampler
         self.config = config
@@ -100,7 +107,10 @@ class Trainer:
         self.autocast = autocast_dtype(device) if config.mixed_precision else None
         # float16 needs its gradients scaled so that small ones do not underflow; bfloat16 does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
-        self.forward = self._maybe_compile(network)
+        self.forward = forward or self._maybe_compile(network)
+        self.compiled = forward is None and self.forward is not network
+        self.objective = objective or self._blind_spot_objective
+        self.inputs = inputs
         self.validation = torch.from_numpy(sampler.validation)
         self.validation_every = validation_interval(len(self.validation), config)
         self.cancel_token = cancel if cancel is not None else threading.Event()
@@ -145,20 +155,24 @@ class Trainer:
     def cancel(self) -> None:
         self.cancel_token.set()
 
+    def _blind_spot_objective(self, output: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        blind = self.network.config.in_channels  # the rest of the batch is context planes
+        return blind_spot_loss(output[:, :blind], batch[:, :blind])
+
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
         batch = pd_down(batch.to(self.device, non_blocking=True), self.pd)
+        inputs = batch[:, : self.inputs]
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             try:
-                output = self.forward(batch)
+                output = self.forward(inputs)
             except torch.OutOfMemoryError:
                 raise  # not a compile failure: the caller shrinks the batch
             except Exception:
-                if self.forward is self.network:
+                if not self.compiled:
                     raise
-                self.forward = self.network  # a compile failure shows at the first call
-                output = self.network(batch)
-        blind = self.network.config.in_channels  # the rest of the batch is context planes
-        return blind_spot_loss(output[:, :blind], batch[:, :blind])
+                self.forward, self.compiled = self.network, False  # a compile failure shows at the first call
+                output = self.network(inputs)
+        return self.objective(output, batch)
 
     @torch.no_grad()
     def validation_loss(self) -> float:

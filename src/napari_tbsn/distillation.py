@@ -1,0 +1,213 @@
+"""Distillation (TBSN2UNet): a fast UNet student learns to give the fitted teacher's output.
+
+Targets are the teacher's own predictions of whole planes, made exactly as `predict` makes
+them (posterior, lattice filter, ensemble, pd and R3), so a target pixel is what the user
+would get from the teacher there. Measured (benchmarks/distill.py): computing targets on the
+fly on training patches would need the teacher's whole overlap around each patch, 20x or more
+the pixels of the patch, while whole planes cost one pass per pixel; so the teacher predicts
+a few evenly spaced planes once, and the student trains on random crops of them with held-out
+blocks for validation, keeping its best weights, under the same stop and cancel as a fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .axes import PlaneLayout
+from .config import FitConfig, PredictOptions
+from .devices import out_of_memory_error
+from .network.unet import UNet, student_preset
+from .student import DistilSummary, Student, sample_crop
+from .patches import PatchSampler, check_finite, fitting_patch_size
+from .prediction import TileModel, ensemble_size, plane_steps, tile_side
+from .progress import CancellableArray, FitCancelled, raise_if_cancelled
+from .training import Trainer
+
+# The teacher predicts about this many pixels of targets (whole planes, at least one).
+TARGET_PIXELS = 2**20
+# How the student is fitted. Patches are large next to its grid (32) so that the zero padding
+# at their borders touches little of the loss.
+DISTIL_CONFIGS: dict[str, FitConfig] = {
+    "tiny": FitConfig(patch_size=64, batch_size=4, learning_rate=2e-3, weight_decay=0.0, default_iterations=300,
+                      validation_patches_max=8),
+    "small": FitConfig(patch_size=128, batch_size=4, learning_rate=1e-3, weight_decay=0.0, default_iterations=1000,
+                       validation_patches_max=8),
+    "paper": FitConfig(patch_size=128, batch_size=8, learning_rate=5e-4, weight_decay=0.0, default_iterations=20000),
+}
+# Where Fit & Denoise distils under one time budget, the teacher fits for the rest of it.
+DISTIL_SHARE = 0.3
+
+
+@dataclass(frozen=True)
+class DistilProgress:
+    """Progress of the distillation's first phase, the teacher's target planes."""
+
+    plane: int
+    planes: int
+    elapsed: float
+    eta: float | None
+    fraction: float
+    phase: str = "teacher targets"
+
+
+def target_planes(layout: PlaneLayout) -> list[tuple[int, ...]]:
+    """Evenly spaced planes, up to TARGET_PIXELS, in an order whose every prefix is spread
+    over the stack (a time budget may stop after any of them)."""
+    picks = layout.evenly_spaced(max(1, math.ceil(TARGET_PIXELS / (layout.height * layout.width))))
+    order: list[int] = []
+    for step in range(8 * len(picks)):
+        index = int(((step * GOLDEN) % 1.0) * len(picks))
+        if index not in order:
+            order.append(index)
+    order += [index for index in range(len(picks)) if index not in order]
+    return [picks[index] for index in order]
+
+
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def teacher_targets(model, options: PredictOptions, device: torch.device, data, layout: PlaneLayout,
+                    cancel: threading.Event, time_budget: float | None = None,
+                    ) -> Generator[DistilProgress, None, np.ndarray]:
+    """(N, C * (1 + 2k) + C, H, W): the normalised input blocks of evenly spaced planes, each
+    followed by the teacher's normalised output for it. With a time budget, no new plane is
+    started after half of it (one plane at least)."""
+    picks = target_planes(layout)
+    tiles = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
+    tile = tile_side(tiles, options, device)
+    inputs = layout.channels * (1 + 2 * model.context_planes)
+    stack = np.empty((len(picks), inputs + model.channels, layout.height, layout.width), dtype=np.float32)
+    start = time.perf_counter()
+    done = 0
+    for number, plane in enumerate(picks):
+        if number and time_budget is not None and time.perf_counter() - start > time_budget / 2:
+            break
+        block = layout.read_plane_with_context(data, plane, model.context_planes)
+        check_finite(block, f"plane {plane} of the input")
+        stack[number, :inputs] = model.normalizer.normalize(block)
+        steps = plane_steps(tiles.predict_iter(stack[number, :inputs], tile), cancel, number,
+                            len(picks), start)
+        while True:
+            try:
+                progress = next(steps)
+            except StopIteration as finished:
+                stack[number, inputs:] = finished.value[: model.channels]
+                break
+            yield DistilProgress(number, len(picks), progress.elapsed, progress.eta, progress.fraction)
+        done += 1
+    return stack[:done]
+
+
+def l1_objective(inputs: int):
+    def objective(output: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        return torch.mean(torch.abs(output.float() - batch[:, inputs:].float()))
+    return objective
+
+
+def distil_model(model, options: PredictOptions, data, layout: PlaneLayout, iterations: int | None,
+                 time_budget: float | None, device: torch.device, cancel: threading.Event,
+                 stop_training: threading.Event | None = None):
+    """Distil `model`'s teacher into a new student, yielding DistilProgress while the teacher
+    predicts its target planes and FitProgress while the student trains; returns the model with
+    the student. A time budget covers both phases. Cancelling raises FitCancelled (the model
+    the caller holds is unchanged); stop_training ends the training with the best weights."""
+    start = time.perf_counter()
+    data = CancellableArray(data, cancel)
+    stack = yield from teacher_targets(model, options, device, data, layout, cancel, time_budget)
+    sample = sample_crop(layout.read_plane_with_context(data, target_planes(layout)[0], model.context_planes))
+    target_seconds = time.perf_counter() - start
+    raise_if_cancelled(cancel, FitCancelled, "the distillation")
+    inputs = stack.shape[1] - model.channels
+    torch.manual_seed(model.seed)
+    network = UNet(student_preset(model.preset, inputs, model.channels)).to(device)
+    config = DISTIL_CONFIGS[model.preset]
+    patch = fitting_patch_size(config.patch_size, layout.height, layout.width, network.size_multiple)
+    rng = np.random.default_rng(model.seed)
+    sampler = PatchSampler(stack, patch, config.validation_fraction, config.validation_patches_max, rng)
+    trainer = Trainer(network, sampler, config, device, 1, model.seed, cancel, stop_training,
+                      objective=l1_objective(inputs), inputs=inputs, forward=network.core)
+    left = None if time_budget is None else max(time_budget - target_seconds, 0.1 * time_budget)
+    try:
+        training = yield from trainer.run(iterations, left)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory_error(device, "distilling") from error
+    if cancel.is_set() or training.iterations == 0:
+        raise FitCancelled("the distillation was stopped; the model is unchanged")
+    summary = DistilSummary(
+        iterations=training.iterations, seconds=time.perf_counter() - start, target_seconds=target_seconds,
+        target_planes=len(stack), best_iteration=training.best_iteration,
+        best_validation_loss=training.best_validation_loss, stopped_early=training.stopped_early,
+        teacher_options=options.to_dict(), history=training.history)
+    return dataclasses.replace(model, student=Student(network.eval(), summary, sample))
+
+
+# -- choosing between the teacher and a student ---------------------------------------------
+
+@dataclass(frozen=True)
+class StudentPlan:
+    """Whether to distil before predicting, why, and how a time budget is shared."""
+
+    distil: bool
+    reason: str
+    fit_budget: float | None = None
+    distil_budget: float | None = None
+
+
+def _seconds_per_pixel(network: torch.nn.Module, channels: int, size: int, device: torch.device) -> float:
+    """One timed pass (after a warm-up) on a random input of size x size."""
+    sample = torch.rand(1, channels, size, size, device=device)
+    with torch.no_grad():
+        network(sample)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        network(sample)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) / size**2
+
+
+def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: PlaneLayout, views: int,
+                 time_budget: float | None, device: torch.device) -> StudentPlan:
+    """`choice` "on", "off" or "auto": auto distils when distillation plus student prediction
+    takes less time than teacher prediction, both estimated from passes timed on this device
+    with the networks this data needs (their speed does not depend on their weights)."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"student must be 'auto', 'on' or 'off', got {choice!r}")
+    if choice == "off":
+        return StudentPlan(False, "the teacher predicts (student off)")
+
+    def split(plan_distil: bool, reason: str) -> StudentPlan:
+        if not plan_distil or time_budget is None:
+            return StudentPlan(plan_distil, reason)
+        return StudentPlan(True, reason, time_budget * (1 - DISTIL_SHARE), time_budget * DISTIL_SHARE)
+
+    if choice == "on":
+        return split(True, "distilling a student (student on)")
+    channels = teacher.config.in_channels + teacher.config.context_channels
+    student = UNet(student_preset(preset, channels, teacher.config.in_channels)).to(device).eval()
+    size = teacher.size_multiple * max(1, 256 // teacher.size_multiple)
+    pixels = layout.plane_count * layout.height * layout.width
+    teacher_rate = _seconds_per_pixel(teacher.eval(), channels, size, device) * views
+    student_rate = _seconds_per_pixel(student, channels, size, device)
+    teacher_seconds = pixels * teacher_rate
+    config = DISTIL_CONFIGS[preset]
+    if time_budget is not None:  # its share of the budget: targets, then training
+        distil_seconds = time_budget * DISTIL_SHARE
+    else:
+        target_pixels = len(target_planes(layout)) * layout.height * layout.width
+        distil_seconds = target_pixels * teacher_rate + \
+            config.default_iterations * 3 * config.batch_size * config.patch_size**2 * student_rate
+    distil_seconds += pixels * student_rate
+    numbers = f"teacher prediction ~{teacher_seconds:.0f} s, distillation and student prediction ~{distil_seconds:.0f} s"
+    if distil_seconds < teacher_seconds:
+        return split(True, f"distilling a student: {numbers}")
+    return StudentPlan(False, f"the teacher predicts: {numbers}")

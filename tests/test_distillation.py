@@ -1,0 +1,202 @@
+"""The distilled student (TBSN2UNet): its network, its tiling, its use in prediction, its file
+format, and distillation's stop and cancel."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_tbsn import Denoiser, FitCancelled, FitProgress
+from napari_tbsn.cli import main
+from napari_tbsn.config import PredictOptions
+from napari_tbsn.distillation import DistilProgress, plan_student, target_planes
+from napari_tbsn.axes import PlaneLayout
+from napari_tbsn.network.unet import StudentConfig, UNet, student_preset
+from napari_tbsn.student import Student
+
+from .conftest import noisy_image
+
+
+def with_student(denoiser: Denoiser, seed: int = 1) -> Denoiser:
+    """The denoiser's model with an untrained (random, so distinct from the teacher) student."""
+    model = denoiser.model
+    torch.manual_seed(seed)
+    inputs = model.channels * (1 + 2 * model.context_planes)
+    student = Student(UNet(student_preset("tiny", inputs, model.channels)).eval())
+    return Denoiser.from_model(dataclasses.replace(model, student=student), denoiser.options, device="cpu")
+
+
+@pytest.mark.parametrize("config", [StudentConfig(8, 2, 2), StudentConfig(8, 3, 1), StudentConfig(6, 2, 3, 3, 1)])
+def test_the_stated_radius_bounds_the_receptive_field(config):
+    torch.manual_seed(0)
+    network = UNet(config).double()
+    size = 24 * config.size_multiple
+    for row, column in ((size // 2, size // 2), (size // 2 + 1, size // 2 + 2), (size // 2 + 3, size // 2 - 1)):
+        probe = torch.randn(1, config.in_channels, size, size, dtype=torch.float64, requires_grad=True)
+        network.core(probe)[0, 0, row, column].backward()
+        reach = (probe.grad[0].abs().sum(0) > 0).nonzero()
+        assert (reach[:, 0] - row).abs().max() <= config.radius
+        assert (reach[:, 1] - column).abs().max() <= config.radius
+        assert (reach[:, 0] - row).abs().max() > config.radius // 2  # the bound is not loose by far
+
+
+def test_tiled_student_prediction_equals_one_whole_pass(fitted_tiny):
+    denoiser = with_student(fitted_tiny)
+    _, noisy = noisy_image((300, 260), seed=3)
+    whole = denoiser.predict(noisy, "YX", tile_size=2048)
+    tiled = denoiser.predict(noisy, "YX", tile_size=320)  # 64-pixel steps with 128-pixel margins
+    network = denoiser.student.network
+    normalizer = denoiser.normalizer
+    with torch.no_grad():
+        direct = network(torch.from_numpy(normalizer.normalize(noisy[None]))[None])[0].numpy()
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+    np.testing.assert_allclose(whole, normalizer.denormalize(direct)[0], atol=1e-4)
+
+
+def test_prediction_uses_the_student_when_present_and_the_teacher_bit_for_bit_when_off(fitted_tiny):
+    _, noisy = noisy_image((128, 128), seed=4)
+    student = with_student(fitted_tiny)
+    teacher_only = fitted_tiny.predict(noisy, "YX")
+    np.testing.assert_array_equal(student.predict(noisy, "YX", student=False), teacher_only)
+    assert not np.allclose(student.predict(noisy, "YX"), teacher_only, atol=1e-3)
+    assert student.quality is None  # the student gives no blind-spot error estimate
+    with pytest.raises(ValueError, match="student=False"):
+        student.predict(noisy, "YX", uncertainty=np.empty_like(noisy))
+
+
+def test_a_student_is_saved_beside_the_teacher_and_old_files_still_load(fitted_tiny, tmp_path):
+    sample = np.arange(2 * 32 * 32, dtype=np.float32).reshape(1, 64, 32)
+    denoiser = with_student(fitted_tiny)
+    model = dataclasses.replace(denoiser.model, student=dataclasses.replace(denoiser.student, sample=sample))
+    Denoiser.from_model(model).save(tmp_path / "with.safetensors")
+    loaded = Denoiser.load(tmp_path / "with.safetensors", device="cpu")
+    for name, tensor in model.student.network.state_dict().items():
+        assert torch.equal(tensor, loaded.student.network.state_dict()[name])
+    np.testing.assert_array_equal(loaded.student.sample, sample)
+    fitted_tiny.save(tmp_path / "teacher.safetensors")
+    assert Denoiser.load(tmp_path / "teacher.safetensors", device="cpu").student is None
+
+
+@pytest.fixture(scope="module")
+def distilled():
+    _, noisy = noisy_image((128, 128), seed=5)
+    teacher = Denoiser(preset="tiny", device="cpu", pd=1).fit(noisy, "YX", iterations=20)
+    items = []
+    before = teacher.model
+    teacher.distil(noisy, "YX", iterations=20, callback=items.append)
+    return teacher, before, noisy, items
+
+
+def test_distillation_reports_both_phases_and_keeps_the_teacher(distilled):
+    denoiser, before, noisy, items = distilled
+    assert isinstance(items[0], DistilProgress) and isinstance(items[-1], FitProgress)
+    assert items[-1].iteration == 20 and denoiser.student.summary.iterations == 20
+    assert denoiser.model.network is before.network  # the teacher is the same object
+    assert denoiser.student.sample.shape == (1, 128, 128)
+    np.testing.assert_array_equal(denoiser.predict(noisy, "YX", student=False), Denoiser.from_model(before).predict(
+        noisy, "YX"))
+
+
+def test_targets_are_the_teachers_whole_image_output(distilled, monkeypatch):
+    """The student learns exactly what predict(student=False) gives."""
+    denoiser, before, noisy, _ = distilled
+    import napari_tbsn.distillation as distillation
+
+    seen = {}
+    original = distillation.PatchSampler
+
+    def spy(stack, *args, **kwargs):
+        seen["stack"] = stack
+        return original(stack, *args, **kwargs)
+
+    monkeypatch.setattr(distillation, "PatchSampler", spy)
+    teacher = Denoiser.from_model(before)
+    teacher.distil(noisy, "YX", iterations=1)
+    expected = teacher.normalizer.normalize(teacher.predict(noisy, "YX", student=False)[None])
+    np.testing.assert_allclose(seen["stack"][0, 1:], expected, atol=1e-5)
+
+
+def test_a_cancelled_distillation_keeps_the_model_and_a_stopped_one_keeps_its_best(distilled):
+    denoiser, before, noisy, _ = distilled
+    fresh = Denoiser.from_model(before)
+    cancel = threading.Event()
+
+    def stop_at_fifth(item):
+        if isinstance(item, FitProgress) and item.iteration == 5:
+            cancel.set()
+
+    with pytest.raises(FitCancelled):
+        fresh.distil(noisy, "YX", iterations=50, callback=stop_at_fifth, cancel=cancel)
+    assert fresh.model is before and fresh.student is None
+    stop = threading.Event()
+
+    def end_training(item):
+        if isinstance(item, FitProgress) and item.iteration == 5:
+            stop.set()
+
+    fresh.distil(noisy, "YX", iterations=50, callback=end_training, stop_training=stop)
+    assert fresh.student.summary.iterations == 5 and fresh.student.summary.stopped_early
+
+
+def test_fine_tuning_drops_the_student_it_no_longer_matches(distilled):
+    denoiser, _, noisy, _ = distilled
+    tuned = Denoiser.from_model(denoiser.model).fit(noisy, "YX", iterations=2)
+    assert tuned.student is None
+
+
+def test_planning_a_student(fitted_tiny):
+    layout = PlaneLayout.of((4, 128, 128), "ZYX")
+    teacher = fitted_tiny.network
+    assert not plan_student("off", teacher, "tiny", layout, 1, 300, torch.device("cpu")).distil
+    on = plan_student("on", teacher, "tiny", layout, 1, 300, torch.device("cpu"))
+    assert on.distil and on.fit_budget + on.distil_budget == pytest.approx(300)
+    auto = plan_student("auto", teacher, "tiny", layout, 1, None, torch.device("cpu"))
+    assert "teacher prediction ~" in auto.reason
+    with pytest.raises(ValueError, match="auto"):
+        plan_student("maybe", teacher, "tiny", layout, 1, None, torch.device("cpu"))
+
+
+def test_target_planes_spread_over_the_stack_in_any_prefix():
+    layout = PlaneLayout.of((100, 256, 256), "ZYX")
+    picks = [plane[0] for plane in target_planes(layout)]
+    assert len(picks) == len(set(picks)) == 16
+    assert max(picks[:3]) - min(picks[:3]) > 40
+
+
+def test_tile_size_is_auto_or_pixels():
+    assert PredictOptions().tile_size == "auto"
+    assert PredictOptions(tile_size=128).tile_size == 128
+    with pytest.raises(ValueError, match="tile_size"):
+        PredictOptions(tile_size="big")
+
+
+def test_cli_distil_then_predict_with_and_without_the_student(distilled, tmp_path):
+    denoiser, before, noisy, _ = distilled
+    source = tmp_path / "noisy.npy"
+    np.save(source, noisy)
+    Denoiser.from_model(before).save(tmp_path / "teacher.safetensors")
+    assert main(["distil", str(source), "--model", str(tmp_path / "teacher.safetensors"), "-o",
+                 str(tmp_path / "student.safetensors"), "--iterations", "3", "--quiet"]) == 0
+    for model, choice, name in (("teacher", "auto", "t.npy"), ("student", "off", "s_off.npy"),
+                                ("student", "auto", "s.npy")):
+        assert main(["predict", str(source), "--model", str(tmp_path / f"{model}.safetensors"), "-o",
+                     str(tmp_path / name), "--student", choice, "--quiet"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s_off.npy"), np.load(tmp_path / "t.npy"))
+    assert not np.array_equal(np.load(tmp_path / "s.npy"), np.load(tmp_path / "t.npy"))
+
+
+def test_cli_refuses_a_student_that_is_not_there(distilled, tmp_path, capsys):
+    _, before, noisy, _ = distilled
+    source = tmp_path / "noisy.npy"
+    np.save(source, noisy)
+    Denoiser.from_model(before).save(tmp_path / "teacher.safetensors")
+    assert main(["predict", str(source), "--model", str(tmp_path / "teacher.safetensors"), "-o",
+                 str(tmp_path / "out.npy"), "--student", "on", "--quiet"]) == 2
+    assert "tbsn distil" in capsys.readouterr().err
+    assert main(["denoise", str(source), "-o", str(tmp_path / "out.npy"), "--uncertainty", str(tmp_path / "u.npy"),
+                 "--student", "on", "--preset", "tiny", "--iterations", "2", "--quiet"]) == 2
+    assert not (tmp_path / "out.npy").exists()
