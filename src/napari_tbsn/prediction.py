@@ -352,6 +352,11 @@ def _smaller_tile(tile_size: int, device: torch.device, error: Exception) -> int
     return tile_size // 2
 
 
+def describe_model(model: FittedModel, options: PredictOptions) -> str:
+    """Which network a prediction with these options runs, for status lines."""
+    return "the distilled student (UNet)" if uses_student(model, options) else "the TBSN teacher"
+
+
 def describe_output(model: FittedModel, options: PredictOptions) -> str:
     if uses_student(model, options):
         return "distilled student's"

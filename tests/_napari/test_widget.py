@@ -267,3 +267,32 @@ def test_a_stopped_fine_tune_keeps_the_previous_model_and_camera_fields_can_go_b
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert widget.denoiser is not fitted and not widget.denoiser.noise_model.given
+
+
+def test_fit_and_denoise_with_a_student_then_export(viewer_and_widget, qtbot, tmp_path):
+    viewer, widget = viewer_and_widget
+    _, image = noisy_image((128, 128), seed=6)
+    viewer.add_image(image, name="cells")
+    widget.form.iterations.value = 3
+    widget.form.time_budget.value = 0
+    widget.form.student.value = "on"
+    seen = []
+    show = widget.progress_bar.setFormat
+    widget.progress_bar.setFormat = lambda text: (seen.append(text), show(text))
+    widget.fit_denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser.student is not None
+    assert any(text.startswith("distil: teacher plane") for text in seen)
+    assert any(text.startswith("distil: student iteration") for text in seen)
+    assert len(widget.loss_plot.training) == widget.denoiser.student.summary.iterations  # the student's loss
+    assert "denoised by the distilled student" in widget.status.text()
+    assert viewer.layers["cells (TBSN)"].data.shape == (128, 128)
+
+    widget.form.student.value = "off"  # predict with the teacher
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert "denoised by the TBSN teacher" in widget.status.text()
+
+    pytest.importorskip("bioimageio.spec")
+    package = widget.export_model(tmp_path / "cells.bioimageio.zip")
+    assert package.is_file() and "exported" in widget.status.text()

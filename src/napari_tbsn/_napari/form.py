@@ -52,6 +52,7 @@ class JobSettings:
     noise_model: NoiseModel | None
     options: PredictOptions
     uncertainty: bool
+    student: str = "auto"  # distil a student UNet after the fit: "auto", "on" or "off"
 
 
 class SettingsForm(Container):
@@ -75,7 +76,13 @@ class SettingsForm(Container):
             value="posterior", tooltip="posterior: folds the noisy pixel back in with the fitted noise model "
             "(pixel-independent noise); blind-spot mean: the network's prediction alone")
         self.uncertainty = CheckBox(label="uncertainty layer", value=False,
-                                    tooltip="also add the posterior standard deviation as a layer")
+                                    tooltip="also add the posterior standard deviation as a layer (from the teacher: "
+                                    "no student is distilled or used)")
+        self.student = ComboBox(
+            label="student", choices=[("auto (when it saves time)", "auto"), ("on", "on"), ("off", "off")],
+            value="auto", tooltip="distil a fast UNet student from the fitted network and denoise with it; auto: "
+            "when distilling and predicting with it takes less time than predicting with the fitted network "
+            "(a time budget is then shared with the fit)")
         self.device_select = ComboBox(
             label="device", choices=[("auto", "auto")] + [(name, device) for device, name in available_devices()],
             value="auto")
@@ -87,7 +94,7 @@ class SettingsForm(Container):
                                                                   FIT_PRESETS[preset].patch_size))
         super().__init__(widgets=[
             self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget, self.context,
-            self.estimator, self.uncertainty, self.device_select, self.show_advanced, self.advanced,
+            self.estimator, self.uncertainty, self.student, self.device_select, self.show_advanced, self.advanced,
         ])
 
     def _advanced_fields(self) -> list:
@@ -97,8 +104,9 @@ class SettingsForm(Container):
             "2-5 for spatially correlated noise")
         self.patch_size = SpinBox(label="patch size", min=64, max=1024, step=64, value=FIT_PRESETS["small"].patch_size,
                                   tooltip="training patch size in pixels (a multiple of 64)")
-        self.tile_size = SpinBox(label="tile size", min=64, max=8192, step=64, value=PredictOptions.tile_size,
-                                 tooltip="prediction tile size in pixels: smaller needs less memory")
+        self.tile_size = SpinBox(label="tile size", min=0, max=8192, step=64, value=0,
+                                 tooltip="prediction tile size in pixels: smaller needs less memory; "
+                                 "0: as large as a quarter of the free memory allows")
         self.camera_gain = FloatSpinBox(
             label="camera gain", min=0, max=1e6, step=0.1, value=0,
             tooltip="calibrated noise model: image units per detected photon (e.g. ADU per electron); "
@@ -140,8 +148,10 @@ class SettingsForm(Container):
             pd=self.pd.value, context=self.context.value, device=self.device_select.value, iterations=iterations,
             time_budget=budget, fit_config=dataclasses.replace(FIT_PRESETS[preset], patch_size=int(self.patch_size.value)),
             noise_model=self.camera_noise(),
-            options=PredictOptions(estimator=self.estimator.value, tile_size=int(self.tile_size.value)),
+            options=PredictOptions(estimator=self.estimator.value, tile_size=int(self.tile_size.value) or "auto",
+                                   student=self.student.value != "off" and not self.uncertainty.value),
             uncertainty=bool(self.uncertainty.value),
+            student="off" if self.uncertainty.value else self.student.value,
         )
 
     def show_model(self, preset: str, pd: int, noise_model: NoiseModel | None) -> None:

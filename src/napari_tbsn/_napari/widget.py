@@ -17,7 +17,8 @@ from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPush
 
 from ..axes import PlaneLayout
 from ..denoiser import Denoiser, PredictProgress
-from ..prediction import uses_posterior
+from ..distillation import DistilProgress
+from ..prediction import describe_model, uses_posterior
 from ..progress import Cancelled, Stops, format_seconds
 from ..training import FitProgress
 from .form import JobSettings, SettingsForm
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 _RUNNING_WORKERS: set = set()
 PROGRESS_STEPS = 1000
 MODEL_FILES = "TBSN model (*.safetensors)"
+ZOO_FILES = "BioImage Model Zoo package (*.zip)"
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,11 @@ class DenoiseWidget(QWidget):
         self._activity = None
         self._activity_done = 0
         self._closed = False
+        self._distilling = False  # whether the running job's progress is a distillation's
         self.form = SettingsForm(self._image_layers)
         self.buttons = {name: QPushButton(name) for name in
-                        ("Fit", "Stop", "Denoise", "Fit && Denoise", "Preview slice", "Save model…", "Load model…")}
+                        ("Fit", "Stop", "Denoise", "Fit && Denoise", "Preview slice", "Save model…", "Load model…",
+                         "Export to Model Zoo…")}
         self.fit_button, self.stop_button = self.buttons["Fit"], self.buttons["Stop"]
         self.denoise_button, self.fit_denoise_button = self.buttons["Denoise"], self.buttons["Fit && Denoise"]
         self.preview_button = self.buttons["Preview slice"]
@@ -65,7 +69,8 @@ class DenoiseWidget(QWidget):
         self.loss_plot, self.noise_plot = LossPlot(), NoisePlot()
         self._lay_out()
         actions = (lambda: self._fit(then_denoise=False), self.stop, self._on_denoise,
-                   lambda: self._fit(then_denoise=True), self._on_preview, self._on_save, self._on_load)
+                   lambda: self._fit(then_denoise=True), self._on_preview, self._on_save, self._on_load,
+                   self._on_export)
         for button, action in zip(self.buttons.values(), actions):
             button.clicked.connect(lambda *_, action=action: action())
         for event in ("removed", "reordered"):
@@ -167,7 +172,7 @@ class DenoiseWidget(QWidget):
         worker.finished.connect(self._on_finished)
         _RUNNING_WORKERS.add(worker)
         worker.finished.connect(lambda: _RUNNING_WORKERS.discard(worker))
-        self._worker, self._stops = worker, stops
+        self._worker, self._stops, self._distilling = worker, stops, False
         self._set_busy(True)
         self.progress_bar.setFormat(f"{description}…")
         worker.start()
@@ -177,17 +182,23 @@ class DenoiseWidget(QWidget):
             return
         if self._stops is not None:
             self._stops.follow(item)  # on the GUI thread, in step with what the user sees
-        if isinstance(item, FitProgress):
+        if isinstance(item, DistilProgress):
+            if not self._distilling:  # the plot now shows the student's loss
+                self._distilling = True
+                self.loss_plot.clear()
+            text = f"distil: teacher plane {item.plane + 1}/{item.planes}, ETA {format_seconds(item.eta)}"
+        elif isinstance(item, FitProgress):
             self.loss_plot.add(item.iteration, item.loss, item.validation_loss)
             best = "" if item.best_validation_loss is None else f", best val {item.best_validation_loss:.4g}"
-            text = f"fit: iteration {item.iteration}, loss {item.loss:.4g}{best}, ETA {format_seconds(item.eta)}"
+            phase = "distil: student" if self._distilling else "fit:"
+            text = f"{phase} iteration {item.iteration}, loss {item.loss:.4g}{best}, ETA {format_seconds(item.eta)}"
         elif isinstance(item, PredictProgress):
             text = f"denoise: plane {item.plane + 1}/{item.planes}, ETA {format_seconds(item.eta)}"
         else:
             return
         steps = int(round(item.fraction * PROGRESS_STEPS))
-        self.progress_bar.setValue(steps)
         self.progress_bar.setFormat(text)
+        self.progress_bar.setValue(steps)
         if self._activity is not None and steps > self._activity_done:
             self._activity.update(steps - self._activity_done)
             self._activity_done = steps
@@ -230,10 +241,21 @@ class DenoiseWidget(QWidget):
         self.loss_plot.clear()
 
         def job(stops):
-            yield from denoiser.fit_iter(settings.data, settings.axes, settings.iterations, settings.time_budget,
+            plan = denoiser.plan_student(settings.student if then_denoise or settings.student == "on" else "off",
+                                         settings.data, settings.axes, settings.time_budget)
+            yield from denoiser.fit_iter(settings.data, settings.axes, settings.iterations,
+                                         plan.fit_budget or settings.time_budget,
                                          cancel=stops.cancel, stop_training=stops.stop_training)
-            if not then_denoise or stops.cancel.is_set() or stops.stop_training.is_set():
-                return denoiser, None  # Stop pressed: keep the model, skip the denoise
+            if stops.cancel.is_set() or stops.stop_training.is_set():
+                return denoiser, None  # Stop pressed: keep the model, skip what follows
+            if plan.distil:
+                try:
+                    yield from denoiser.distil_iter(settings.data, settings.axes, time_budget=plan.distil_budget,
+                                                    cancel=stops.cancel, stop_training=stops.stop_training)
+                except Cancelled:
+                    return denoiser, None  # the fitted teacher is kept
+            if not then_denoise or stops.cancel.is_set():
+                return denoiser, None
             try:  # the fitted model is kept whatever becomes of the denoise
                 return denoiser, (yield from self._predict_job(denoiser, settings, settings.data, stops.cancel))
             except Cancelled:
@@ -254,7 +276,8 @@ class DenoiseWidget(QWidget):
         self.denoiser = denoiser
         self.noise_plot.show_model(denoiser.noise_model, denoiser.noise_measurement)
         if denoiser.summary is not None:
-            self._say(f"fitted: {denoiser.summary.describe()}\n{denoiser.describe_noise()}")
+            student = f"\n{denoiser.student.summary.describe()}" if denoiser.student is not None else ""
+            self._say(f"fitted: {denoiser.summary.describe()}{student}\n{denoiser.describe_noise()}")
 
     # -- denoise -----------------------------------------------------------------------
     @staticmethod
@@ -265,7 +288,7 @@ class DenoiseWidget(QWidget):
         uncertainty = output_array(tuple(data.shape)) if wants_uncertainty else None
         yield from denoiser.predict_iter(data, settings.axes, out=out, uncertainty=uncertainty,
                                          options=settings.options, cancel=cancel)
-        return out, uncertainty, denoiser.quality
+        return out, uncertainty, denoiser.quality, describe_model(denoiser.model, settings.options)
 
     def _job_settings(self) -> tuple[JobSettings, Denoiser] | None:
         try:
@@ -288,7 +311,7 @@ class DenoiseWidget(QWidget):
         if result is None:
             self._say("denoise stopped")
             return
-        out, uncertainty, quality = result
+        out, uncertainty, quality, model = result
         replace = name is not None  # a new preview replaces the last one
         name = name or f"{layer.name} (TBSN)"
         add_result_layer(self.viewer, layer, out, name, translate, replace=replace)
@@ -297,7 +320,7 @@ class DenoiseWidget(QWidget):
                              replace=replace)
         estimate = f"; {quality.describe()}" if quality is not None else ""
         self._say(f"added '{name}'" + (" and its uncertainty (posterior SD)" if uncertainty is not None else "")
-                  + estimate)
+                  + f", denoised by {model}{estimate}")
 
     # -- preview -----------------------------------------------------------------------
     def _on_preview(self) -> None:
@@ -313,8 +336,8 @@ class DenoiseWidget(QWidget):
         quick = dataclasses.replace(settings, options=settings.options.replace(ensemble=1))  # a quick look: no x8
 
         def cut(result):
-            denoised, uncertainty, quality = result
-            return denoised[keep], None if uncertainty is None else uncertainty[keep], quality
+            denoised, uncertainty, quality, model = result
+            return denoised[keep], None if uncertainty is None else uncertainty[keep], quality, model
 
         self._start(lambda stops: (yield from self._predict_job(denoiser, quick, block, stops.cancel)), "TBSN preview",
                     lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
@@ -341,6 +364,17 @@ class DenoiseWidget(QWidget):
 
     def _on_load(self) -> None:
         self._with_file(QFileDialog.getOpenFileName(self, "Load TBSN model", "", MODEL_FILES), self.load_model)
+
+    def export_model(self, path: str | Path) -> Path:
+        if self.denoiser is None:
+            raise ValueError("nothing to export yet: Fit a model with the student option on first")
+        exported = self.denoiser.export_bioimageio(path)
+        self._say(f"exported the student to {exported} (BioImage Model Zoo format)")
+        return exported
+
+    def _on_export(self) -> None:
+        self._with_file(QFileDialog.getSaveFileName(self, "Export to the BioImage Model Zoo", "tbsn.bioimageio.zip",
+                                                    ZOO_FILES), self.export_model)
 
     def _with_file(self, chosen: tuple[str, str], action) -> None:
         if chosen[0]:
