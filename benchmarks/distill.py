@@ -89,7 +89,7 @@ def _predict_planes(denoiser: Denoiser, noisy: np.ndarray, axes: str, picks, use
     ensemble = denoiser.ensemble_size(noisy.shape)
     if picks is None:
         return denoiser.predict(noisy, axes, student=use_student, ensemble=ensemble)
-    reach = max(denoiser.context_planes, 1)
+    reach = denoiser.context_planes
     planes = []
     for pick in picks:
         low, high = max(0, pick - reach), min(noisy.shape[0], pick + reach + 1)
@@ -150,17 +150,15 @@ def main() -> None:
                 print(f"| {device} | {rates['teacher']:.3f} | {rates['student']:.3f} | "
                       f"{rates['student'] / rates['teacher']:.0f}x |", flush=True)
     if args.cases:
-        rows = []
-        for name in args.cases.split(","):
-            rows.append(quality(name, args.budget, args.planes, "auto"))
-            print(rows[-1]["student_summary"], flush=True)
         print("| case | evaluated | teacher PSNR | student PSNR | difference | distillation s | teacher predict s | "
               "student predict s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for r in rows:
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+        for name in args.cases.split(","):
+            r = quality(name, args.budget, args.planes, "auto")
             print(f"| {r['case']} | {r['evaluated']} | {r['teacher']:.2f} | {r['student']:.2f} | "
                   f"{r['student'] - r['teacher']:+.2f} | {r['distil_s']:.0f} | {r['teacher_s']:.1f} | "
                   f"{r['student_s']:.1f} |", flush=True)
+            print(f"  {r['case']}: teacher fitted {r['iterations']} iterations; {r['student_summary']}", flush=True)
     if args.stack:
         rows = stack_run(args.budget)
         print("| --student | wall s | PSNR |\n| --- | --- | --- |")

@@ -46,15 +46,30 @@ def test_the_stated_radius_bounds_the_receptive_field(config):
 
 def test_tiled_student_prediction_equals_one_whole_pass(fitted_tiny):
     denoiser = with_student(fitted_tiny)
-    _, noisy = noisy_image((300, 260), seed=3)
-    whole = denoiser.predict(noisy, "YX", tile_size=2048)
-    tiled = denoiser.predict(noisy, "YX", tile_size=320)  # 64-pixel steps with 128-pixel margins
+    _, noisy = noisy_image((300, 420), seed=3)
+    whole = denoiser.predict(noisy, "YX", tile_size=4096)
+    tiled = denoiser.predict(noisy, "YX", tile_size=64)  # windows keep 64 pixels: 5 x 7 of them
     network = denoiser.student.network
     normalizer = denoiser.normalizer
     with torch.no_grad():
         direct = network(torch.from_numpy(normalizer.normalize(noisy[None]))[None])[0].numpy()
     np.testing.assert_allclose(tiled, whole, atol=1e-4)
     np.testing.assert_allclose(whole, normalizer.denormalize(direct)[0], atol=1e-4)
+
+
+def test_tiled_student_with_channels_and_context_planes_equals_one_whole_pass():
+    _, stack = noisy_image((4, 2, 150, 200), seed=7)
+    teacher = Denoiser(preset="tiny", device="cpu", pd=1, context=1).fit(stack, "ZCYX", iterations=2)
+    assert teacher.context_planes == 1
+    denoiser = with_student(teacher)
+    assert denoiser.student.config.in_channels == 6 and denoiser.student.config.out_channels == 2
+    whole = denoiser.predict(stack, "ZCYX", tile_size=4096)
+    tiled = denoiser.predict(stack, "ZCYX", tile_size=64)
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+    block = np.concatenate([stack[1], stack[0], stack[2]])  # plane 1, then its neighbours, as the teacher reads
+    with torch.no_grad():
+        direct = denoiser.student.network(torch.from_numpy(denoiser.normalizer.normalize(block))[None])[0].numpy()
+    np.testing.assert_allclose(whole[1], denoiser.normalizer.denormalize(direct), atol=1e-4)
 
 
 def test_prediction_uses_the_student_when_present_and_the_teacher_bit_for_bit_when_off(fitted_tiny):
@@ -148,16 +163,25 @@ def test_fine_tuning_drops_the_student_it_no_longer_matches(distilled):
     assert tuned.student is None
 
 
-def test_planning_a_student(fitted_tiny):
-    layout = PlaneLayout.of((4, 128, 128), "ZYX")
-    teacher = fitted_tiny.network
-    assert not plan_student("off", teacher, "tiny", layout, 1, 300, torch.device("cpu")).distil
-    on = plan_student("on", teacher, "tiny", layout, 1, 300, torch.device("cpu"))
+def test_planning_a_student(fitted_tiny, monkeypatch):
+    import napari_tbsn.distillation as distillation
+
+    stack = PlaneLayout.of((400, 512, 512), "ZYX")
+    teacher, cpu = fitted_tiny.network, torch.device("cpu")
+    assert not plan_student("off", teacher, "tiny", stack, 1, 300, cpu).distil
+    on = plan_student("on", teacher, "tiny", stack, 1, 300, cpu)
     assert on.distil and on.fit_budget + on.distil_budget == pytest.approx(300)
-    auto = plan_student("auto", teacher, "tiny", layout, 1, None, torch.device("cpu"))
-    assert "teacher prediction ~" in auto.reason
+    single = plan_student("auto", teacher, "tiny", PlaneLayout.of((512, 512), "YX"), 8, 300, cpu)
+    assert not single.distil and "every plane" in single.reason
+    # Timed passes: teacher 10 us/px, student 0.1 us/px.
+    rates = iter([1e-5, 1e-7] * 4)
+    monkeypatch.setattr(distillation, "_seconds_per_pixel", lambda *args: next(rates))
+    many = plan_student("auto", teacher, "tiny", stack, 1, 300, cpu)
+    assert many.distil and many.fit_budget == pytest.approx(210) and "teacher prediction ~1049 s" in many.reason
+    few = plan_student("auto", teacher, "tiny", PlaneLayout.of((8, 512, 512), "ZYX"), 1, 300, cpu)
+    assert not few.distil  # 21 s of teacher prediction: distilling costs more
     with pytest.raises(ValueError, match="auto"):
-        plan_student("maybe", teacher, "tiny", layout, 1, None, torch.device("cpu"))
+        plan_student("maybe", teacher, "tiny", stack, 1, None, cpu)
 
 
 def test_target_planes_spread_over_the_stack_in_any_prefix():
@@ -199,4 +223,16 @@ def test_cli_refuses_a_student_that_is_not_there(distilled, tmp_path, capsys):
     assert "tbsn distil" in capsys.readouterr().err
     assert main(["denoise", str(source), "-o", str(tmp_path / "out.npy"), "--uncertainty", str(tmp_path / "u.npy"),
                  "--student", "on", "--preset", "tiny", "--iterations", "2", "--quiet"]) == 2
-    assert not (tmp_path / "out.npy").exists()
+    assert "--student off" in capsys.readouterr().err
+
+
+def test_cli_export_refuses_a_teacher_and_writes_a_package_for_a_student(distilled, tmp_path, capsys):
+    pytest.importorskip("bioimageio.spec")
+    denoiser, before, _, _ = distilled
+    Denoiser.from_model(before).save(tmp_path / "teacher.safetensors")
+    assert main(["export", str(tmp_path / "teacher.safetensors"), "-o", str(tmp_path / "t.bioimageio.zip")]) == 2
+    assert "distil it first" in capsys.readouterr().err and not (tmp_path / "t.bioimageio.zip").exists()
+    denoiser.save(tmp_path / "student.safetensors")
+    assert main(["export", str(tmp_path / "student.safetensors"), "-o", str(tmp_path / "s.bioimageio.zip"),
+                 "--author", "A. Biologist", "--quiet"]) == 0
+    assert (tmp_path / "s.bioimageio.zip").stat().st_size > 0

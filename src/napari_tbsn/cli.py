@@ -28,7 +28,7 @@ from .denoiser import Denoiser, PredictProgress
 from .image_io import ImageFile, check_writable, open_output, read_image
 from .model_io import ModelFileError, write_text_atomic
 from .noise import NoiseModel
-from .prediction import describe_output, uses_posterior
+from .prediction import describe_output, uses_posterior, uses_student
 from .progress import Cancelled, Stops, format_seconds
 from .training import FitProgress
 
@@ -138,10 +138,15 @@ def check_writable_file(path: Path) -> None:
         raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
 
 
-def _new_denoiser(args: argparse.Namespace) -> Denoiser:
+def _new_denoiser(args: argparse.Namespace, options: PredictOptions | None = None) -> Denoiser:
+    """A Denoiser with the fitting options and (for denoise: the distillation's teacher predicts
+    with them too) the prediction options given."""
     changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v is not None}
+    options = options or PredictOptions(estimator=args.estimator or "posterior", lattice=args.lattice)
     return Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
-                    estimator=args.estimator or "posterior", lattice=args.lattice,
+                    estimator=options.estimator, lattice=args.lattice, tile_size=options.tile_size,
+                    tile_overlap=options.tile_overlap, predict_batch_size=options.batch_size,
+                    ensemble=options.ensemble, refine=options.refine,
                     fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
                     noise_model=_camera_noise(args))
 
@@ -230,7 +235,9 @@ def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> No
     described = denoiser.describe()
     report = {
         "pd": denoiser.pd,
-        "estimator": "posterior" if uses_posterior(denoiser.model, options) else "blind_spot",
+        "estimator": "student" if uses_student(denoiser.model, options) else
+        "posterior" if uses_posterior(denoiser.model, options) else "blind_spot",
+        "student": denoiser.student.describe()["summary"] if uses_student(denoiser.model, options) else None,
         "context_planes": denoiser.context_planes,
         **{key: described[key] for key in ("lattice_filter", "noise_model", "noise_measurement", "noise_correlation",
                                            "training")},
@@ -277,7 +284,7 @@ def command_denoise(args: argparse.Namespace) -> None:
                          "leave out --estimator blind_spot and --pd (or give --pd 1)")
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
-    denoiser = _new_denoiser(args)
+    denoiser = _new_denoiser(args, options)
     plan = denoiser.plan_student("off" if args.uncertainty else args.student, image.data, axes, args.time_budget)
     _log(args, plan.reason)
     _fit(args, denoiser, image, axes, plan.fit_budget or args.time_budget)

@@ -131,6 +131,7 @@ class Denoiser:
                        noise_model=noise_model)
         # A fine-tune fits a lattice filter where the model has one (pd 1, not turned off).
         denoiser._settings = dataclasses.replace(denoiser._settings, lattice=model.lattice_filter is not None)
+        denoiser._options = options  # all of them (the constructor's arguments name most)
         denoiser._model = model
         return denoiser
 
@@ -290,8 +291,9 @@ class Denoiser:
             context = context_for(self._settings, layout)
             teacher = TBSN(network_preset(self.preset, layout.channels, variance_head=self._settings.posterior,
                                           context_channels=2 * context * layout.channels))
-        views = ensemble_size(1 if self.pd == "auto" else int(self.pd), self._options, layout.shape)
-        return plan_student(choice, teacher, self.preset, layout, views, time_budget, self._device)
+        pd = 1 if self.pd == "auto" else int(self.pd)
+        passes = ensemble_size(pd, self._options, layout.shape) * (1 + self._options.refine if pd > 1 else 1)
+        return plan_student(choice, teacher, self.preset, layout, passes, time_budget, self._device)
 
     def export_bioimageio(self, path: str | Path, *, name: str | None = None, authors: list[str] | None = None,
                           **details: Any) -> Path:

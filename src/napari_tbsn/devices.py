@@ -65,8 +65,9 @@ TILE_MEMORY_SHARE = 0.25
 def free_memory(device: torch.device) -> int:
     """Bytes free for a prediction on `device`: the GPU's free memory, or the host's available
     memory (Linux MemAvailable; 4 GiB where it cannot be read)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free, plus what torch holds cached but unused (a fit leaves much)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + max(int(cached), 0)
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
@@ -78,7 +79,8 @@ def free_memory(device: torch.device) -> int:
 
 
 def tile_for_memory(bytes_per_pixel: float, device: torch.device, minimum: int, maximum: int = 4096) -> int:
-    """The largest square tile side (a multiple of 64) whose pass fits TILE_MEMORY_SHARE of the
-    free memory, from `minimum` to `maximum` pixels."""
-    side = int((TILE_MEMORY_SHARE * free_memory(device) / bytes_per_pixel) ** 0.5) // 64 * 64
+    """The largest square tile side (a multiple of 256, so that small changes in free memory do
+    not change the tiling) whose pass fits TILE_MEMORY_SHARE of the free memory, from `minimum`
+    to `maximum` pixels."""
+    side = int((TILE_MEMORY_SHARE * free_memory(device) / bytes_per_pixel) ** 0.5) // 256 * 256
     return max(minimum, min(side, maximum))

@@ -11,6 +11,7 @@ blocks for validation, keeping its best weights, under the same stop and cancel 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import threading
@@ -27,8 +28,8 @@ from .devices import out_of_memory_error
 from .network.unet import UNet, student_preset
 from .student import DistilSummary, Student, sample_crop
 from .patches import PatchSampler, check_finite, fitting_patch_size
-from .prediction import TileModel, ensemble_size, plane_steps, tile_side
-from .progress import CancellableArray, FitCancelled, raise_if_cancelled
+from .prediction import TileModel, ensemble_size, plane_steps, smaller_tile, tile_side
+from .progress import CancellableArray, FitCancelled, PredictionCancelled, raise_if_cancelled
 from .training import Trainer
 
 # The teacher predicts about this many pixels of targets (whole planes, at least one).
@@ -44,6 +45,8 @@ DISTIL_CONFIGS: dict[str, FitConfig] = {
 }
 # Where Fit & Denoise distils under one time budget, the teacher fits for the rest of it.
 DISTIL_SHARE = 0.3
+# The least student training worth planning for (seconds; the small student's 300 iterations on a 2-core CPU).
+MIN_TRAINING_SECONDS = 40
 
 
 @dataclass(frozen=True)
@@ -93,17 +96,27 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
         block = layout.read_plane_with_context(data, plane, model.context_planes)
         check_finite(block, f"plane {plane} of the input")
         stack[number, :inputs] = model.normalizer.normalize(block)
-        steps = plane_steps(tiles.predict_iter(stack[number, :inputs], tile), cancel, number,
-                            len(picks), start)
         while True:
             try:
-                progress = next(steps)
-            except StopIteration as finished:
-                stack[number, inputs:] = finished.value[: model.channels]
+                steps = plane_steps(tiles.predict_iter(stack[number, :inputs], tile), cancel, number, len(picks),
+                                    start)
+                output = yield from _as_distil_progress(steps, number, len(picks))
                 break
-            yield DistilProgress(number, len(picks), progress.elapsed, progress.eta, progress.fraction)
+            except torch.OutOfMemoryError as error:
+                tile = smaller_tile(tile, device, error)
+        stack[number, inputs:] = output[: model.channels]
         done += 1
     return stack[:done]
+
+
+def _as_distil_progress(steps, number: int, planes: int):
+    """Relay a plane's prediction progress as DistilProgress; return its result."""
+    while True:
+        try:
+            progress = next(steps)
+        except StopIteration as finished:
+            return finished.value
+        yield DistilProgress(number, planes, progress.elapsed, progress.eta, progress.fraction)
 
 
 def l1_objective(inputs: int):
@@ -121,7 +134,10 @@ def distil_model(model, options: PredictOptions, data, layout: PlaneLayout, iter
     the caller holds is unchanged); stop_training ends the training with the best weights."""
     start = time.perf_counter()
     data = CancellableArray(data, cancel)
-    stack = yield from teacher_targets(model, options, device, data, layout, cancel, time_budget)
+    try:
+        stack = yield from teacher_targets(model, options, device, data, layout, cancel, time_budget)
+    except PredictionCancelled:
+        raise FitCancelled("the distillation was stopped; the model is unchanged") from None
     sample = sample_crop(layout.read_plane_with_context(data, target_planes(layout)[0], model.context_planes))
     target_seconds = time.perf_counter() - start
     raise_if_cancelled(cancel, FitCancelled, "the distillation")
@@ -175,39 +191,44 @@ def _seconds_per_pixel(network: torch.nn.Module, channels: int, size: int, devic
     return (time.perf_counter() - start) / size**2
 
 
-def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: PlaneLayout, views: int,
+def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: PlaneLayout, passes: int,
                  time_budget: float | None, device: torch.device) -> StudentPlan:
     """`choice` "on", "off" or "auto": auto distils when distillation plus student prediction
-    takes less time than teacher prediction, both estimated from passes timed on this device
-    with the networks this data needs (their speed does not depend on their weights)."""
+    takes less time than teacher prediction (`passes` network passes per pixel: ensemble views,
+    R3 rounds), both estimated from passes timed on this device with networks of the shapes this
+    data needs (their speed does not depend on their weights)."""
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"student must be 'auto', 'on' or 'off', got {choice!r}")
     if choice == "off":
         return StudentPlan(False, "the teacher predicts (student off)")
 
-    def split(plan_distil: bool, reason: str) -> StudentPlan:
-        if not plan_distil or time_budget is None:
-            return StudentPlan(plan_distil, reason)
+    def split(reason: str) -> StudentPlan:
+        if time_budget is None:
+            return StudentPlan(True, reason)
         return StudentPlan(True, reason, time_budget * (1 - DISTIL_SHARE), time_budget * DISTIL_SHARE)
 
     if choice == "on":
-        return split(True, "distilling a student (student on)")
+        return split("distilling a student (student on)")
+    planes = target_planes(layout)
+    if len(planes) >= layout.plane_count:
+        return StudentPlan(False, "the teacher predicts: a student would be distilled on every plane, "
+                                  "which costs more than predicting them with the teacher")
     channels = teacher.config.in_channels + teacher.config.context_channels
-    student = UNet(student_preset(preset, channels, teacher.config.in_channels)).to(device).eval()
     size = teacher.size_multiple * max(1, 256 // teacher.size_multiple)
-    pixels = layout.plane_count * layout.height * layout.width
-    teacher_rate = _seconds_per_pixel(teacher.eval(), channels, size, device) * views
+    timed_teacher = copy.deepcopy(teacher).to(device).eval()
+    student = UNet(student_preset(preset, channels, teacher.config.in_channels)).to(device).eval()
+    teacher_rate = _seconds_per_pixel(timed_teacher, channels, size, device) * passes
     student_rate = _seconds_per_pixel(student, channels, size, device)
-    teacher_seconds = pixels * teacher_rate
+    plane_pixels = layout.height * layout.width
+    teacher_seconds = layout.plane_count * plane_pixels * teacher_rate
     config = DISTIL_CONFIGS[preset]
-    if time_budget is not None:  # its share of the budget: targets, then training
-        distil_seconds = time_budget * DISTIL_SHARE
+    training = config.default_iterations * 3 * config.batch_size * config.patch_size**2 * student_rate
+    if time_budget is not None:  # its share of the budget, or one target plane and a little training
+        distil_seconds = max(time_budget * DISTIL_SHARE, plane_pixels * teacher_rate + MIN_TRAINING_SECONDS)
     else:
-        target_pixels = len(target_planes(layout)) * layout.height * layout.width
-        distil_seconds = target_pixels * teacher_rate + \
-            config.default_iterations * 3 * config.batch_size * config.patch_size**2 * student_rate
-    distil_seconds += pixels * student_rate
+        distil_seconds = len(planes) * plane_pixels * teacher_rate + training
+    distil_seconds += layout.plane_count * plane_pixels * student_rate
     numbers = f"teacher prediction ~{teacher_seconds:.0f} s, distillation and student prediction ~{distil_seconds:.0f} s"
     if distil_seconds < teacher_seconds:
-        return split(True, f"distilling a student: {numbers}")
+        return split(f"distilling a student: {numbers}")
     return StudentPlan(False, f"the teacher predicts: {numbers}")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 FORMAT_NAME = "napari-tbsn-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a distilled student may be saved beside the teacher; tile_size may be "auto"
 METADATA_KEY = "napari_tbsn"
 
 

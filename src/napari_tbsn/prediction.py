@@ -230,10 +230,13 @@ class StudentModel:
             return self.network.core(window).float()
 
     def predict_iter(self, normalized: np.ndarray, tile_size: int):
+        """`tile_size`: the pixels each window keeps; it reads `margin` more on each side."""
         network = self.network
         tiler = MarginTiledPredictor(self.core, network.padding, network.size_multiple, network.config.margin,
                                      tile_size, self.device)
         return tiler.predict_iter(normalized)
+
+
 
 
 def tiles_in_memory(tile: int, bytes_per_pixel: float, options: PredictOptions, device: torch.device) -> int:
@@ -246,10 +249,14 @@ def tiles_in_memory(tile: int, bytes_per_pixel: float, options: PredictOptions, 
 
 
 def tile_side(runner: TileModel | StudentModel, options: PredictOptions, device: torch.device) -> int:
-    """options.tile_size, or for "auto" the largest tile a quarter of the free memory holds."""
+    """options.tile_size, or for "auto" the largest tile a quarter of the free memory holds (for
+    the student: the pixels a window keeps, inside its margins)."""
     if options.tile_size != "auto":
         return int(options.tile_size)
-    return tile_for_memory(runner.bytes_per_pixel, device, MIN_TILE_SIZE)
+    side = tile_for_memory(runner.bytes_per_pixel, device, MIN_TILE_SIZE)
+    if isinstance(runner, StudentModel):
+        return max(MIN_TILE_SIZE, side - 2 * runner.network.config.margin)
+    return side
 
 
 def check_prediction_input(model: FittedModel, layout: PlaneLayout, out, uncertainty, options: PredictOptions) -> None:
@@ -315,7 +322,7 @@ def predict_planes(
                 result = yield from plane_steps(steps, cancel, number, layout.plane_count, start)
                 break
             except torch.OutOfMemoryError as error:
-                tile_size = _smaller_tile(tile_size, device, error)
+                tile_size = smaller_tile(tile_size, device, error)
         denoised = model.normalizer.denormalize(result[:channels])
         layout.write_plane(out, plane, denoised)
         if uncertainty is not None:
@@ -341,7 +348,7 @@ def plane_steps(steps, cancel: threading.Event, number: int, planes: int, start:
         yield PredictProgress(number, planes, done, total, elapsed, remaining_seconds(elapsed, fraction), fraction)
 
 
-def _smaller_tile(tile_size: int, device: torch.device, error: Exception) -> int:
+def smaller_tile(tile_size: int, device: torch.device, error: Exception) -> int:
     """Half the tile after an out-of-memory error, down to MIN_TILE_SIZE, and say so."""
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -179,13 +179,11 @@ class TiledPredictor:
         return accumulated[(slice(None), *inside)] / weight_sum[inside]
 
 
-def margin_windows(length: int, tile: int, margin: int, multiple: int) -> list[tuple[int, int, int, int]]:
+def margin_windows(length: int, step: int, margin: int) -> list[tuple[int, int, int, int]]:
     """(window start, window end, kept start, kept end) along a padded side of `length`: each
-    window reaches `margin` beyond the part it keeps, except at the side's ends; all on the
-    `multiple` grid (length, tile and margin must be multiples of it)."""
-    if length <= tile:
+    window keeps `step` pixels and reaches `margin` beyond them, except at the side's ends."""
+    if length <= step + 2 * margin:
         return [(0, length, 0, length)]
-    step = max(multiple, (tile - 2 * margin) // multiple * multiple)
     windows = []
     for start in range(0, length, step):
         end = min(start + step, length)
@@ -195,13 +193,14 @@ def margin_windows(length: int, tile: int, margin: int, multiple: int) -> list[t
 
 class MarginTiledPredictor:
     """Runs a network of bounded receptive field over a plane in windows cut from the plane
-    reflected as the network's own forward pass reflects it, keeping from each window only
-    pixels at least `margin` from its cut edges: the result equals one whole-plane pass."""
+    reflected as the network's own forward pass reflects it, each keeping `step` pixels at least
+    `margin` from its cut edges: the result equals one whole-plane pass. Step and margin must be
+    multiples of the network's grid, so every window sits on the whole pass's grid."""
 
     def __init__(self, core: Callable[[torch.Tensor], torch.Tensor], padding: Callable[[int], tuple[int, int]],
-                 multiple: int, margin: int, tile_size: int, device: torch.device) -> None:
-        self.core, self.padding, self.multiple, self.margin = core, padding, multiple, margin
-        self.tile_size = max(round_up(tile_size, multiple), 2 * margin + multiple)
+                 multiple: int, margin: int, step: int, device: torch.device) -> None:
+        self.core, self.padding, self.margin = core, padding, margin
+        self.step = max(multiple, step // multiple * multiple)
         self.device = device
 
     def predict_iter(self, plane: np.ndarray) -> Generator[tuple[int, int], None, np.ndarray]:
@@ -210,8 +209,8 @@ class MarginTiledPredictor:
         (top, bottom), (left, right) = self.padding(height), self.padding(width)
         rows, columns = reflect_indices(height, top, bottom), reflect_indices(width, left, right)
         padded = plane[:, rows[:, None], columns[None, :]]
-        windows = [(y, x) for y in margin_windows(len(rows), self.tile_size, self.margin, self.multiple)
-                   for x in margin_windows(len(columns), self.tile_size, self.margin, self.multiple)]
+        windows = [(y, x) for y in margin_windows(len(rows), self.step, self.margin)
+                   for x in margin_windows(len(columns), self.step, self.margin)]
         result: np.ndarray | None = None
         for done, ((y0, y1, keep_y0, keep_y1), (x0, x1, keep_x0, keep_x1)) in enumerate(windows, 1):
             window = torch.from_numpy(np.ascontiguousarray(padded[None, :, y0:y1, x0:x1])).to(self.device)

@@ -286,6 +286,7 @@ def test_fit_and_denoise_with_a_student_then_export(viewer_and_widget, qtbot, tm
     assert any(text.startswith("distil: student iteration") for text in seen)
     assert len(widget.loss_plot.training) == widget.denoiser.student.summary.iterations  # the student's loss
     assert "denoised by the distilled student" in widget.status.text()
+    assert "student: distilling a student (student on)" in widget.status.text()
     assert viewer.layers["cells (TBSN)"].data.shape == (128, 128)
 
     widget.form.student.value = "off"  # predict with the teacher

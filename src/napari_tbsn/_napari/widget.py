@@ -247,21 +247,24 @@ class DenoiseWidget(QWidget):
                                          plan.fit_budget or settings.time_budget,
                                          cancel=stops.cancel, stop_training=stops.stop_training)
             if stops.cancel.is_set() or stops.stop_training.is_set():
-                return denoiser, None  # Stop pressed: keep the model, skip what follows
-            if plan.distil:
+                return denoiser, None, plan.reason  # Stop pressed: keep the model, skip what follows
+            if plan.distil:  # a distillation that fails or is cancelled keeps the fitted teacher
                 try:
                     yield from denoiser.distil_iter(settings.data, settings.axes, time_budget=plan.distil_budget,
                                                     cancel=stops.cancel, stop_training=stops.stop_training)
                 except Cancelled:
-                    return denoiser, None  # the fitted teacher is kept
+                    return denoiser, None, plan.reason
+                except (ValueError, TypeError, MemoryError, FloatingPointError, OSError, RuntimeError) as error:
+                    return denoiser, _Failure(f"the fit succeeded, the distillation failed: {error}"), plan.reason
             if not then_denoise or stops.cancel.is_set():
-                return denoiser, None
+                return denoiser, None, plan.reason
             try:  # the fitted model is kept whatever becomes of the denoise
-                return denoiser, (yield from self._predict_job(denoiser, settings, settings.data, stops.cancel))
+                denoised = yield from self._predict_job(denoiser, settings, settings.data, stops.cancel)
+                return denoiser, denoised, plan.reason
             except Cancelled:
-                return denoiser, None
+                return denoiser, None, plan.reason
             except (ValueError, TypeError, MemoryError, OSError) as error:
-                return denoiser, _Failure(str(error))
+                return denoiser, _Failure(str(error)), plan.reason
 
         def done(result) -> None:
             self._on_fitted(result[0])
@@ -269,6 +272,8 @@ class DenoiseWidget(QWidget):
                 self._say(result[1].message, error=True)
             elif then_denoise:
                 self._add_result(settings.layer, result[1])
+            if result[0].student is not None or settings.student != "off":
+                self.status.setText(f"{self.status.text()}\nstudent: {result[2]}")  # what auto chose, and why
 
         self._start(job, "TBSN fit & denoise" if then_denoise else "TBSN fit", done)
 
