@@ -324,7 +324,7 @@ def command_sample(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     student_help = ("denoise: distil a fast student UNet after the fit (auto: when that saves time on this data; "
-                    "the time budget is then shared); predict: use the model's student (auto: when it has one)")
+                    "it adds its own minutes after the fit); predict: use the model's student (auto: when it has one)")
     parser = argparse.ArgumentParser(
         prog="tbsn",
         description="Self-supervised TBSN denoising of microscopy images (TIFF, .npy, .zarr).",

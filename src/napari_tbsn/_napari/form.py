@@ -82,7 +82,7 @@ class SettingsForm(Container):
             label="student", choices=[("auto (when it saves time)", "auto"), ("on", "on"), ("off", "off")],
             value="auto", tooltip="distil a fast UNet student from the fitted network and denoise with it; auto: "
             "when distilling and predicting with it takes less time than predicting with the fitted network "
-            "(a time budget is then shared with the fit)")
+            "(distillation adds a few minutes after the fit)")
         self.device_select = ComboBox(
             label="device", choices=[("auto", "auto")] + [(name, device) for device, name in available_devices()],
             value="auto")
