@@ -173,13 +173,13 @@ def test_planning_a_student(fitted_tiny, monkeypatch):
     assert on.distil and on.fit_budget == 300 and on.distil_budget is None  # the fit keeps its budget
     single = plan_student("auto", teacher, "tiny", PlaneLayout.of((512, 512), "YX"), 8, 300, cpu)
     assert not single.distil and "every plane" in single.reason
-    # Timed passes: teacher 10 us/px, student 0.1 us/px.
-    rates = iter([1e-5, 1e-7] * 4)
+    # Timed passes: teacher 10 us/px and student 0.1 us/px, then both 1 us/px.
+    rates = iter([1e-5, 1e-7, 1e-6, 1e-6])
     monkeypatch.setattr(distillation, "_seconds_per_pixel", lambda *args: next(rates))
     many = plan_student("auto", teacher, "tiny", stack, 1, 300, cpu)
     assert many.distil and many.fit_budget == 300 and "teacher prediction ~1049 s" in many.reason
-    few = plan_student("auto", teacher, "tiny", PlaneLayout.of((5, 512, 512), "ZYX"), 1, 300, cpu)
-    assert not few.distil  # 13 s of teacher prediction; 4 target planes and training cost more
+    few = plan_student("auto", teacher, "tiny", PlaneLayout.of((8, 512, 512), "ZYX"), 1, 300, cpu)
+    assert not few.distil and "teacher prediction ~2 s, distillation and student prediction ~18 s" in few.reason
     with pytest.raises(ValueError, match="auto"):
         plan_student("maybe", teacher, "tiny", stack, 1, None, cpu)
 
