@@ -103,6 +103,23 @@ def uses_posterior(model: FittedModel, options: PredictOptions) -> bool:
     return options.estimator == "posterior" and model.predicts_posterior and not uses_student(model, options)
 
 
+def on_device(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`network` in eval mode on `device`: itself where it is there, else a copy (the shared
+    model is never moved)."""
+    held = next(network.parameters()).device
+    if held.type != device.type or device.index not in (None, held.index):
+        network = copy.deepcopy(network).to(device)
+    return network.eval()
+
+
+def prediction_autocast(model: FittedModel, device: torch.device) -> torch.dtype | None:
+    """bfloat16 on GPUs that have it; float32 (None) elsewhere: on CPUs, where tiles then
+    reproduce the whole image, and on older GPUs, whose float16 could overflow with no loss
+    scale to catch it."""
+    fast = model.fit_config.mixed_precision and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16
+    return torch.bfloat16 if fast else None
+
+
 class TileModel:
     """What runs on one batch of tiles: (B, C [+ context], h, w) noisy, normalised -> (B, 3C, h, w):
     the estimate, its posterior variance (zero for the plain mean) and its squared-error estimate."""
@@ -114,17 +131,10 @@ class TileModel:
         self.device = device
         self.views = views
         self.cancel = cancel  # checked before every network pass: a stop waits for one pass at most
-        network = model.network
-        held = next(network.parameters()).device
-        if held.type != device.type or device.index not in (None, held.index):  # never move the shared model
-            network = copy.deepcopy(network).to(device)
-        self.network = network.eval()
+        self.network = on_device(model.network, device)
         self.posterior = uses_posterior(model, options)
         self.noise = model.noise_terms(device) if model.noise_model is not None else None
-        # bfloat16 on GPUs that have it; float32 elsewhere: on CPUs, where tiles then reproduce the
-        # whole image, and on older GPUs, whose float16 could overflow with no loss scale to catch it.
-        fast = model.fit_config.mixed_precision and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16
-        self.autocast = torch.bfloat16 if fast else None
+        self.autocast = prediction_autocast(model, device)
 
     def __call__(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
         channels = self.model.channels
@@ -210,15 +220,10 @@ class StudentModel:
     """The distilled student on whole planes: (C [+ context], H, W) normalised -> (C, H, W)."""
 
     def __init__(self, model: FittedModel, device: torch.device, cancel: threading.Event | None = None) -> None:
-        network = model.student.network
-        held = next(network.parameters()).device
-        if held.type != device.type or device.index not in (None, held.index):  # never move the shared model
-            network = copy.deepcopy(network).to(device)
-        self.network = network.eval()
+        self.network = on_device(model.student.network, device)
         self.device = device
         self.cancel = cancel
-        fast = model.fit_config.mixed_precision and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16
-        self.autocast = torch.bfloat16 if fast else None
+        self.autocast = prediction_autocast(model, device)
 
     @property
     def bytes_per_pixel(self) -> float:
