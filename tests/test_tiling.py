@@ -92,3 +92,65 @@ def test_a_plane_that_fits_the_tile_runs_as_one_tile_despite_its_border_padding(
     shapes.clear()
     assert np.allclose(predictor.predict(np.tile(plane, (1, 2, 1))), np.tile(plane, (1, 2, 1)))
     assert len(shapes) > 1 and all(shape == (128, 128) for shape in shapes)  # larger: tile_size tiles
+
+
+class RecordingPlane:
+    """A (C, H, W) plane that records the blocks read from it."""
+
+    def __init__(self, plane: np.ndarray) -> None:
+        self.plane, self.shape, self.reads = plane, plane.shape, []
+
+    def __getitem__(self, key):
+        self.reads.append(key[1:])
+        return self.plane[key]
+
+
+@pytest.mark.parametrize("period", [1, 2])
+def test_a_region_of_a_tiled_plane_equals_that_region_of_the_whole_and_reads_only_what_it_needs(period):
+    import torch
+
+    from napari_tbsn.tiling import TiledPredictor
+
+    torch.manual_seed(0)
+    convolution = torch.nn.Conv2d(2, 3, 5, padding=2)
+
+    def model(batch, inside=None):  # its output depends on the tile: blending matters
+        return convolution(batch) + batch.mean(dim=(-2, -1), keepdim=True)[:, :1]
+
+    plane = np.random.default_rng(0).normal(size=(2, 300, 420)).astype(np.float32)
+    tiler = TiledPredictor(model, 16, 128, 64, 3, torch.device("cpu"), period)
+    whole = tiler.predict(plane)
+    for rows, columns in ((slice(0, 300), slice(0, 420)), (slice(100, 160), slice(200, 420)), (slice(0, 16), slice(5, 9))):
+        recorded = RecordingPlane(plane)
+        part = drive_to_end(tiler.predict_iter(recorded, (rows, columns)))
+        np.testing.assert_allclose(part, whole[:, rows, columns], atol=1e-5)
+        (read_rows, read_columns), = recorded.reads
+        if (rows, columns) != (slice(0, 300), slice(0, 420)):
+            assert read_rows.stop - read_rows.start < 300 or read_columns.stop - read_columns.start < 420
+
+
+def test_a_region_of_a_student_pass_equals_that_region_of_the_whole():
+    import torch
+
+    from napari_tbsn.network.unet import StudentConfig, UNet
+    from napari_tbsn.tiling import MarginTiledPredictor
+
+    torch.manual_seed(0)
+    network = UNet(StudentConfig(8, 2, 2, 2, 1)).eval()
+    plane = np.random.default_rng(1).normal(size=(2, 300, 420)).astype(np.float32)
+    tiler = MarginTiledPredictor(network.core, network.padding, network.size_multiple, network.config.margin, 64,
+                                 torch.device("cpu"))
+    whole = drive_to_end(tiler.predict_iter(plane))
+    recorded = RecordingPlane(plane)
+    part = drive_to_end(tiler.predict_iter(recorded, (slice(150, 170), slice(0, 30))))
+    np.testing.assert_allclose(part, whole[:, 150:170, 0:30], atol=1e-5)
+    (read_rows, read_columns), = recorded.reads
+    assert read_rows.stop - read_rows.start <= tiler.step + 2 * network.config.margin < 300
+
+
+def drive_to_end(steps):
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value

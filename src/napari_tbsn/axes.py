@@ -13,6 +13,7 @@ import numpy as np
 
 AXIS_LETTERS = "STCZYX"
 CONTEXT_AXES = "ZT"  # where neighbouring planes show the same structures: depth first, then time
+Region = tuple[slice, slice]  # rows and columns of a plane
 
 
 def parse_axes(axes: str, ndim: int) -> str:
@@ -103,18 +104,21 @@ class PlaneLayout:
         dims = [self.shape[i] for i in self.plane_axes]
         return tuple(int(i) for i in np.unravel_index(flat, dims)) if dims else ()
 
-    def _selection(self, plane: tuple[int, ...]) -> tuple:
+    def _selection(self, plane: tuple[int, ...], region: Region | None = None) -> tuple:
         selection: list = [slice(None)] * len(self.shape)
         for axis, index in zip(self.plane_axes, plane):
             selection[axis] = index
+        if region is not None:
+            selection[self.axes.index("Y")], selection[self.axes.index("X")] = region
         return tuple(selection)
 
     def _kept_order(self) -> str:
         return "".join(a for a in self.axes if a in "CYX")
 
-    def read_plane(self, data, plane: tuple[int, ...]) -> np.ndarray:
-        """One plane as float32 (C, Y, X), read through the array's own slicing."""
-        block = np.asarray(data[self._selection(plane)], dtype=np.float32)
+    def read_plane(self, data, plane: tuple[int, ...], region: Region | None = None) -> np.ndarray:
+        """One plane (or its (rows, columns) `region`) as float32 (C, Y, X), read through the
+        array's own slicing."""
+        block = np.asarray(data[self._selection(plane, region)], dtype=np.float32)
         order = self._kept_order()
         if "C" not in order:
             return block[np.newaxis]
@@ -159,15 +163,16 @@ class PlaneLayout:
                              f"in a stack of {last + 1}")
         return plane[:position] + (index,) + plane[position + 1 :]
 
-    def read_plane_with_context(self, data, plane: tuple[int, ...], planes_each_side: int) -> np.ndarray:
+    def read_plane_with_context(self, data, plane: tuple[int, ...], planes_each_side: int,
+                                region: Region | None = None) -> np.ndarray:
         """(C * (1 + 2k), Y, X): the plane, then its neighbours at -k..-1, +1..+k along the
-        context axis."""
-        blocks = [self.read_plane(data, plane)]
+        context axis (of the (rows, columns) `region` only, where one is given)."""
+        blocks = [self.read_plane(data, plane, region)]
         if planes_each_side:
             self.check_context(planes_each_side, "choose a smaller context")
             letter = self.context_axis
             offsets = [*range(-planes_each_side, 0), *range(1, planes_each_side + 1)]
-            blocks += [self.read_plane(data, self.neighbour(plane, letter, offset)) for offset in offsets]
+            blocks += [self.read_plane(data, self.neighbour(plane, letter, offset), region) for offset in offsets]
         return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
 
     def evenly_spaced(self, count: int) -> list[tuple[int, ...]]:
@@ -195,11 +200,12 @@ class PlaneLayout:
             keep[axis] = slice(index - first, index - first + 1)
         return tuple(selection), tuple(keep)
 
-    def write_plane(self, out, plane: tuple[int, ...], block: np.ndarray) -> None:
-        """Store a (C, Y, X) block into `out` at `plane`, in `out`'s axis order."""
+    def write_plane(self, out, plane: tuple[int, ...], block: np.ndarray, region: Region | None = None) -> None:
+        """Store a (C, Y, X) block into `out` at `plane` (and its (rows, columns) `region`), in
+        `out`'s axis order."""
         order = self._kept_order()
         if "C" not in order:
             block = block[0]
         else:
             block = np.transpose(block, ["CYX".index(a) for a in order])
-        out[self._selection(plane)] = block
+        out[self._selection(plane, region)] = block

@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .axes import guess_axes, parse_axes
@@ -211,9 +212,13 @@ def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axe
     def on_progress(progress: PredictProgress) -> None:
         bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
 
+    if args.workers or args.scheduler:
+        bar.close()
+        _predict_on_cluster(args, denoiser, image, axes, options)
+        return
     try:
         with contextlib.ExitStack() as outputs, _interrupts() as stops:
-            out = outputs.enter_context(open_output(args.output, shape, axes, like=image))
+            out = outputs.enter_context(open_output(args.output, shape, axes, like=image, pyramid=args.pyramid))
             uncertainty = None
             if args.uncertainty:
                 uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image))
@@ -227,6 +232,52 @@ def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axe
         _log(args, denoiser.quality.describe())
     if args.report:
         _write_report(args.report, denoiser, options)
+
+
+@contextlib.contextmanager
+def _dask_client(args: argparse.Namespace) -> Iterator[Any]:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError as error:
+        raise ValueError("--workers and --scheduler need dask.distributed: pip install 'napari-tbsn[distributed]'") from error
+    if args.scheduler:
+        with Client(args.scheduler) as client:
+            yield client
+        return
+    if args.workers < 1:
+        raise ValueError(f"--workers takes a number of worker processes of 1 or more, not {args.workers}")
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _predict_on_cluster(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
+                        options: PredictOptions) -> None:
+    """Each worker predicts whole blocks of chunks and writes them into the output store; a
+    rerun after an interruption finds the finished blocks recorded and skips them."""
+    from distributed import progress
+
+    if args.uncertainty:
+        raise ValueError("--uncertainty is not made on a cluster: leave out --workers/--scheduler")
+    if image.format not in ("zarr", "ome-zarr"):
+        raise ValueError(f"--workers and --scheduler read .zarr or .ome.zarr inputs, which workers open chunk by chunk; "
+                         f"{args.input.name} is {image.format}: convert it first (e.g. with tifffile and zarr)")
+    shape = tuple(image.data.shape)
+    with _dask_client(args) as client:
+        _log(args, f"dask dashboard: {client.dashboard_link}")
+
+        def show_progress(futures) -> None:
+            if not args.quiet and futures:
+                progress(futures)
+
+        try:
+            with open_output(args.output, shape, axes, like=image, resumable=True, pyramid=args.pyramid) as out:
+                summary = denoiser.predict_on_cluster(client, image.data, axes, out, options=options,
+                                                      on_submit=show_progress)
+        except BaseException:
+            if not args.quiet:
+                print(f"\nthe finished blocks are kept: run the same command again to resume", file=sys.stderr)
+            raise
+    _log(args, f"wrote {args.output}: {summary.describe()}")
 
 
 def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> None:
@@ -377,6 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--uncertainty", type=Path,
                          help="also write the posterior standard deviation (same format and units as the output)")
         sub.add_argument("--report", type=Path, help="write the noise model, fit summary and quality estimate (JSON)")
+        cluster = sub.add_mutually_exclusive_group()
+        cluster.add_argument("--workers", type=int,
+                             help="predict on a local dask cluster of N worker processes; input and output .zarr or "
+                             ".ome.zarr; an interrupted run resumes where it stopped when run again")
+        cluster.add_argument("--scheduler", help="predict on a running dask.distributed cluster at this address (e.g. "
+                             "tcp://10.0.0.5:8786); input and output on a file system its workers see")
+        sub.add_argument("--pyramid", type=int, default=0,
+                         help="for an .ome.zarr output: also write N levels, each downsampled 2x in Y and X "
+                         "(napari then shows large stacks lazily)")
 
     def estimator(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--estimator", choices=("posterior", "blind_spot"),

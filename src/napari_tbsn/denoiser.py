@@ -23,6 +23,7 @@ from .axes import PlaneLayout, check_array, guess_axes
 from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkConfig, PredictOptions, network_preset
 from .devices import resolve_device
 from .distillation import StudentPlan, distil_model, plan_student
+from .distributed import ClusterSummary
 from .fitting import FitSettings, context_for, fit_model
 from .model import FittedModel
 from .network import TBSN
@@ -33,7 +34,9 @@ from .prediction import (
     check_prediction_input,
     describe_output,
     ensemble_size,
+    make_runner,
     predict_planes,
+    tile_side,
     uses_posterior,
 )
 from .progress import FitCancelled, PredictionCancelled, drive
@@ -336,7 +339,7 @@ class Denoiser:
 
     def predict(self, data, axes: str | None = None, out=None, callback: Callable[[PredictProgress], None] | None = None,
                 uncertainty=None, ensemble: int | str | None = None, *, options: PredictOptions | None = None,
-                cancel: threading.Event | None = None, **changes: Any):
+                cancel: threading.Event | None = None, client=None, **changes: Any):
         """Denoise `data` plane by plane; float32 in the input's units, same shape.
 
         `data` may be any array with numpy slicing (numpy, memmap, dask, zarr); it is read
@@ -346,7 +349,16 @@ class Denoiser:
         holds the estimated error of the result (None where it cannot be estimated).
         `options` (a PredictOptions) and keyword changes to it (`ensemble`, `estimator`,
         `lattice`, `refine`, `tile_size`, ...) apply to this call only.
+
+        With `client` (a dask.distributed Client) the cluster predicts: `data` and `out` must
+        be zarr arrays in folders every worker can read (see napari_tbsn.distributed); each
+        task writes its chunks of `out`, and a rerun after a failure skips the finished ones.
         """
+        if client is not None:
+            if uncertainty is not None:
+                raise ValueError("an uncertainty map is not made on a cluster: predict it without client=")
+            self.predict_on_cluster(client, data, axes, out, ensemble, options=options, cancel=cancel, **changes)
+            return out
         steps = self.predict_iter(data, axes, out, uncertainty, ensemble, options=options, cancel=cancel, **changes)
         return drive(steps, callback)
 
@@ -364,6 +376,33 @@ class Denoiser:
         check_prediction_input(model, layout, out, uncertainty, options)
         token = self._new_job(cancel)
         return self._predict_steps(model, options, data, layout, out, uncertainty, token)
+
+    def predict_on_cluster(self, client, data, axes: str | None, out, ensemble: int | str | None = None, *,
+                           options: PredictOptions | None = None, cancel: threading.Event | None = None,
+                           record: str | Path | None = None, on_submit: Callable[[list], None] | None = None,
+                           **changes: Any) -> ClusterSummary:
+        """predict(..., client=client), returning what the cluster did (blocks, and those an
+        earlier run had finished). `record`: the folder that keeps the finished blocks (default:
+        inside the output's store); `on_submit` gets the tasks' futures (e.g. for a progress bar)."""
+        from .distributed import predict_on_cluster
+
+        model = self._model
+        if model is None:
+            raise RuntimeError("this Denoiser has not been fitted yet: call fit() or Denoiser.load() first")
+        if out is None:
+            raise ValueError("with a client, give out=: a zarr array of the input's shape that every worker can write")
+        options = self.prediction_options(options, ensemble=ensemble, **changes)
+        check_array(data)
+        layout = PlaneLayout.of(data.shape, axes or self._default_axes(data))
+        check_prediction_input(model, layout, out, None, options)
+        views = ensemble_size(model.pd, options, layout.shape)
+        # The teacher's tiles decide its output: every task tiles as this process would.
+        tile_size = tile_side(make_runner(model, options, self._device, views), options, self._device)
+        self._quality = None
+        # Each worker takes its own device ("auto": its GPU where it has one).
+        return predict_on_cluster(client, model, self._options, options, data, layout, out, tile_size=tile_size,
+                                  views=views, record=None if record is None else Path(record), cancel=cancel,
+                                  on_submit=on_submit)
 
     def _predict_steps(self, model, options, data, layout, out, uncertainty, token):
         self._quality = None

@@ -32,6 +32,7 @@ import numpy as np
 
 from .axes import AXIS_LETTERS
 from .model_io import atomic_file
+from .omezarr import create_ome_zarr, is_ome_zarr_name, read_ome_zarr, write_pyramid
 
 # tifffile's axis letters -> ours. tifffile's S is RGB samples, i.e. our C.
 TIFF_AXES = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X"}
@@ -130,7 +131,11 @@ def _read_zarr(path: Path) -> ImageFile:
     except (ValueError, OSError, KeyError) as error:  # zarr 2 and 3 raise different subclasses
         raise ValueError(f"{path} is not a readable zarr store ({error}); point at a zarr array") from error
     if not hasattr(data, "shape"):
-        raise ValueError(f"{path} is a zarr group; point at one array inside it (e.g. {path}/0)")
+        found = read_ome_zarr(path)
+        if found is not None:
+            level, axes, metadata = found
+            return ImageFile(level, axes, "ome-zarr", metadata)
+        raise ValueError(f"{path} is a zarr group but no OME-Zarr image; point at one array inside it (e.g. {path}/0)")
     axes = data.attrs.get("axes")
     return ImageFile(data, axes if isinstance(axes, str) else None, "zarr")
 
@@ -405,13 +410,23 @@ def _tiff_options(axes: str, like: ImageFile | None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like: ImageFile | None = None) -> Iterator[Any]:
-    """A writable float32 array that becomes `path` only if the block completes."""
+def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like: ImageFile | None = None, *,
+                resumable: bool = False, pyramid: int = 0) -> Iterator[Any]:
+    """A writable float32 array that becomes `path` only if the block completes.
+
+    A name ending in .ome.zarr makes an OME-Zarr image (the axes, physical scale and chunks of a
+    zarr `like`; `pyramid` downsampled levels). `resumable` (zarr outputs): an interrupted
+    block keeps its partial store, and the next call with the same path and shape reopens it.
+    """
     path = Path(path)
     check_writable(path)
     suffix = path.suffix.lower()
+    if resumable and suffix != ".zarr":
+        raise ValueError(f"cannot resume {path.name}: a resumable output is a .zarr or .ome.zarr store")
+    if pyramid and not is_ome_zarr_name(path):
+        raise ValueError(f"a pyramid is written into OME-Zarr images only: name the output {path.stem}.ome.zarr")
     if suffix == ".zarr":
-        yield from _zarr_output(path, shape, axes)
+        yield from _zarr_output(path, shape, axes, like, resumable, pyramid)
         return
     with atomic_file(path) as temporary:
         if suffix == ".npy":
@@ -464,17 +479,31 @@ def _replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _zarr_output(path: Path, shape: tuple[int, ...], axes: str) -> Iterator[Any]:
+def _zarr_output(path: Path, shape: tuple[int, ...], axes: str, like: ImageFile | None, resumable: bool,
+                 pyramid: int) -> Iterator[Any]:
     zarr = _import_zarr(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _hidden_folder_beside(path, "partial")
-    chunks = tuple(s if a in "CYX" else 1 for a, s in zip(axes, shape))
+    chunks = output_chunks(shape, axes, like)
+    if resumable:
+        # A fixed name, so that the next run finds what this one finished.
+        temporary = path.with_name(f".{path.name}.resumable")
+        out = _reopened(temporary, shape, chunks)
+        if out is None:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(mode=0o777)
+    else:
+        temporary, out = _hidden_folder_beside(path, "partial"), None
     complete = False
     try:
-        # "w-": create inside the empty folder made above instead of deleting and remaking it.
-        out = zarr.open_array(str(temporary), mode="w-", shape=tuple(shape), chunks=chunks, dtype="float32")
-        out.attrs["axes"] = axes
+        if out is None and is_ome_zarr_name(path):
+            out = create_ome_zarr(temporary, shape, axes, chunks, like.metadata.get("ome") if like else None)
+        elif out is None:
+            # "w-": create inside the empty folder made above instead of deleting and remaking it.
+            out = zarr.open_array(str(temporary), mode="w-", shape=tuple(shape), chunks=chunks, dtype="float32")
+            out.attrs["axes"] = axes
         yield out
+        if pyramid:
+            write_pyramid(temporary, pyramid)
         complete = True
         try:
             _replace_folder(temporary, path)
@@ -485,6 +514,32 @@ def _zarr_output(path: Path, shape: tuple[int, ...], axes: str) -> Iterator[Any]
             ) from error
     finally:
         # Any interruption before completion (Ctrl-C, SIGTERM, an error) removes the partial
-        # store; a finished result that could not be moved into place is kept, never deleted.
-        if not complete:
+        # store, unless it is resumable; a finished result that could not be moved into place
+        # is kept, never deleted.
+        if not complete and not resumable:
             shutil.rmtree(temporary, ignore_errors=True)
+
+
+def output_chunks(shape: tuple[int, ...], axes: str, like: ImageFile | None) -> tuple[int, ...]:
+    """The input's chunks where it is a zarr store of this shape, else a plane (every channel) per chunk."""
+    chunks = getattr(like.data, "chunks", None) if like is not None else None
+    if like is not None and like.format in ("zarr", "ome-zarr") and chunks and len(chunks) == len(shape) \
+            and tuple(like.data.shape) == tuple(shape):
+        return tuple(int(c) for c in chunks)
+    return tuple(s if a in "CYX" else 1 for a, s in zip(axes, shape))
+
+
+def _reopened(folder: Path, shape: tuple[int, ...], chunks: tuple[int, ...]):
+    """The float32 level-0 array of an earlier run's store at `folder`, if it matches."""
+    if not folder.is_dir():
+        return None
+    import zarr
+
+    for path in ("0", None):
+        try:
+            array = zarr.open_array(str(folder), path=path, mode="r+") if path else zarr.open_array(str(folder), mode="r+")
+        except (ValueError, OSError, KeyError, TypeError):
+            continue
+        if tuple(array.shape) == tuple(shape) and tuple(array.chunks) == tuple(chunks) and array.dtype == np.float32:
+            return array
+    return None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .axes import PlaneLayout
+from .axes import PlaneLayout, Region
 from .config import MIN_TILE_SIZE, PredictOptions
 from .devices import TILE_MEMORY_SHARE, autocast_dtype, free_memory, out_of_memory_error, tile_for_memory
 from .image_io import release_pages
@@ -211,9 +211,10 @@ class TileModel:
         batch = tiles_in_memory(tile, self.bytes_per_pixel, self.options, self.device)
         return TiledPredictor(self, granularity, tile, overlap, batch, self.device, self.model.predict_pd)
 
-    def predict_iter(self, normalized: np.ndarray, tile_size: int):
-        """(C [+ context], H, W) -> (3C, H, W): estimate, posterior variance, squared error."""
-        return self.tiled(tile_size).predict_iter(normalized)
+    def predict_iter(self, normalized, tile_size: int, region: Region | None = None):
+        """(C [+ context], H, W) -> (3C, H, W): estimate, posterior variance, squared error
+        (of the (rows, columns) `region` only, where one is given)."""
+        return self.tiled(tile_size).predict_iter(normalized, region)
 
 
 class StudentModel:
@@ -234,14 +235,22 @@ class StudentModel:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             return self.network.core(window).float()
 
-    def predict_iter(self, normalized: np.ndarray, tile_size: int):
+    def predict_iter(self, normalized, tile_size: int, region: Region | None = None):
         """`tile_size`: the pixels each window keeps; it reads `margin` more on each side."""
         network = self.network
         tiler = MarginTiledPredictor(self.core, network.padding, network.size_multiple, network.config.margin,
                                      tile_size, self.device)
-        return tiler.predict_iter(normalized)
+        return tiler.predict_iter(normalized, region)
 
 
+
+
+def make_runner(model: FittedModel, options: PredictOptions, device: torch.device, views: int,
+                cancel: threading.Event | None = None) -> TileModel | StudentModel:
+    """The student where there is one and options allow it, else the teacher with `views`."""
+    if uses_student(model, options):
+        return StudentModel(model, device, cancel)
+    return TileModel(model, options, device, views, cancel)
 
 
 def tiles_in_memory(tile: int, bytes_per_pixel: float, options: PredictOptions, device: torch.device) -> int:
@@ -307,10 +316,7 @@ def predict_planes(
 ) -> Generator[PredictProgress, None, QualityEstimate | None]:
     """Denoise every plane of `data` into `out` (and `uncertainty`), yielding progress after
     every batch of tiles; returns the quality estimate (None where it cannot be estimated)."""
-    if uses_student(model, options):
-        runner: TileModel | StudentModel = StudentModel(model, device, cancel)
-    else:
-        runner = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
+    runner = make_runner(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
     tile_size = tile_side(runner, options, device)
     tally = QualityTally()
     channels = model.channels

@@ -10,6 +10,7 @@ from collections.abc import Callable, Generator, Iterator
 import numpy as np
 import torch
 
+from .axes import Region
 from .progress import drive
 
 # Reflected context given to the pixels at the image edge, at least this many pixels on each
@@ -140,8 +141,13 @@ class TiledPredictor:
         """(C, H, W) float32 -> (C_out, H, W) float32."""
         return drive(self.predict_iter(plane))
 
-    def predict_iter(self, plane: np.ndarray) -> Generator[tuple[int, int], None, np.ndarray]:
-        """predict() as a generator yielding (tiles done, tiles in all) after each batch."""
+    def predict_iter(self, plane, region: Region | None = None) -> Generator[tuple[int, int], None, np.ndarray]:
+        """predict() as a generator yielding (tiles done, tiles in all) after each batch.
+
+        `plane`: a (C, H, W) float32 array, or any object with that `shape` whose [:, rows,
+        columns] slicing reads a block. With `region` (rows, columns) only the tiles that reach
+        it are run and only the pixels they need are read; the result, (C_out, h, w), equals
+        that region of the whole-plane result."""
         channels, height, width = plane.shape
         if min(height, width) < self.size_multiple:
             raise ValueError(
@@ -149,18 +155,22 @@ class TiledPredictor:
                 f"{self.size_multiple}x{self.size_multiple}"
             )
         (top, bottom), (left, right) = self.padding(height), self.padding(width)
-        padded_h, padded_w = height + top + bottom, width + left + right
         rows = reflect_indices(height, top, bottom, self.period)
         columns = reflect_indices(width, left, right, self.period)
-        padded = plane[:, rows[:, None], columns[None, :]]
-        inside = np.zeros((padded_h, padded_w), dtype=np.float32)
-        inside[top : top + height, left : left + width] = 1.0
-        tiles = list(self._tiles(padded_h, padded_w))
+        want_y, want_x = _wanted(region, height, width, top, left)
+        tiles = [tile for tile in self._tiles(len(rows), len(columns))
+                 if _meets(tile[0], tile[2], want_y) and _meets(tile[1], tile[3], want_x)]
+        span_y = (min(t[0] for t in tiles), max(t[0] + t[2] for t in tiles))
+        span_x = (min(t[1] for t in tiles), max(t[1] + t[3] for t in tiles))
+        padded = _read_span(plane, rows, columns, span_y, span_x)
+        inside = np.outer((np.arange(*span_y) >= top) & (np.arange(*span_y) < top + height),
+                          (np.arange(*span_x) >= left) & (np.arange(*span_x) < left + width)).astype(np.float32)
         accumulated: np.ndarray | None = None
-        weight_sum = np.zeros((padded_h, padded_w), dtype=np.float32)
+        weight_sum = np.zeros(inside.shape, dtype=np.float32)
         done = 0
         for start in range(0, len(tiles), self.batch_size):
-            group = tiles[start : start + self.batch_size]
+            group = [(y - span_y[0], x - span_x[0], h, w, weights)
+                     for y, x, h, w, weights in tiles[start : start + self.batch_size]]
             batch = np.stack([padded[:, y : y + h, x : x + w] for y, x, h, w, _ in group])
             mask = np.stack([inside[None, y : y + h, x : x + w] for y, x, h, w, _ in group])
             with torch.no_grad():
@@ -168,15 +178,38 @@ class TiledPredictor:
                     torch.from_numpy(batch).to(self.device), inside=torch.from_numpy(mask).to(self.device)
                 ).float().cpu().numpy()
             if accumulated is None:
-                accumulated = np.zeros((result.shape[1], padded_h, padded_w), dtype=np.float32)
+                accumulated = np.zeros((result.shape[1], *inside.shape), dtype=np.float32)
             for (y, x, h, w, weights), tile_out in zip(group, result):
                 accumulated[:, y : y + h, x : x + w] += tile_out * weights
                 weight_sum[y : y + h, x : x + w] += weights
             done += len(group)
             yield done, len(tiles)
         assert accumulated is not None
-        inside = (slice(top, top + height), slice(left, left + width))
-        return accumulated[(slice(None), *inside)] / weight_sum[inside]
+        kept = (slice(want_y[0] - span_y[0], want_y[1] - span_y[0]), slice(want_x[0] - span_x[0], want_x[1] - span_x[0]))
+        return accumulated[(slice(None), *kept)] / weight_sum[kept]
+
+
+def _wanted(region: Region | None, height: int, width: int, top: int, left: int) -> tuple[tuple[int, int], ...]:
+    """The region's rows and columns in padded coordinates (the whole image without one)."""
+    if region is None:
+        return (top, top + height), (left, left + width)
+    (first_row, end_row, _), (first_column, end_column, _) = region[0].indices(height), region[1].indices(width)
+    if end_row <= first_row or end_column <= first_column:
+        raise ValueError(f"the region {region} of a {height}x{width} plane is empty")
+    return (top + first_row, top + end_row), (left + first_column, left + end_column)
+
+
+def _meets(start: int, length: int, wanted: tuple[int, int]) -> bool:
+    return start < wanted[1] and start + length > wanted[0]
+
+
+def _read_span(plane, rows: np.ndarray, columns: np.ndarray, span_y: tuple[int, int],
+               span_x: tuple[int, int]) -> np.ndarray:
+    """The padded plane over span_y x span_x, reading only the block of `plane` it mirrors."""
+    rows, columns = rows[span_y[0] : span_y[1]], columns[span_x[0] : span_x[1]]
+    low_row, low_column = int(rows.min()), int(columns.min())
+    block = np.asarray(plane[:, low_row : int(rows.max()) + 1, low_column : int(columns.max()) + 1], dtype=np.float32)
+    return block[:, (rows - low_row)[:, None], (columns - low_column)[None, :]]
 
 
 def margin_windows(length: int, step: int, margin: int) -> list[tuple[int, int, int, int]]:
@@ -203,23 +236,29 @@ class MarginTiledPredictor:
         self.step = max(multiple, step // multiple * multiple)
         self.device = device
 
-    def predict_iter(self, plane: np.ndarray) -> Generator[tuple[int, int], None, np.ndarray]:
-        """(C, H, W) float32 -> (C_out, H, W) float32, yielding (windows done, windows in all)."""
+    def predict_iter(self, plane, region: Region | None = None) -> Generator[tuple[int, int], None, np.ndarray]:
+        """(C, H, W) float32 -> (C_out, H, W) float32, yielding (windows done, windows in all).
+        `plane` and `region` as for TiledPredictor.predict_iter: with a region, only the windows
+        that keep its pixels run, and the result equals that region of the whole-plane pass."""
         _, height, width = plane.shape
         (top, bottom), (left, right) = self.padding(height), self.padding(width)
         rows, columns = reflect_indices(height, top, bottom), reflect_indices(width, left, right)
-        padded = plane[:, rows[:, None], columns[None, :]]
-        windows = [(y, x) for y in margin_windows(len(rows), self.step, self.margin)
-                   for x in margin_windows(len(columns), self.step, self.margin)]
+        want_y, want_x = _wanted(region, height, width, top, left)
+        windows_y = [w for w in margin_windows(len(rows), self.step, self.margin) if _meets(w[2], w[3] - w[2], want_y)]
+        windows_x = [w for w in margin_windows(len(columns), self.step, self.margin) if _meets(w[2], w[3] - w[2], want_x)]
+        span_y = (min(w[0] for w in windows_y), max(w[1] for w in windows_y))
+        span_x = (min(w[0] for w in windows_x), max(w[1] for w in windows_x))
+        padded = _read_span(plane, rows, columns, span_y, span_x)
+        windows = [(y, x) for y in windows_y for x in windows_x]
         result: np.ndarray | None = None
         for done, ((y0, y1, keep_y0, keep_y1), (x0, x1, keep_x0, keep_x1)) in enumerate(windows, 1):
-            window = torch.from_numpy(np.ascontiguousarray(padded[None, :, y0:y1, x0:x1])).to(self.device)
+            cut = padded[None, :, y0 - span_y[0] : y1 - span_y[0], x0 - span_x[0] : x1 - span_x[0]]
             with torch.no_grad():
-                output = self.core(window)[0].float().cpu().numpy()
+                output = self.core(torch.from_numpy(np.ascontiguousarray(cut)).to(self.device))[0].float().cpu().numpy()
             if result is None:
-                result = np.empty((output.shape[0], len(rows), len(columns)), dtype=np.float32)
-            result[:, keep_y0:keep_y1, keep_x0:keep_x1] = output[:, keep_y0 - y0 : keep_y1 - y0,
-                                                                 keep_x0 - x0 : keep_x1 - x0]
+                result = np.empty((output.shape[0], span_y[1] - span_y[0], span_x[1] - span_x[0]), dtype=np.float32)
+            result[:, keep_y0 - span_y[0] : keep_y1 - span_y[0], keep_x0 - span_x[0] : keep_x1 - span_x[0]] = \
+                output[:, keep_y0 - y0 : keep_y1 - y0, keep_x0 - x0 : keep_x1 - x0]
             yield done, len(windows)
         assert result is not None
-        return result[:, top : top + height, left : left + width]
+        return result[:, want_y[0] - span_y[0] : want_y[1] - span_y[0], want_x[0] - span_x[0] : want_x[1] - span_x[0]]

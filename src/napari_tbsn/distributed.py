@@ -1,0 +1,297 @@
+"""Denoising a stack on a dask.distributed cluster, resumably.
+
+The output is cut into blocks of whole storage chunks (along Y and X, runs of chunks at least
+MIN_BLOCK_SIDE pixels long, so the margin a block reads around itself stays a small share of
+it). Each block is one task. A task loads the model once per worker process from the model
+file (no network is pickled into the graph), reads its block of every plane with the margin the
+model needs (the student's bounded receptive field, or the teacher's tiles that reach the block)
+and the plane's context planes, predicts exactly what a whole-plane prediction gives there,
+writes its chunks into the output store, and then leaves a record. A rerun with the same model,
+input, output and options skips every recorded block: a killed job or a lost worker costs only
+the blocks that were running.
+
+Workers read and write the stores by path, so input and output must lie on a file system all
+workers see (a laptop's disk for a LocalCluster, the shared file system of an HPC cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .axes import PlaneLayout, Region
+from .config import PredictOptions
+from .devices import resolve_device
+from .model import FittedModel
+from .patches import check_finite
+from .prediction import make_runner
+from .progress import PredictionCancelled, drive
+
+# A block grows by whole chunks along Y and X until it is at least this long (or the whole side).
+# The small student reads a 256-pixel margin around its block: 1024-pixel blocks read 2.25x their
+# pixels, 256-pixel chunks alone would read 9x.
+MIN_BLOCK_SIDE = 1024
+RECORD_FOLDER = ".tbsn-progress"
+JOB_FILE = "job.json"
+MODEL_FILE = "model.safetensors"
+DONE_FOLDER = "done"
+
+
+@dataclass(frozen=True)
+class Block:
+    """Whole output chunks: [start, stop) along each plane axis, then along Y and along X."""
+
+    planes: tuple[tuple[int, int], ...]
+    rows: tuple[int, int]
+    columns: tuple[int, int]
+
+    @property
+    def name(self) -> str:
+        return "_".join(f"{start}-{stop}" for start, stop in (*self.planes, self.rows, self.columns))
+
+    @property
+    def region(self) -> Region:
+        return slice(*self.rows), slice(*self.columns)
+
+    def plane_indices(self) -> Iterator[tuple[int, ...]]:
+        return itertools.product(*(range(start, stop) for start, stop in self.planes))
+
+
+def _runs(length: int, chunk: int, minimum: int) -> list[tuple[int, int]]:
+    step = chunk * max(1, math.ceil(minimum / chunk))
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
+
+
+def split_blocks(layout: PlaneLayout, chunks: tuple[int, ...], min_side: int = MIN_BLOCK_SIDE) -> list[Block]:
+    """The blocks of an output of `layout` stored in `chunks`: one chunk along each plane axis,
+    runs of chunks at least `min_side` long along Y and X, every channel."""
+    if len(chunks) != len(layout.shape):
+        raise ValueError(f"chunks {chunks} do not match the shape {layout.shape}")
+    plane_runs = [_runs(layout.shape[axis], chunks[axis], 1) for axis in layout.plane_axes]
+    y, x = layout.axes.index("Y"), layout.axes.index("X")
+    rows, columns = _runs(layout.height, chunks[y], min_side), _runs(layout.width, chunks[x], min_side)
+    return [Block(tuple(planes), row, column)
+            for planes in itertools.product(*plane_runs) for row in rows for column in columns]
+
+
+# -- stores -------------------------------------------------------------------------------
+
+
+def store_address(array, role: str) -> tuple[str, str]:
+    """(folder, path inside it) of a zarr array on a local or shared file system, which every
+    worker opens for itself."""
+    store = getattr(array, "store", None)
+    root = getattr(store, "root", None) or getattr(store, "path", None)
+    if root is None or not hasattr(array, "chunks"):
+        raise ValueError(f"distributed prediction needs the {role} as a zarr array in a folder every worker can "
+                         f"read (e.g. read_image('stack.ome.zarr').data); got {type(array).__name__}")
+    return str(Path(root).resolve()), str(getattr(array, "path", "") or "")
+
+
+def open_array(address: tuple[str, str], mode: str):
+    import zarr
+
+    root, path = address
+    return zarr.open_array(root, path=path or None, mode=mode) if path else zarr.open_array(root, mode=mode)
+
+
+# -- the worker's side -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """All a task needs, small enough to send with every task."""
+
+    model_file: str
+    source: tuple[str, str]
+    target: tuple[str, str]
+    axes: str
+    options: dict[str, Any]
+    tile_size: int
+    views: int
+    record: str
+    device: str
+    threads_per_host: dict[str, int]
+
+
+_MODELS: dict[tuple, FittedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _worker_model(path: str) -> FittedModel:
+    """The model file's model, loaded once per worker process (and again if the file changes)."""
+    status = os.stat(path)
+    key = (path, status.st_mtime_ns, status.st_size)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS.clear()
+            _MODELS[key] = FittedModel.load(path)[0]
+        return _MODELS[key]
+
+
+def _torch_threads(job: Job) -> int:
+    """The host's cores shared among the tasks its workers run at once."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        from distributed import get_worker
+
+        host = get_worker().address.rsplit(":", 1)[0]
+    except (ImportError, ValueError):
+        host = ""
+    return max(1, cores // max(1, job.threads_per_host.get(host, 1)))
+
+
+class PlaneReader:
+    """One plane of a stack with its context planes, normalised, read by region: `shape` is
+    (C * (1 + 2k), H, W) and [:, rows, columns] reads only that block of each plane."""
+
+    def __init__(self, model: FittedModel, layout: PlaneLayout, data, plane: tuple[int, ...]) -> None:
+        self.model, self.layout, self.data, self.plane = model, layout, data, plane
+        self.shape = (model.channels * (1 + 2 * model.context_planes), layout.height, layout.width)
+
+    def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
+        _, rows, columns = key
+        block = self.layout.read_plane_with_context(self.data, self.plane, self.model.context_planes, (rows, columns))
+        check_finite(block, f"plane {self.plane} of the input")
+        return self.model.normalizer.normalize(block)
+
+
+def predict_block(job: Job, block: Block) -> str:
+    """Predict one block into the output store and record it; returns the block's name."""
+    done = Path(job.record) / DONE_FOLDER / block.name
+    if done.exists():
+        return block.name
+    torch.set_num_threads(_torch_threads(job))
+    model = _worker_model(job.model_file)
+    options = PredictOptions.from_dict(job.options)
+    source, target = open_array(job.source, "r"), open_array(job.target, "r+")
+    layout = PlaneLayout.of(source.shape, job.axes)
+    runner = make_runner(model, options, resolve_device(job.device), job.views)
+    for plane in block.plane_indices():
+        result = drive(runner.predict_iter(PlaneReader(model, layout, source, plane), job.tile_size, block.region))
+        layout.write_plane(target, plane, model.normalizer.denormalize(result[: model.channels]), block.region)
+    done.touch()
+    return block.name
+
+
+# -- the client's side -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    blocks: int
+    skipped: int
+    seconds: float
+
+    def describe(self) -> str:
+        skipped = f" ({self.skipped} already done by an earlier run)" if self.skipped else ""
+        return f"{self.blocks} blocks in {self.seconds:.0f} s{skipped}"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def prepare_record(record: Path, model: FittedModel, defaults: PredictOptions, identity: dict[str, Any]) -> set[str]:
+    """Make `record` hold this job's model file and description; return the blocks an earlier
+    run of the same job finished (none where the job differs: its record is replaced)."""
+    record.mkdir(parents=True, exist_ok=True)
+    fresh = record / f".{MODEL_FILE}.new"
+    model.save(fresh, defaults)
+    identity = {**identity, "model_sha256": _file_digest(fresh)}
+    job_file = record / JOB_FILE
+    try:
+        same = json.loads(job_file.read_text()) == identity
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(record / DONE_FOLDER, ignore_errors=True)
+        job_file.unlink(missing_ok=True)
+    os.replace(fresh, record / MODEL_FILE)
+    (record / DONE_FOLDER).mkdir(exist_ok=True)
+    if not same:
+        job_file.write_text(json.dumps(identity, indent=1))
+    return {path.name for path in (record / DONE_FOLDER).iterdir()}
+
+
+def threads_per_host(client) -> dict[str, int]:
+    """Task threads of all workers on each host, from the scheduler."""
+    counts: dict[str, int] = {}
+    for address, worker in client.scheduler_info().get("workers", {}).items():
+        host = address.rsplit(":", 1)[0]
+        counts[host] = counts.get(host, 0) + int(worker.get("nthreads", 1))
+    return counts
+
+
+def predict_on_cluster(client, model: FittedModel, defaults: PredictOptions, options: PredictOptions, data,
+                       layout: PlaneLayout, out, *, tile_size: int, views: int, device: str = "auto",
+                       record: Path | None = None, min_side: int = MIN_BLOCK_SIDE,
+                       cancel: threading.Event | None = None,
+                       on_submit: Callable[[list], None] | None = None) -> ClusterSummary:
+    """Predict `data` (a zarr array) into `out` (a zarr array of the same shape) on the
+    cluster `client` talks to. `tile_size` and `views` are resolved for the whole stack by
+    the caller, so every task tiles as a single-process prediction would. `record` (default:
+    a folder inside the output's store) keeps the finished blocks across runs."""
+    from distributed import wait
+
+    start = time.perf_counter()
+    source, target = store_address(data, "input"), store_address(out, "output")
+    if tuple(out.shape) != layout.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {layout.shape}")
+    record = Path(record) if record is not None else Path(target[0]) / RECORD_FOLDER / (target[1] or "_")
+    identity = {"source": list(source), "target": list(target), "axes": layout.axes, "shape": list(layout.shape),
+                "chunks": list(out.chunks), "options": options.to_dict(), "tile_size": tile_size, "views": views,
+                "min_side": min_side}
+    finished = prepare_record(record, model, defaults, identity)
+    blocks = split_blocks(layout, tuple(out.chunks), min_side)
+    todo = [block for block in blocks if block.name not in finished]
+    job = Job(str(record / MODEL_FILE), source, target, layout.axes, options.to_dict(), tile_size, views,
+              str(record), device, threads_per_host(client))
+    token = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    futures = client.map(predict_block, [job] * len(todo), todo, key=[f"tbsn-{token}-{b.name}" for b in todo],
+                         pure=False, retries=0)
+    try:
+        if on_submit is not None:
+            on_submit(futures)
+        while pending := [future for future in futures if not future.done()]:
+            if cancel is not None and cancel.is_set():
+                raise PredictionCancelled("prediction stopped; the finished blocks are recorded: run it again "
+                                          "to finish the rest")
+            try:
+                wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+    except BaseException:
+        client.cancel(futures)
+        raise
+    failed = [future for future in futures if future.status == "error"]
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} of {len(todo)} blocks failed (the first: {failed[0].exception()}); the other blocks "
+            "are recorded: run the same command again to finish the rest")
+    _remove_record(record)  # the job is complete: the next run starts afresh
+    return ClusterSummary(len(blocks), len(blocks) - len(todo), time.perf_counter() - start)
+
+
+def _remove_record(record: Path) -> None:
+    shutil.rmtree(record, ignore_errors=True)
+    parent = record.parent
+    if parent.name == RECORD_FOLDER and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()

@@ -1,0 +1,127 @@
+"""Prediction on a dask.distributed LocalCluster of worker processes: exact, and resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_tbsn import Denoiser
+from napari_tbsn.axes import PlaneLayout
+from napari_tbsn.distributed import RECORD_FOLDER, predict_on_cluster, split_blocks
+from napari_tbsn.network.unet import UNet, student_preset
+from napari_tbsn.student import Student
+
+from .conftest import noisy_image
+
+zarr = pytest.importorskip("zarr")
+distributed = pytest.importorskip("distributed")
+
+SHAPE, CHUNKS = (6, 96, 160), (2, 96, 80)  # 3 x 2 chunks: along Z and along X
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                silence_logs=logging.CRITICAL) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model_with_student():
+    """A tiny teacher with stack context 1 and a (random, so distinct from the teacher) student."""
+    _, stack = noisy_image(SHAPE, seed=3)
+    stack += np.random.default_rng(4).normal(0, 1, SHAPE).astype(np.float32)  # planes differ
+    teacher = Denoiser(preset="tiny", device="cpu", pd=1, context=1).fit(stack, "ZYX", iterations=3)
+    torch.manual_seed(1)
+    model = teacher.model
+    student = Student(UNet(student_preset("tiny", 3 * model.channels, model.channels)).eval())
+    return Denoiser.from_model(dataclasses.replace(model, student=student), teacher.options, device="cpu"), stack
+
+
+def zarr_pair(folder: Path, stack: np.ndarray):
+    source = zarr.open_array(str(folder / "in.zarr"), mode="w", shape=stack.shape, chunks=CHUNKS, dtype="float32")
+    source[:] = stack
+    out = zarr.open_array(str(folder / "out.zarr"), mode="w", shape=stack.shape, chunks=CHUNKS, dtype="float32")
+    return source, out
+
+
+def test_blocks_are_whole_chunks_grown_to_the_minimum_side():
+    layout = PlaneLayout.of((5, 2, 300, 1000), "ZCYX")
+    blocks = split_blocks(layout, (2, 2, 100, 100), min_side=250)
+    assert {block.planes for block in blocks} == {((0, 2),), ((2, 4),), ((4, 5),)}
+    assert sorted({block.rows for block in blocks}) == [(0, 300)]
+    assert sorted({block.columns for block in blocks}) == [(0, 300), (300, 600), (600, 900), (900, 1000)]
+    assert len({block.name for block in blocks}) == len(blocks) == 12
+
+
+@pytest.mark.parametrize("student", [True, False])
+def test_a_cluster_of_two_workers_gives_the_single_process_result(client, model_with_student, tmp_path, student):
+    denoiser, stack = model_with_student
+    source, out = zarr_pair(tmp_path, stack)
+    # The teacher's tiles decide its output, so both runs use the same tile size; the student is
+    # exact with any windows.
+    options = {"student": student, "tile_size": 64 if not student else "auto"}
+    expected = denoiser.predict(stack, "ZYX", **options)
+    assert denoiser.predict(source, "ZYX", out=out, client=client, **options) is out
+    np.testing.assert_allclose(out[:], expected, atol=1e-5)
+    assert not (tmp_path / "out.zarr" / RECORD_FOLDER).exists()  # the finished job's record is gone
+    assert np.array_equal(source[:], stack)
+
+
+def cluster_run(client, denoiser, source, out, student: bool) -> dict:
+    options = denoiser.options.replace(student=student)
+    return {"client": client, "model": denoiser.model, "defaults": denoiser.options, "options": options,
+            "data": source, "layout": PlaneLayout.of(source.shape, "ZYX"), "out": out, "tile_size": 64, "views": 1,
+            "min_side": 1}
+
+
+def break_a_chunk(folder: Path) -> tuple[Path, bytes]:
+    """Break the input chunk of planes 0-1, columns 80-159. The blocks of planes 0-1 and 2-3 read
+    it (plane 2's context is plane 1; the student's margin reaches across the columns), the two
+    blocks of planes 4-5 do not."""
+    chunk = next(path for path in (folder / "in.zarr").rglob("*") if path.is_file() and path.parts[-3:] == ("0", "0", "1"))
+    intact = chunk.read_bytes()
+    chunk.write_bytes(b"not a chunk")
+    return chunk, intact
+
+
+def test_a_failed_block_costs_only_itself_and_the_rerun_skips_the_finished_ones(client, model_with_student, tmp_path):
+    denoiser, stack = model_with_student
+    source, out = zarr_pair(tmp_path, stack)
+    run = cluster_run(client, denoiser, source, out, student=True)
+    chunk, intact = break_a_chunk(tmp_path)
+    with pytest.raises(RuntimeError, match="4 of 6 blocks failed.*run the same command again"):
+        predict_on_cluster(**run)
+    chunk.write_bytes(intact)
+    summary = predict_on_cluster(**run)
+    assert (summary.blocks, summary.skipped) == (6, 2)
+    np.testing.assert_allclose(out[:], denoiser.predict(stack, "ZYX", student=True), atol=1e-5)
+    assert not (tmp_path / "out.zarr" / RECORD_FOLDER).exists()
+
+
+def test_a_different_job_does_not_reuse_another_jobs_record(client, model_with_student, tmp_path):
+    denoiser, stack = model_with_student
+    source, out = zarr_pair(tmp_path, stack)
+    chunk, intact = break_a_chunk(tmp_path)
+    with pytest.raises(RuntimeError, match="4 of 6 blocks failed"):
+        predict_on_cluster(**cluster_run(client, denoiser, source, out, student=True))
+    chunk.write_bytes(intact)
+    summary = predict_on_cluster(**cluster_run(client, denoiser, source, out, student=False))
+    assert summary.skipped == 0
+    np.testing.assert_allclose(out[:], denoiser.predict(stack, "ZYX", student=False, tile_size=64, ensemble=1),
+                               atol=1e-5)
+
+
+def test_the_cluster_needs_zarr_arrays_it_can_open(client, model_with_student, tmp_path):
+    denoiser, stack = model_with_student
+    _, out = zarr_pair(tmp_path, stack)
+    with pytest.raises(ValueError, match="zarr array in a folder every worker can read"):
+        denoiser.predict(stack, "ZYX", out=out, client=client)
+    with pytest.raises(ValueError, match="give out="):
+        denoiser.predict(stack, "ZYX", client=client)
