@@ -69,7 +69,17 @@ def make_model(path: Path, source, preset: str) -> Denoiser:
     return denoiser
 
 
+def reset_peak() -> None:
+    """Start this process's peak resident memory afresh (Linux: writing 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_rss_mb() -> float:
+    """Peak resident memory since the last reset_peak (VmHWM; a forked worker would otherwise
+    report its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -80,7 +90,7 @@ def on_cluster(denoiser: Denoiser, source, target: Path, workers: int) -> dict:
     out = zarr.open_array(str(target), mode="w", shape=source.shape, chunks=source.chunks, dtype="float32")
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        client.run(lambda: None)  # workers up before the clock starts
+        client.run(reset_peak)  # workers up before the clock starts
         start = time.perf_counter()
         summary = denoiser.predict_on_cluster(client, source, "ZYX", out)
         seconds = time.perf_counter() - start
@@ -112,6 +122,7 @@ def main() -> None:
                                 chunks=stack.chunks, dtype="float32")
         small[:] = stack[: args.planes]
 
+        reset_peak()
         start = time.perf_counter()
         baseline = denoiser.predict(small, "ZYX")
         seconds = time.perf_counter() - start

@@ -120,3 +120,28 @@ def test_calibrated_noise_model_replaces_the_estimate(noisy_tiff, tmp_path, caps
     assert main(["denoise", str(noisy_tiff), "-o", str(tmp_path / "x.tif"), "--preset", "tiny",
                  "--gain", "1.5", "--quiet"]) == 2
     assert "needs both --gain and --read-noise" in capsys.readouterr().err
+
+
+def test_torchrun_fits_on_two_processes_with_ddp_and_rank_zero_writes_a_model_that_predicts(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import tifffile
+
+    from napari_tbsn import Denoiser
+
+    _, noisy = noisy_image((4, 96, 96), seed=21)
+    tifffile.imwrite(tmp_path / "in.tif", noisy, metadata={"axes": "ZYX"})
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "napari_tbsn", "fit", str(tmp_path / "in.tif"), "-o", str(tmp_path / "model.safetensors"),
+               "--preset", "tiny", "--iterations", "6", "--device", "cpu"]
+    finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "fitting on 2 processes with DistributedDataParallel" in finished.stderr
+    denoiser = Denoiser.load(tmp_path / "model.safetensors", device="cpu")
+    assert (denoiser.summary.processes, denoiser.summary.iterations) == (2, 6)
+    out = denoiser.predict(noisy, "ZYX")
+    assert out.shape == noisy.shape and np.all(np.isfinite(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "model.safetensors"]

@@ -25,6 +25,8 @@ from typing import Any
 from . import __version__
 from .axes import guess_axes, parse_axes
 from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
+from .ddp import start_from_environment, world
+from .ddp import stop as stop_processes
 from .denoiser import Denoiser, PredictProgress
 from .image_io import ImageFile, check_writable, open_output, read_image
 from .model_io import ModelFileError, write_text_atomic
@@ -314,11 +316,21 @@ def _prediction_options(args: argparse.Namespace, defaults: PredictOptions) -> P
 
 
 def command_fit(args: argparse.Namespace) -> None:
-    image = read_image(args.input)
-    axes = _input_axes(image, args.axes)
-    denoiser = _fit(args, _new_denoiser(args), image, axes, args.time_budget)
-    denoiser.save(args.output)
-    _log(args, f"saved the model to {args.output}")
+    # Under torchrun every process fits with DDP; rank 0 reports and writes the model.
+    args.device = start_from_environment(args.device)
+    rank, processes = world()
+    args.quiet = args.quiet or rank > 0
+    try:
+        image = read_image(args.input)
+        axes = _input_axes(image, args.axes)
+        if processes > 1:
+            _log(args, f"fitting on {processes} processes with DistributedDataParallel")
+        denoiser = _fit(args, _new_denoiser(args), image, axes, args.time_budget)
+        if rank == 0:
+            denoiser.save(args.output)
+            _log(args, f"saved the model to {args.output}")
+    finally:
+        stop_processes()
 
 
 def command_predict(args: argparse.Namespace) -> None:

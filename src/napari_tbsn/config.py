@@ -287,6 +287,7 @@ class TrainingSummary:
     stopped_early: bool = False
     variance_head_loss: float | None = None  # the posterior's prior-variance fit (NLL)
     history: list[dict[str, float]] = field(default_factory=list)
+    processes: int = 1  # DDP ranks that fitted together
 
     def describe(self) -> str:
         """One line for the CLI and the widget."""

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import FitConfig, TrainingSummary
 from .devices import autocast_dtype, out_of_memory_error
+from .ddp import agree, mean, world
 from .noise import pd_down
 from .patches import PatchSampler
 from .progress import remaining_seconds
@@ -99,7 +101,9 @@ class Trainer:
         self.config = config
         self.device = device
         self.pd = pd
-        self.rng = np.random.default_rng(seed)
+        self.rank, self.processes = world()
+        # Under DDP every rank samples its own patches (rank 0 as a single process would).
+        self.rng = np.random.default_rng(seed if self.rank == 0 else (seed, self.rank))
         torch.manual_seed(seed)
         self.optimizer = torch.optim.AdamW(
             network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
@@ -109,6 +113,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         self.forward = forward or self._maybe_compile(network)
         self.compiled = forward is None and self.forward is not network
+        if self.processes > 1:
+            if forward is not None:
+                raise RuntimeError("distillation runs in one process: run it without torchrun")
+            # DDP averages every step's gradients over the ranks (and starts them from rank 0's weights).
+            self.forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+            self.compiled = False
         self.objective = objective or self._blind_spot_objective
         self.inputs = inputs
         self.validation = torch.from_numpy(sampler.validation)
@@ -186,7 +196,7 @@ class Trainer:
                     for start in range(0, len(self.validation), self.batch_size):
                         chunk = self.validation[start : start + self.batch_size, :, : self.patch_size, : self.patch_size]
                         total += float(self._run(chunk)) * len(chunk)
-                    return total / len(self.validation)
+                    return mean(total / len(self.validation), self.device)
                 except torch.OutOfMemoryError as error:
                     self._shrink(error)
         finally:
@@ -247,10 +257,18 @@ class Trainer:
             return max(iteration / iterations if iterations else 0.0,
                        (time.perf_counter() - start) / time_budget if time_budget else 0.0)
 
+        def progress(iteration: int) -> tuple[float, bool]:
+            # Under DDP the ranks agree on both, so that they step and validate together.
+            stopping = self.cancel_token.is_set() or self.stop_training.is_set()
+            return agree(fraction_done(iteration), stopping, self.device)
+
         iteration, validation, loss = 0, None, math.nan
         self.network.train()
-        while fraction_done(iteration) < 1.0 and not self.cancel_token.is_set() and not self.stop_training.is_set():
-            loss = self._step(self.config.learning_rate * learning_rate_factor(fraction_done(iteration), self.config))
+        while True:
+            done, stopping = progress(iteration)
+            if done >= 1.0 or stopping:
+                break
+            loss = self._step(self.config.learning_rate * learning_rate_factor(done, self.config))
             self._update_average(iteration)
             iteration += 1
             if not math.isfinite(loss):
@@ -267,6 +285,7 @@ class Trainer:
         self.network.load_state_dict(best.state)
         self.network.eval()
         summary.iterations = iteration
+        summary.processes = self.processes
         summary.seconds = time.perf_counter() - start
         summary.best_validation_loss = best.loss_or_none
         summary.stopped_early = self.cancel_token.is_set() or self.stop_training.is_set()
