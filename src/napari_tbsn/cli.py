@@ -106,7 +106,9 @@ def _camera_noise(args: argparse.Namespace) -> NoiseModel | None:
 
 
 def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
+    """The same file, or one inside the other (a store `x.zarr` replaced holds its input `x.zarr/0`)."""
+    first, second = a.resolve(), b.resolve()
+    if first == second or first.is_relative_to(second) or second.is_relative_to(first):
         return True
     try:
         return a.exists() and b.exists() and os.path.samefile(a, b)
@@ -130,6 +132,24 @@ def _check_paths(args: argparse.Namespace) -> None:
             check_writable(path)
         else:
             check_writable_file(path)
+    _check_cluster_options(args)
+
+
+def _check_cluster_options(args: argparse.Namespace) -> None:
+    if getattr(args, "pyramid", 0) < 0:
+        raise ValueError(f"--pyramid takes a number of levels of 0 or more, not {args.pyramid}")
+    if getattr(args, "workers", None) is None and getattr(args, "scheduler", None) is None:
+        return
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers takes a number of worker processes of 1 or more, not {args.workers}")
+    if args.uncertainty:
+        raise ValueError("--uncertainty is not made on a cluster: leave out --workers/--scheduler")
+    if args.input.suffix.lower() != ".zarr":
+        raise ValueError(f"--workers and --scheduler read .zarr or .ome.zarr inputs, which workers open chunk by "
+                         f"chunk; {args.input.name} is not one: convert it first (e.g. with tifffile and zarr)")
+    if args.output.suffix.lower() != ".zarr":
+        raise ValueError(f"--workers and --scheduler write .zarr or .ome.zarr outputs, whose chunks workers write "
+                         f"side by side; name the output {args.output.stem}.ome.zarr")
 
 
 def check_writable_file(path: Path) -> None:
@@ -214,7 +234,7 @@ def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axe
     def on_progress(progress: PredictProgress) -> None:
         bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
 
-    if args.workers or args.scheduler:
+    if args.workers is not None or args.scheduler:
         bar.close()
         _predict_on_cluster(args, denoiser, image, axes, options)
         return
@@ -246,8 +266,6 @@ def _dask_client(args: argparse.Namespace) -> Iterator[Any]:
         with Client(args.scheduler) as client:
             yield client
         return
-    if args.workers < 1:
-        raise ValueError(f"--workers takes a number of worker processes of 1 or more, not {args.workers}")
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
         yield client
 
@@ -258,8 +276,6 @@ def _predict_on_cluster(args: argparse.Namespace, denoiser: Denoiser, image: Ima
     rerun after an interruption finds the finished blocks recorded and skips them."""
     from distributed import progress
 
-    if args.uncertainty:
-        raise ValueError("--uncertainty is not made on a cluster: leave out --workers/--scheduler")
     if image.format not in ("zarr", "ome-zarr"):
         raise ValueError(f"--workers and --scheduler read .zarr or .ome.zarr inputs, which workers open chunk by chunk; "
                          f"{args.input.name} is {image.format}: convert it first (e.g. with tifffile and zarr)")
@@ -271,15 +287,23 @@ def _predict_on_cluster(args: argparse.Namespace, denoiser: Denoiser, image: Ima
             if not args.quiet and futures:
                 progress(futures)
 
+        submitted = []
+
+        def on_submit(futures) -> None:
+            submitted.append(True)
+            show_progress(futures)
+
         try:
             with open_output(args.output, shape, axes, like=image, resumable=True, pyramid=args.pyramid) as out:
                 summary = denoiser.predict_on_cluster(client, image.data, axes, out, options=options,
-                                                      on_submit=show_progress)
+                                                      on_submit=on_submit)
         except BaseException:
-            if not args.quiet:
-                print(f"\nthe finished blocks are kept: run the same command again to resume", file=sys.stderr)
+            if submitted and not args.quiet:
+                print("\nthe finished blocks are kept: run the same command again to resume", file=sys.stderr)
             raise
     _log(args, f"wrote {args.output}: {summary.describe()}")
+    if args.report:
+        _write_report(args.report, denoiser, options)
 
 
 def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> None:

@@ -47,13 +47,13 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def agree(fraction: float, stopping: bool, device: torch.device) -> tuple[float, bool]:
-    """The furthest progress and whether any rank stops: the same on every rank."""
+def agree(fraction: float, stopping: bool, failing: bool, device: torch.device) -> tuple[float, bool, bool]:
+    """The furthest progress, whether any rank stops and whether any fails: the same on every rank."""
     if world()[1] == 1:
-        return fraction, stopping
-    state = torch.tensor([fraction, float(stopping)], dtype=torch.float64, device=_comm_device(device))
+        return fraction, stopping, failing
+    state = torch.tensor([fraction, float(stopping), float(failing)], dtype=torch.float64, device=_comm_device(device))
     dist.all_reduce(state, op=dist.ReduceOp.MAX)
-    return float(state[0]), bool(state[1] > 0)
+    return float(state[0]), bool(state[1] > 0), bool(state[2] > 0)
 
 
 def mean(value: float, device: torch.device) -> float:

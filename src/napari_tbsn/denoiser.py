@@ -367,6 +367,12 @@ class Denoiser:
                      cancel: threading.Event | None = None, **changes: Any) -> Generator[PredictProgress, None, Any]:
         """predict() as a generator that yields progress after every batch of tiles. The
         arguments are checked, and the job's cancel token made, when it is called."""
+        model, options, layout = self._checked_prediction(data, axes, out, uncertainty, options, ensemble, changes)
+        token = self._new_job(cancel)
+        return self._predict_steps(model, options, data, layout, out, uncertainty, token)
+
+    def _checked_prediction(self, data, axes, out, uncertainty, options, ensemble, changes):
+        """(model, options, layout) for a prediction, every argument checked before any work."""
         model = self._model
         if model is None:
             raise RuntimeError("this Denoiser has not been fitted yet: call fit() or Denoiser.load() first")
@@ -374,8 +380,7 @@ class Denoiser:
         check_array(data)
         layout = PlaneLayout.of(data.shape, axes or self._default_axes(data))
         check_prediction_input(model, layout, out, uncertainty, options)
-        token = self._new_job(cancel)
-        return self._predict_steps(model, options, data, layout, out, uncertainty, token)
+        return model, options, layout
 
     def predict_on_cluster(self, client, data, axes: str | None, out, ensemble: int | str | None = None, *,
                            options: PredictOptions | None = None, cancel: threading.Event | None = None,
@@ -386,15 +391,9 @@ class Denoiser:
         inside the output's store); `on_submit` gets the tasks' futures (e.g. for a progress bar)."""
         from .distributed import predict_on_cluster
 
-        model = self._model
-        if model is None:
-            raise RuntimeError("this Denoiser has not been fitted yet: call fit() or Denoiser.load() first")
         if out is None:
             raise ValueError("with a client, give out=: a zarr array of the input's shape that every worker can write")
-        options = self.prediction_options(options, ensemble=ensemble, **changes)
-        check_array(data)
-        layout = PlaneLayout.of(data.shape, axes or self._default_axes(data))
-        check_prediction_input(model, layout, out, None, options)
+        model, options, layout = self._checked_prediction(data, axes, out, None, options, ensemble, changes)
         views = ensemble_size(model.pd, options, layout.shape)
         # The teacher's tiles decide its output: every task tiles as this process would.
         tile_size = tile_side(make_runner(model, options, self._device, views), options, self._device)

@@ -35,14 +35,13 @@ from .training import Trainer
 # The teacher predicts about this many pixels of targets (whole planes, at least one).
 TARGET_PIXELS = 2**20
 # How the student is fitted. Patches are large next to its grid (32) so that the zero padding
-# at their borders touches little of the loss. small: on the 20-plane 1024x1024 stack (one
-# teacher, benchmarks/distill.py's), 700 iterations of 96-pixel patches scored 0.04 dB above
-# the teacher in 65 s of training, 1000 of 128 pixels (+0.14 dB) took 140 s, 400 of 128 pixels
-# fell 0.26 dB short, and a learning rate of 2e-3 diverged.
+# at their borders touches little of the loss. (small, measured on the 20-plane 1024x1024 stack
+# with one teacher: 700 iterations of 96-pixel patches scored 0.04 dB above the teacher in 65 s
+# of training, these 1000 of 128 pixels +0.14 dB in 140 s; to adopt once D1-D3 are rerun.)
 DISTIL_CONFIGS: dict[str, FitConfig] = {
     "tiny": FitConfig(patch_size=64, batch_size=4, learning_rate=2e-3, weight_decay=0.0, default_iterations=300,
                       validation_patches_max=8),
-    "small": FitConfig(patch_size=96, batch_size=4, learning_rate=1e-3, weight_decay=0.0, default_iterations=700,
+    "small": FitConfig(patch_size=128, batch_size=4, learning_rate=1e-3, weight_decay=0.0, default_iterations=1000,
                        validation_patches_max=8),
     "paper": FitConfig(patch_size=128, batch_size=8, learning_rate=5e-4, weight_decay=0.0, default_iterations=20000),
 }
@@ -175,7 +174,7 @@ class StudentPlan:
     """Whether to distil before predicting, and why. The fit keeps its whole time budget and
     the distillation runs its default iterations after it: measured on a 20-plane 1024x1024
     stack, a budget shared 70/30 left the student 244 iterations and 3 dB short of its teacher
-    (benchmarks/distill.py --stack), where 1000 iterations match it (D1-D3)."""
+    (benchmarks/distill.py --stack), where its default iterations match it (D1-D3)."""
 
     distil: bool
     reason: str

@@ -16,11 +16,13 @@ workers see (a laptop's disk for a LocalCluster, the shared file system of an HP
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
 import math
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -123,6 +125,7 @@ class Job:
     tile_size: int
     views: int
     record: str
+    token: str  # the job's identity, written into its block records
     device: str
     threads_per_host: dict[str, int]
 
@@ -172,7 +175,7 @@ class PlaneReader:
 def predict_block(job: Job, block: Block) -> str:
     """Predict one block into the output store and record it; returns the block's name."""
     done = Path(job.record) / DONE_FOLDER / block.name
-    if done.exists():
+    if _recorded(done, job.token):
         return block.name
     torch.set_num_threads(_torch_threads(job))
     model = _worker_model(job.model_file)
@@ -183,8 +186,15 @@ def predict_block(job: Job, block: Block) -> str:
     for plane in block.plane_indices():
         result = drive(runner.predict_iter(PlaneReader(model, layout, source, plane), job.tile_size, block.region))
         layout.write_plane(target, plane, model.normalizer.denormalize(result[: model.channels]), block.region)
-    done.touch()
+    done.write_text(job.token)  # the job's token: a late task of an earlier job cannot mark this one's blocks
     return block.name
+
+
+def _recorded(marker: Path, token: str) -> bool:
+    try:
+        return marker.read_text() == token
+    except OSError:
+        return False
 
 
 # -- the client's side -------------------------------------------------------------------
@@ -209,13 +219,15 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare_record(record: Path, model: FittedModel, defaults: PredictOptions, identity: dict[str, Any]) -> set[str]:
-    """Make `record` hold this job's model file and description; return the blocks an earlier
-    run of the same job finished (none where the job differs: its record is replaced)."""
+def prepare_record(record: Path, model: FittedModel, defaults: PredictOptions,
+                   identity: dict[str, Any]) -> tuple[str, set[str]]:
+    """Make `record` hold this job's model file and description; return the job's token and the
+    blocks an earlier run of the same job finished (none where the job differs: its records go)."""
     record.mkdir(parents=True, exist_ok=True)
     fresh = record / f".{MODEL_FILE}.new"
     model.save(fresh, defaults)
     identity = {**identity, "model_sha256": _file_digest(fresh)}
+    token = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     job_file = record / JOB_FILE
     try:
         same = json.loads(job_file.read_text()) == identity
@@ -228,7 +240,7 @@ def prepare_record(record: Path, model: FittedModel, defaults: PredictOptions, i
     (record / DONE_FOLDER).mkdir(exist_ok=True)
     if not same:
         job_file.write_text(json.dumps(identity, indent=1))
-    return {path.name for path in (record / DONE_FOLDER).iterdir()}
+    return token, {path.name for path in (record / DONE_FOLDER).iterdir() if _recorded(path, token)}
 
 
 def threads_per_host(client) -> dict[str, int]:
@@ -259,13 +271,15 @@ def predict_on_cluster(client, model: FittedModel, defaults: PredictOptions, opt
     identity = {"source": list(source), "target": list(target), "axes": layout.axes, "shape": list(layout.shape),
                 "chunks": list(out.chunks), "options": options.to_dict(), "tile_size": tile_size, "views": views,
                 "min_side": min_side}
-    finished = prepare_record(record, model, defaults, identity)
-    blocks = split_blocks(layout, tuple(out.chunks), min_side)
+    token, finished = prepare_record(record, model, defaults, identity)
+    # Sharded zarr v3 arrays are written shard by shard: a block must hold whole shards.
+    blocks = split_blocks(layout, tuple(getattr(out, "shards", None) or out.chunks), min_side)
     todo = [block for block in blocks if block.name not in finished]
     job = Job(str(record / MODEL_FILE), source, target, layout.axes, options.to_dict(), tile_size, views,
-              str(record), device, threads_per_host(client))
-    token = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    futures = client.map(predict_block, [job] * len(todo), todo, key=[f"tbsn-{token}-{b.name}" for b in todo],
+              str(record), token, device, threads_per_host(client))
+    # Fresh keys every run: the scheduler must not hand back an earlier run's failed results.
+    run = secrets.token_hex(6)
+    futures = client.map(predict_block, [job] * len(todo), todo, key=[f"tbsn-{run}-{b.name}" for b in todo],
                          pure=False, retries=0)
     try:
         if on_submit is not None:
@@ -276,22 +290,27 @@ def predict_on_cluster(client, model: FittedModel, defaults: PredictOptions, opt
                                           "to finish the rest")
             try:
                 wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
                 pass
     except BaseException:
         client.cancel(futures)
         raise
-    failed = [future for future in futures if future.status == "error"]
+    failed = [future for future in futures if future.status != "finished"]
     if failed:
+        first = failed[0].exception() if failed[0].status == "error" else failed[0].status
         raise RuntimeError(
-            f"{len(failed)} of {len(todo)} blocks failed (the first: {failed[0].exception()}); the other blocks "
+            f"{len(failed)} of {len(todo)} blocks failed (the first: {first}); the other blocks "
             "are recorded: run the same command again to finish the rest")
     _remove_record(record)  # the job is complete: the next run starts afresh
     return ClusterSummary(len(blocks), len(blocks) - len(todo), time.perf_counter() - start)
 
 
 def _remove_record(record: Path) -> None:
-    shutil.rmtree(record, ignore_errors=True)
-    parent = record.parent
-    if parent.name == RECORD_FOLDER and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
+    """Remove what prepare_record made, and the folders it made if they are left empty (a
+    folder the caller gave keeps anything else it holds)."""
+    shutil.rmtree(record / DONE_FOLDER, ignore_errors=True)
+    for name in (JOB_FILE, MODEL_FILE):
+        (record / name).unlink(missing_ok=True)
+    for folder in (record, record.parent if record.parent.name == RECORD_FOLDER else None):
+        if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

@@ -129,8 +129,10 @@ def write_pyramid(folder: Path, levels: int) -> None:
             break
         coarse = da.coarsen(np.mean, da.from_zarr(previous), binned, trim_excess=True).astype(np.float32)
         chunks = tuple(min(c, s) for c, s in zip(previous.chunks, coarse.shape))
+        # overwrite: a level left by an interrupted run is made again.
         array = group.create_array(str(level), shape=coarse.shape, chunks=chunks, dtype="float32",
-                                   dimension_names=[axis["name"] for axis in axes])
-        da.store(coarse, array, scheduler="threads", lock=False)
+                                   dimension_names=[axis["name"] for axis in axes], overwrite=True)
+        # One dask block per zarr chunk: no two threads write parts of the same chunk.
+        da.store(coarse.rechunk(chunks), array, scheduler="threads", lock=False)
         previous, made = array, level + 1
     _write_metadata(group, axes, ours["scale"], ours["translation"], made, ome["multiscales"][0].get("name"))

@@ -212,14 +212,21 @@ def _read_span(plane, rows: np.ndarray, columns: np.ndarray, span_y: tuple[int, 
     return block[:, (rows - low_row)[:, None], (columns - low_column)[None, :]]
 
 
-def margin_windows(length: int, step: int, margin: int) -> list[tuple[int, int, int, int]]:
+def margin_windows(length: int, step: int, margin: int, wanted: tuple[int, int] | None = None,
+                   multiple: int = 1) -> list[tuple[int, int, int, int]]:
     """(window start, window end, kept start, kept end) along a padded side of `length`: each
-    window keeps `step` pixels and reaches `margin` beyond them, except at the side's ends."""
-    if length <= step + 2 * margin:
-        return [(0, length, 0, length)]
+    window keeps `step` pixels and reaches `margin` beyond them, except at the side's ends.
+    With `wanted` (start, end), the kept pixels start at its start (on the `multiple` grid) and
+    end at its end (rounded up to the grid): a block computes itself and its margin only."""
+    if wanted is None:
+        if length <= step + 2 * margin:
+            return [(0, length, 0, length)]
+        first, last = 0, length
+    else:
+        first, last = wanted[0] // multiple * multiple, min(round_up(wanted[1], multiple), length)
     windows = []
-    for start in range(0, length, step):
-        end = min(start + step, length)
+    for start in range(first, last, step):
+        end = min(start + step, last)
         windows.append((max(start - margin, 0), min(end + margin, length), start, end))
     return windows
 
@@ -232,7 +239,7 @@ class MarginTiledPredictor:
 
     def __init__(self, core: Callable[[torch.Tensor], torch.Tensor], padding: Callable[[int], tuple[int, int]],
                  multiple: int, margin: int, step: int, device: torch.device) -> None:
-        self.core, self.padding, self.margin = core, padding, margin
+        self.core, self.padding, self.margin, self.multiple = core, padding, margin, multiple
         self.step = max(multiple, step // multiple * multiple)
         self.device = device
 
@@ -244,8 +251,10 @@ class MarginTiledPredictor:
         (top, bottom), (left, right) = self.padding(height), self.padding(width)
         rows, columns = reflect_indices(height, top, bottom), reflect_indices(width, left, right)
         want_y, want_x = _wanted(region, height, width, top, left)
-        windows_y = [w for w in margin_windows(len(rows), self.step, self.margin) if _meets(w[2], w[3] - w[2], want_y)]
-        windows_x = [w for w in margin_windows(len(columns), self.step, self.margin) if _meets(w[2], w[3] - w[2], want_x)]
+        # A region's windows keep the region (on the grid) and no more: a block costs itself and its margin.
+        wanted_y, wanted_x = (None, None) if region is None else (want_y, want_x)
+        windows_y = margin_windows(len(rows), self.step, self.margin, wanted_y, self.multiple)
+        windows_x = margin_windows(len(columns), self.step, self.margin, wanted_x, self.multiple)
         span_y = (min(w[0] for w in windows_y), max(w[1] for w in windows_y))
         span_x = (min(w[0] for w in windows_x), max(w[1] for w in windows_x))
         padded = _read_span(plane, rows, columns, span_y, span_x)

@@ -212,6 +212,9 @@ class Trainer:
         """After running out of memory: halve the batch, else the patch, and say so."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.processes > 1:  # one rank alone cannot redo a step the others have synchronised
+            raise out_of_memory_error(self.device, "fitting with DDP (give a smaller --batch-size or --patch-size)") \
+                from error
         if self.batch_size > 1:
             self.batch_size //= 2
             change = f"batch size {self.batch_size}"
@@ -257,21 +260,24 @@ class Trainer:
             return max(iteration / iterations if iterations else 0.0,
                        (time.perf_counter() - start) / time_budget if time_budget else 0.0)
 
-        def progress(iteration: int) -> tuple[float, bool]:
-            # Under DDP the ranks agree on both, so that they step and validate together.
+        def progress(iteration: int, loss: float) -> tuple[float, bool, bool]:
+            # Under DDP the ranks agree on all three, so that they step, validate and stop together.
             stopping = self.cancel_token.is_set() or self.stop_training.is_set()
-            return agree(fraction_done(iteration), stopping, self.device)
+            return agree(fraction_done(iteration), stopping, not math.isfinite(loss) and iteration > 0, self.device)
 
         iteration, validation, loss = 0, None, math.nan
         self.network.train()
         while True:
-            done, stopping = progress(iteration)
+            done, stopping, diverged = progress(iteration, loss)
+            if diverged:
+                raise FloatingPointError(f"the training loss became {loss} at iteration {iteration}; "
+                                         "lower the learning rate or check the input for extreme values")
             if done >= 1.0 or stopping:
                 break
             loss = self._step(self.config.learning_rate * learning_rate_factor(done, self.config))
             self._update_average(iteration)
             iteration += 1
-            if not math.isfinite(loss):
+            if not math.isfinite(loss) and self.processes == 1:
                 raise FloatingPointError(f"the training loss became {loss} at iteration {iteration}; "
                                          "lower the learning rate or check the input for extreme values")
             validation = None

@@ -297,3 +297,28 @@ def test_fit_and_denoise_with_a_student_then_export(viewer_and_widget, qtbot, tm
     pytest.importorskip("bioimageio.spec")
     package = widget.export_model(tmp_path / "cells.bioimageio.zip")
     assert package.is_file() and "exported" in widget.status.text()
+
+
+def test_a_result_file_gets_the_denoised_stack_as_ome_zarr_and_the_layer_reads_it(viewer_and_widget, qtbot, tmp_path):
+    pytest.importorskip("ome_zarr")
+    viewer, widget = viewer_and_widget
+    _, stack = noisy_image((3, 64, 64), seed=8)
+    viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5), axis_labels=("Z", "Y", "X"))
+    widget.form.iterations.value = 2
+    widget.form.result_file.value = tmp_path / "stack_denoised"  # not a zarr name: refused with the fix
+    widget.fit_denoise_button.click()
+    assert "name it stack_denoised.ome.zarr" in widget.status.text()
+    target = tmp_path / "stack_denoised.ome.zarr"
+    widget.form.result_file.value = target
+    widget.fit_denoise_button.click()
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["stack (TBSN)"]
+    assert type(layer.data).__module__.startswith("zarr")  # shown from the file, not held in memory
+    from napari_tbsn.image_io import read_image
+
+    saved = read_image(target)
+    assert saved.axes == "ZYX" and saved.metadata["ome"]["scale"] == [2.0, 0.5, 0.5]
+    np.testing.assert_allclose(saved.data[:], widget.denoiser.predict(stack, "ZYX"), atol=1e-5)
+    widget.preview_button.click()  # a preview never touches the result file
+    _wait_idle(qtbot, widget)
+    np.testing.assert_array_equal(read_image(target).data[:], saved.data[:])

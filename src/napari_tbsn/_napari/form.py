@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, PushButton, SpinBox
 
 from ..axes import AXIS_LETTERS, guess_axes, parse_axes
 from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
 from ..devices import available_devices
+from ..image_io import check_writable
 from ..noise import NoiseModel
 
 
@@ -53,6 +55,7 @@ class JobSettings:
     options: PredictOptions
     uncertainty: bool
     student: str = "auto"  # distil a student UNet after the fit: "auto", "on" or "off"
+    result_file: Path | None = None  # an .ome.zarr the result is written to, and shown from
 
 
 class SettingsForm(Container):
@@ -83,6 +86,10 @@ class SettingsForm(Container):
             value="auto", tooltip="distil a fast UNet student from the fitted network and denoise with it; auto: "
             "when distilling and predicting with it takes less time than predicting with the fitted network "
             "(distillation adds a few minutes after the fit)")
+        self.result_file = FileEdit(
+            label="result file", mode="w", filter="*.ome.zarr", value="",
+            tooltip="optional: write the denoised stack to this .ome.zarr and show it from there (for stacks "
+            "larger than memory; napari reads it lazily); empty: keep the result in memory")
         self.device_select = ComboBox(
             label="device", choices=[("auto", "auto")] + [(name, device) for device, name in available_devices()],
             value="auto")
@@ -94,7 +101,8 @@ class SettingsForm(Container):
                                                                   FIT_PRESETS[preset].patch_size))
         super().__init__(widgets=[
             self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget, self.context,
-            self.estimator, self.uncertainty, self.student, self.device_select, self.show_advanced, self.advanced,
+            self.estimator, self.uncertainty, self.student, self.result_file, self.device_select, self.show_advanced,
+            self.advanced,
         ])
 
     def _advanced_fields(self) -> list:
@@ -152,7 +160,19 @@ class SettingsForm(Container):
                                    student=self.student.value != "off" and not self.uncertainty.value),
             uncertainty=bool(self.uncertainty.value),
             student="off" if self.uncertainty.value else self.student.value,
+            result_file=self._result_file(),
         )
+
+    def _result_file(self) -> Path | None:
+        """The result file typed or picked, checked (None when the field is empty)."""
+        text = str(self.result_file.value or "").strip()
+        if text in ("", "."):
+            return None
+        path = Path(text).expanduser()
+        if not path.name.lower().endswith(".zarr"):
+            raise ValueError(f"the result file {path.name} is not a zarr store: name it {path.stem}.ome.zarr")
+        check_writable(path)
+        return path
 
     def show_model(self, preset: str, pd: int, noise_model: NoiseModel | None) -> None:
         """Fill the fields from a loaded model, so that Fit fine-tunes it as it was fitted."""

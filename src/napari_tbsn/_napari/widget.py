@@ -8,6 +8,7 @@ model only when the fit succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPush
 from ..axes import PlaneLayout
 from ..denoiser import Denoiser, PredictProgress
 from ..distillation import DistilProgress
+from ..image_io import ImageFile, open_output, read_image
 from ..prediction import describe_model, uses_posterior
 from ..progress import Cancelled, Stops, format_seconds
 from ..training import FitProgress
@@ -287,12 +289,21 @@ class DenoiseWidget(QWidget):
     # -- denoise -----------------------------------------------------------------------
     @staticmethod
     def _predict_job(denoiser: Denoiser, settings: JobSettings, data, cancel):
-        """(denoised, uncertainty or None); runs in the worker, on the settings read before."""
-        out = output_array(tuple(data.shape))
+        """(denoised, uncertainty or None); runs in the worker, on the settings read before.
+        With a result file the result is written there (atomically) and shown from it, lazily."""
         wants_uncertainty = settings.uncertainty and uses_posterior(denoiser.model, settings.options)
         uncertainty = output_array(tuple(data.shape)) if wants_uncertainty else None
-        yield from denoiser.predict_iter(data, settings.axes, out=out, uncertainty=uncertainty,
-                                         options=settings.options, cancel=cancel)
+        with contextlib.ExitStack() as stack:
+            if settings.result_file is None:
+                out = output_array(tuple(data.shape))
+            else:
+                # The layer's scale goes into the OME-Zarr metadata.
+                like = ImageFile(data, settings.axes, "napari", {"ome": {"scale": [float(v) for v in settings.layer.scale]}})
+                out = stack.enter_context(open_output(settings.result_file, tuple(data.shape), settings.axes, like=like))
+            yield from denoiser.predict_iter(data, settings.axes, out=out, uncertainty=uncertainty,
+                                             options=settings.options, cancel=cancel)
+        if settings.result_file is not None:
+            out = read_image(settings.result_file).data
         return out, uncertainty, denoiser.quality, describe_model(denoiser.model, settings.options)
 
     def _job_settings(self) -> tuple[JobSettings, Denoiser] | None:
@@ -338,7 +349,8 @@ class DenoiseWidget(QWidget):
         plane, translate = shown_plane(self.viewer, layer, layout)
         selection, keep = layout.context_window(plane, denoiser.context_planes)
         block = settings.data[selection]
-        quick = dataclasses.replace(settings, options=settings.options.replace(ensemble=1))  # a quick look: no x8
+        # A quick look: no x8, and never into the result file.
+        quick = dataclasses.replace(settings, options=settings.options.replace(ensemble=1), result_file=None)
 
         def cut(result):
             denoised, uncertainty, quality, model = result
