@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import signal
@@ -545,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     143 (SIGTERM). Every output is written under a temporary name and renamed only when
     complete, so a stopped or failed command leaves none behind."""
     args = build_parser().parse_args(argv)
+    # tifffile logs what it finds wrong in a file before raising; the error line says it once.
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:
