@@ -8,6 +8,7 @@ asked, R3-refined for correlated noise), the lattice filter's correction, then t
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import threading
 import time
@@ -188,16 +189,24 @@ class TileModel:
 
     def refine(self, denoised: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
         """R3 (AP-BSN): average full-resolution passes over the denoised image with a random
-        R3_FRACTION of its pixels put back to their noisy values. Seeded: predictions repeat."""
-        generator = torch.Generator().manual_seed(self.model.seed)
+        R3_FRACTION of its pixels put back to their noisy values. Each tile's masks are seeded
+        from the model's seed and the tile's own pixels, so a tile gets the same masks in any
+        batch: predictions repeat, and a region of a plane equals the whole plane's there."""
         channels = denoised.shape[1]
         noisy, context = noisy[:, :channels], noisy[:, channels:]
+        rounds = self.options.refine
+        masks = torch.stack([self._r3_masks(tile, rounds) for tile in noisy], dim=1).to(noisy.device)
         total = torch.zeros_like(denoised)
-        for _ in range(self.options.refine):
-            keep_noisy = (torch.rand(noisy.shape, generator=generator) < R3_FRACTION).to(noisy.device)
+        for keep_noisy in masks:
             mixed = torch.cat([torch.where(keep_noisy, noisy, denoised), context], dim=1)
             total += self.forward(mixed, 1)[:, :channels]
-        return total / self.options.refine
+        return total / rounds
+
+    def _r3_masks(self, tile: torch.Tensor, rounds: int) -> torch.Tensor:
+        """(rounds, C, h, w) bool: where each R3 round puts the noisy pixels of `tile` back."""
+        digest = hashlib.blake2b(tile.detach().float().cpu().numpy().tobytes(), digest_size=7).digest()
+        generator = torch.Generator().manual_seed(self.model.seed ^ int.from_bytes(digest, "little"))
+        return torch.rand((rounds, *tile.shape), generator=generator) < R3_FRACTION
 
     @property
     def bytes_per_pixel(self) -> float:
