@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from napari_tbsn.progress import drive
 from napari_tbsn.tiling import blend_ramp, tile_starts
 
 from .conftest import noisy_image
@@ -122,7 +123,7 @@ def test_a_region_of_a_tiled_plane_equals_that_region_of_the_whole_and_reads_onl
     whole = tiler.predict(plane)
     for rows, columns in ((slice(0, 300), slice(0, 420)), (slice(100, 160), slice(200, 420)), (slice(0, 16), slice(5, 9))):
         recorded = RecordingPlane(plane)
-        part = drive_to_end(tiler.predict_iter(recorded, (rows, columns)))
+        part = drive(tiler.predict_iter(recorded, (rows, columns)))
         np.testing.assert_allclose(part, whole[:, rows, columns], atol=1e-5)
         (read_rows, read_columns), = recorded.reads
         if (rows, columns) != (slice(0, 300), slice(0, 420)):
@@ -140,17 +141,10 @@ def test_a_region_of_a_student_pass_equals_that_region_of_the_whole():
     plane = np.random.default_rng(1).normal(size=(2, 300, 420)).astype(np.float32)
     tiler = MarginTiledPredictor(network.core, network.padding, network.size_multiple, network.config.margin, 64,
                                  torch.device("cpu"))
-    whole = drive_to_end(tiler.predict_iter(plane))
+    whole = drive(tiler.predict_iter(plane))
     recorded = RecordingPlane(plane)
-    part = drive_to_end(tiler.predict_iter(recorded, (slice(150, 170), slice(0, 30))))
+    part = drive(tiler.predict_iter(recorded, (slice(150, 170), slice(0, 30))))
     np.testing.assert_allclose(part, whole[:, 150:170, 0:30], atol=1e-5)
     (read_rows, read_columns), = recorded.reads
     assert read_rows.stop - read_rows.start <= tiler.step + 2 * network.config.margin < 300
 
-
-def drive_to_end(steps):
-    while True:
-        try:
-            next(steps)
-        except StopIteration as finished:
-            return finished.value
