@@ -25,6 +25,7 @@ from typing import Any
 
 from . import __version__
 from .axes import guess_axes, parse_axes
+from .channels import CHANNEL_MODES
 from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
 from .ddp import start_from_environment, world
 from .ddp import stop as stop_processes
@@ -168,6 +169,7 @@ def _new_denoiser(args: argparse.Namespace, options: PredictOptions | None = Non
     changes = {k: v for k, v in (("patch_size", args.patch_size), ("batch_size", args.batch_size)) if v is not None}
     options = options or PredictOptions(estimator=args.estimator or "posterior", lattice=args.lattice)
     return Denoiser(preset=args.preset, pd=args.pd, device=args.device, seed=args.seed, context=args.context,
+                    channels=args.channels,
                     estimator=options.estimator, lattice=args.lattice, tile_size=options.tile_size,
                     tile_overlap=options.tile_overlap, predict_batch_size=options.batch_size,
                     ensemble=options.ensemble, refine=options.refine,
@@ -180,12 +182,16 @@ def _fit(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: s
     _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
          f"on {denoiser.device} (pd {args.pd})")
     bar = ProgressBar("fit", enabled=not args.quiet)
+    said_plateau: list[int] = []
 
     def on_progress(progress: FitProgress) -> None:
         stops.follow(progress)
         if progress.iteration == 1:
             bar.note("training: Ctrl-C ends it early, and the fit completes with the best weights reached")
         validation = "" if progress.best_validation_loss is None else f" best val {progress.best_validation_loss:.5f}"
+        if progress.plateau is not None and not said_plateau:
+            bar.note(f"{progress.describe_plateau()}: Ctrl-C ends the training now, with the best weights")
+            said_plateau.append(progress.plateau)
         bar.update(progress.fraction, f"it {progress.iteration} loss {progress.loss:.5f}{validation}", progress.eta)
 
     try:
@@ -317,6 +323,8 @@ def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> No
         "posterior" if uses_posterior(denoiser.model, options) else "blind_spot",
         "student": denoiser.student.describe()["summary"] if uses_student(denoiser.model, options) else None,
         "context_planes": denoiser.context_planes,
+        "channels": None if denoiser.model.channels == 1 else
+        "independent" if denoiser.model.config.channels_as_samples else "joint",
         **{key: described[key] for key in ("lattice_filter", "noise_model", "noise_measurement", "noise_correlation",
                                            "training")},
         "quality_estimate": None if quality is None else
@@ -438,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--context", type=_auto_or_whole, default="auto",
                          help="neighbouring Z (else T) planes on each side that the network sees beside the "
                          "plane it denoises: auto (1 for Z-stacks, else 0), 0-3 (default auto)")
+        sub.add_argument("--channels", choices=CHANNEL_MODES, default="auto",
+                         help="multichannel images: joint (one network reads all channels), independent (each "
+                         "channel a sample of one single-channel network: unrelated stains), auto (by how well the "
+                         "channels' structures correlate; default)")
         sub.add_argument("--patch-size", type=int, help="training patch size (default: the preset's)")
         sub.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
         sub.add_argument("--seed", type=int, default=0)

@@ -55,6 +55,9 @@ class NetworkConfig:
     # Extra input channels seen whole, after the in_channels of the blind plane: the
     # neighbouring planes of a Z-stack or time series (independent noise, same structures).
     context_channels: int = 0
+    # The channels as samples of one single-channel network (independent stains): each channel,
+    # with its own context planes, runs through the same weights on its own.
+    channels_as_samples: bool = False
 
     def __post_init__(self) -> None:
         # JSON gives lists back; keep tuples so configs compare and hash.
@@ -66,6 +69,11 @@ class NetworkConfig:
     def context_planes(self) -> int:
         """Neighbouring planes on each side behind the context channels."""
         return self.context_channels // (2 * self.in_channels)
+
+    @property
+    def groups(self) -> int:
+        """How many independent samples each input is split into (its channels, or 1)."""
+        return self.in_channels if self.channels_as_samples else 1
 
     @property
     def key_window(self) -> int:
@@ -93,6 +101,11 @@ class NetworkConfig:
                 "padding, or the lattice it keeps shifts to odd offsets and the blind spot "
                 "leaks. Use e.g. window 8 with overlap 0.5, or window 4 with overlap 1.0"
             )
+        if self.channels_as_samples and (self.out_channels != self.in_channels
+                                         or self.context_channels % self.in_channels):
+            raise ValueError("channels as samples needs as many outputs as inputs, and context planes of every "
+                             f"channel; got {self.in_channels} in, {self.out_channels} out, "
+                             f"{self.context_channels} context")
         if self.channel_block and self.channel_block % 16:
             raise ValueError(f"channel_block must be a multiple of 16 pixels (or 0), got {self.channel_block}")
         dims = (self.dim, 2 * self.dim, 4 * self.dim)
@@ -156,6 +169,7 @@ def network_preset(
     out_channels: int | None = None,
     variance_head: bool = False,
     context_channels: int = 0,
+    channels_as_samples: bool = False,
 ) -> NetworkConfig:
     """The named preset for `channels` input channels (and as many outputs by default)."""
     if name not in NETWORK_PRESETS:
@@ -168,6 +182,7 @@ def network_preset(
         out_channels=channels if out_channels is None else out_channels,
         variance_head=variance_head,
         context_channels=context_channels,
+        channels_as_samples=channels_as_samples and channels > 1,
     )
 
 
@@ -189,13 +204,17 @@ class FitConfig:
     default_iterations: int = 2000
     max_training_pixels: int = 2**26
     compile: str = "auto"  # "auto" (CUDA only), "always" or "never"
+    # The fit ends once its crops have covered the training pixels this many times (0: no limit),
+    # however much time is left: more would fit the noise of a small image (training.pass_horizon).
+    max_passes: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "batch_size", "validation_patches_max", "validation_every", "default_iterations",
                      "max_training_pixels"):
             object.__setattr__(self, name, _check_whole(name, getattr(self, name), minimum=1))
         for name, low, high in (("learning_rate", 0.0, None), ("weight_decay", 0.0, None), ("warmup_fraction", 0.0, 1.0),
-                                ("min_lr_fraction", 0.0, 1.0), ("validation_fraction", 0.0, 1.0), ("ema_decay", 0.0, 1.0)):
+                                ("min_lr_fraction", 0.0, 1.0), ("validation_fraction", 0.0, 1.0), ("ema_decay", 0.0, 1.0),
+                                ("max_passes", 0.0, None)):
             _check_number(name, getattr(self, name), low, high)
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
@@ -288,6 +307,9 @@ class TrainingSummary:
     variance_head_loss: float | None = None  # the posterior's prior-variance fit (NLL)
     history: list[dict[str, float]] = field(default_factory=list)
     processes: int = 1  # DDP ranks that fitted together
+    channels: str | None = None  # how a multichannel image was fitted, and why
+    plateau_iteration: int | None = None  # where validation stopped improving, when well before the end
+    pass_limit: int | None = None  # the iterations the data's size allowed, where they bound the fit
 
     def describe(self) -> str:
         """One line for the CLI and the widget."""
@@ -296,4 +318,11 @@ class TrainingSummary:
         best = "no validation loss" if self.best_validation_loss is None else \
             f"best validation loss {self.best_validation_loss:.6g} at iteration {self.best_iteration}"
         stopped = " (stopped early)" if self.stopped_early else ""
-        return f"{self.iterations} iterations in {format_seconds(self.seconds)}{stopped}, {best}"
+        plateau = "" if self.plateau_iteration is None else \
+            f"; validation stopped improving at iteration {self.plateau_iteration}: more fitting time would not help"
+        limit = "" if self.pass_limit is None or self.iterations < self.pass_limit else \
+            "; the fit ended where its crops had covered the image's pixels many times over: more time would fit " \
+            "the noise"
+        channels = f"; {self.channels}" if self.channels else ""
+        return (f"{self.iterations} iterations in {format_seconds(self.seconds)}{stopped}, {best}{plateau}{limit}"
+                f"{channels}")

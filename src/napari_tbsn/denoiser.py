@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout, check_array, guess_axes
+from .channels import check_channel_mode
 from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkConfig, PredictOptions, network_preset
 from .devices import resolve_device
 from .distillation import StudentPlan, distil_model, plan_student
@@ -48,7 +49,8 @@ __all__ = ["Denoiser", "FitCancelled", "FitProgress", "PredictOptions", "Predict
 MAX_PD = 8
 
 
-def _check_fit_settings(preset, pd, context, noise_model, seed) -> None:
+def _check_fit_settings(preset, pd, context, noise_model, seed, channels) -> None:
+    check_channel_mode(channels)
     if preset not in NETWORK_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(NETWORK_PRESETS)}")
     if pd != "auto" and (isinstance(pd, bool) or not isinstance(pd, int) or not 1 <= pd <= MAX_PD):
@@ -95,6 +97,7 @@ class Denoiser:
         context: int | str = "auto",
         lattice: bool = True,
         noise_model: NoiseModel | None = None,
+        channels: str = "auto",
     ) -> None:
         """`pd`: "auto" (measure the noise correlation at fit time), 1 for pixel-independent
         noise, 2-8 for spatially correlated noise. `context`: neighbouring planes on each side
@@ -102,16 +105,20 @@ class Denoiser:
         Z-stacks and 0 otherwise. `lattice`: fit a small linear filter that corrects the
         network's mean from the noisy pixels its dilated blind spot skips (see lattice.py).
         `noise_model`: a calibrated camera model (NoiseModel.from_camera) to use instead of
-        estimating one from the data. `estimator`, `ensemble`, `refine` and the tile settings
+        estimating one from the data. `channels` (multichannel images): "joint" fits one network
+        that reads all channels together; "independent" runs each channel through one
+        single-channel network as a sample of its own, with its own normalisation and noise
+        model; "auto" picks by how well the channels' structures correlate, and the fit's summary
+        says which and why. `estimator`, `ensemble`, `refine` and the tile settings
         are the default PredictOptions, which predict() can override per call."""
-        _check_fit_settings(preset, pd, context, noise_model, seed)
+        _check_fit_settings(preset, pd, context, noise_model, seed, channels)
         fit_config = fit_config or FIT_PRESETS[preset]
         if not isinstance(fit_config, FitConfig):
             raise TypeError(f"fit_config must be a FitConfig, got {type(fit_config).__name__}")
         self._options = PredictOptions(estimator=estimator, ensemble=ensemble, refine=refine, lattice=bool(lattice),
                                        tile_size=tile_size, tile_overlap=tile_overlap, batch_size=predict_batch_size)
         self._settings = FitSettings(preset, pd, context, estimator == "posterior", bool(lattice), noise_model,
-                                     fit_config, seed)
+                                     fit_config, seed, channels)
         self._device = resolve_device(device)
         self._model: FittedModel | None = None
         self._job: threading.Event | None = None  # the cancel token of the running job
@@ -131,7 +138,7 @@ class Denoiser:
                        tile_size=options.tile_size, tile_overlap=options.tile_overlap,
                        predict_batch_size=options.batch_size, ensemble=options.ensemble, refine=options.refine,
                        context=model.context_planes, lattice=options.lattice,
-                       noise_model=noise_model)
+                       noise_model=noise_model, channels="independent" if model.config.channels_as_samples else "joint")
         # A fine-tune fits a lattice filter where the model has one (pd 1, not turned off).
         denoiser._settings = dataclasses.replace(denoiser._settings, lattice=model.lattice_filter is not None)
         denoiser._options = options  # all of them (the constructor's arguments name most)
@@ -147,6 +154,8 @@ class Denoiser:
     seed = property(lambda self: self._settings.seed)
     fit_config = property(lambda self: self._settings.fit_config)
     context = property(lambda self: self._settings.context)
+    channels = property(lambda self: self._settings.channels, doc="How multichannel data are fitted: auto, joint, "
+                        "independent (the fitted model's choice: model.config.channels_as_samples).")
     given_noise_model = property(lambda self: self._settings.noise_model)
     estimator = property(lambda self: self._options.estimator)
     ensemble = property(lambda self: self._options.ensemble)
@@ -292,8 +301,10 @@ class Denoiser:
             teacher = self._model.network
         else:
             context = context_for(self._settings, layout)
+            # "auto" channels are decided by the fit: time the costlier independent network then.
             teacher = TBSN(network_preset(self.preset, layout.channels, variance_head=self._settings.posterior,
-                                          context_channels=2 * context * layout.channels))
+                                          context_channels=2 * context * layout.channels,
+                                          channels_as_samples=self._settings.channels != "joint"))
         pd = 1 if self.pd == "auto" else int(self.pd)
         passes = ensemble_size(pd, self._options, layout.shape) * (1 + self._options.refine if pd > 1 else 1)
         return plan_student(choice, teacher, self.preset, layout, passes, time_budget, self._device)

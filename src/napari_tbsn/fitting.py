@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout
+from .channels import ChannelChoice, choose_channels
 from .config import FitConfig, network_preset
+from .ddp import world
 from .devices import out_of_memory_error
 from .lattice import LATTICE_PATCHES, fit_lattice_filter
 from .model import FittedModel
@@ -30,7 +32,7 @@ from .normalization import Normalizer
 from .patches import PatchSampler, fitting_patch_size, load_training_planes
 from .posterior import HEAD_PATCHES, fit_variance_head
 from .progress import CancellableArray, FitCancelled, raise_if_cancelled
-from .training import FitProgress, Trainer
+from .training import FitProgress, Trainer, pass_horizon
 
 # A given camera model whose variance the data's measured noise misses by more than this factor
 # (either way) draws a warning: a gain in electrons instead of input units, or a wrong baseline.
@@ -49,6 +51,7 @@ class FitSettings:
     noise_model: NoiseModel | None  # a calibrated camera model, else estimated
     fit_config: FitConfig
     seed: int
+    channels: str = "auto"  # "auto", "joint" or "independent" (channels.py)
 
 
 @dataclass(frozen=True)
@@ -58,11 +61,12 @@ class DataAnalysis:
     noise_model: NoiseModel
     correlation: NoiseCorrelation
     pd: int
+    channels: ChannelChoice
 
 
 def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedModel | None = None) -> DataAnalysis:
-    """Normalisation, noise model and noise correlation of the data, and the pd they call for
-    (a fine-tune keeps the previous model's pd: its network was fitted at it)."""
+    """Normalisation, noise model and noise correlation of the data, and the pd and channel
+    handling they call for (a fine-tune keeps the previous model's: its network was fitted so)."""
     normalizer = Normalizer.from_data(data, layout)
     measurement = NoiseMeasurement.of(data, layout)
     if settings.noise_model is not None:
@@ -75,7 +79,12 @@ def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedMo
     if pd == 1 and correlation.correlated:
         warnings.warn(f"the {correlation.describe()}; with pd=1 the network learns to copy correlated noise: "
                       "use pd='auto' (or the suggested pd)", stacklevel=2)
-    return DataAnalysis(normalizer, measurement, noise_model, correlation, pd)
+    if previous is not None:
+        channels = ChannelChoice("independent" if previous.config.channels_as_samples else
+                                 "joint" if previous.channels > 1 else "single", reason="as the model was fitted")
+    else:
+        channels = choose_channels(settings.channels, data, layout, normalizer)
+    return DataAnalysis(normalizer, measurement, noise_model, correlation, pd, channels)
 
 
 def _warn_on_mismatch(ratios: tuple[float, ...]) -> None:
@@ -101,7 +110,8 @@ def context_for(settings: FitSettings, layout: PlaneLayout, previous: FittedMode
     return int(settings.context)
 
 
-def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previous: FittedModel | None) -> TBSN:
+def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previous: FittedModel | None,
+                     independent: bool = False) -> TBSN:
     """A copy of the previous model's network to fine-tune, or a new one. (Denoiser.fit_iter has
     checked that the stack gives the context it reads.)"""
     if previous is not None:
@@ -110,7 +120,8 @@ def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previo
         torch.manual_seed(settings.seed)
         context = context_for(settings, layout)
         network = TBSN(network_preset(settings.preset, layout.channels, variance_head=settings.posterior and pd == 1,
-                                      context_channels=2 * context * layout.channels))
+                                      context_channels=2 * context * layout.channels,
+                                      channels_as_samples=independent))
     if network.config.variance_head and pd != 1:
         raise ValueError(f"this model predicts a posterior, which needs pixel-independent noise (pd 1), but pd is "
                          f"{pd}; fit a new model for spatially correlated noise")
@@ -131,7 +142,7 @@ def fit_model(
     the best weights it reached, with the closing fits that had finished."""
     data = CancellableArray(data, cancel)  # every plane read checks the token
     analysis = analyse(data, layout, settings, previous)
-    network = starting_network(settings, layout, analysis.pd, previous).to(device)
+    network = starting_network(settings, layout, analysis.pd, previous, analysis.channels.independent).to(device)
     config = settings.fit_config
     granularity = network.size_multiple * analysis.pd
     patch = fitting_patch_size(max(config.patch_size, granularity), layout.height, layout.width, granularity)
@@ -139,7 +150,9 @@ def fit_model(
                                   network.config.context_planes)
     rng = np.random.default_rng(settings.seed)
     sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
-    trainer = Trainer(network, sampler, config, device, analysis.pd, settings.seed, cancel, stop_training)
+    horizon = pass_horizon(sampler.training_pixels, config, patch, world()[1])
+    trainer = Trainer(network, sampler, config, device, analysis.pd, settings.seed, cancel, stop_training,
+                      horizon=horizon)
     try:
         summary = yield from trainer.run(iterations, time_budget)
     except torch.OutOfMemoryError as error:
@@ -150,6 +163,7 @@ def fit_model(
         raise ValueError("the fit ended before its first iteration; give it more time or iterations")
     if summary.iterations == 0 or (previous is not None and cancel.is_set()):
         raise stopped
+    summary.channels = analysis.channels.describe() if layout.channels > 1 else None
     model = FittedModel(
         network=network, normalizer=analysis.normalizer, pd=analysis.pd, preset=settings.preset, axes=layout.axes,
         noise_model=analysis.noise_model, noise_measurement=analysis.measurement,

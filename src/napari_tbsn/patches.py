@@ -52,6 +52,12 @@ class PatchSampler:
         p = patch_size
         self.validation = np.stack([planes[n, :, r * p : (r + 1) * p, c * p : (c + 1) * p] for n, r, c in chosen])
 
+    @property
+    def training_pixels(self) -> int:
+        """The pixels of the training planes that training crops may cover (the held-out blocks left out)."""
+        count, _, height, width = self.planes.shape
+        return count * height * width - int(self.held_out.sum()) * self.patch_size**2
+
     def _overlaps_validation(self, n: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         p = self.patch_size
         r0, c0 = y // p, x // p

@@ -74,24 +74,24 @@ def fit_variance_head(
     optimum, v_prior = E[(y - mu)^2] - v_noise: the blind-spot mean's own error variance.
     """
     config = network.config
-    means = config.out_channels
+    means = network.mean_outputs
     device = network.output_conv.weight.device
     network.eval()
     with torch.no_grad():
         features = torch.cat([network.features(_checked(chunk, cancel).to(device)) for chunk in patches.split(4)]).float()
         weight, bias = network.output_conv.weight, network.output_conv.bias
-        mean = torch.nn.functional.conv2d(features, weight[:means].float(), bias[:means].float())
+        mean = network.output(features, weight[:means].float(), bias[:means].float())
         noisy = patches[:, : config.in_channels].to(device).float()  # the rest are context planes
         noise_variance = noise.variance(mean)
         squared_residual = (noisy - mean) ** 2
-        excess = (squared_residual - noise_variance).mean(dim=(0, 2, 3))
-        start = torch.log(torch.maximum(excess, 0.05 * noise_variance.mean(dim=(0, 2, 3))))
+        excess = _per_row((squared_residual - noise_variance).mean(dim=(0, 2, 3)), means)
+        start = torch.log(torch.maximum(excess, 0.05 * _per_row(noise_variance.mean(dim=(0, 2, 3)), means)))
     head_weight = torch.zeros_like(weight[means:], dtype=torch.float32, requires_grad=True)
     head_bias = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([head_weight, head_bias], lr=HEAD_LEARNING_RATE)
     for _ in range(steps):
         raise_if_cancelled(cancel, FitCancelled, "the variance-head fit")
-        log_variance = torch.nn.functional.conv2d(features, head_weight, head_bias)
+        log_variance = network.output(features, head_weight, head_bias)
         total = torch.exp(log_variance.clamp(*LOG_VARIANCE_RANGE)) + noise_variance
         loss = 0.5 * torch.mean(torch.log(total) + squared_residual / total)
         optimizer.zero_grad(set_to_none=True)
@@ -101,6 +101,12 @@ def fit_variance_head(
         weight[means:] = head_weight.to(weight)
         bias[means:] = head_bias.to(bias)
     return float(loss.detach())
+
+
+def _per_row(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-channel values for `rows` head rows: as they are, or their mean for the one row that
+    channels run as samples share."""
+    return values if len(values) == rows else values.mean().reshape(1)
 
 
 def _checked(chunk: torch.Tensor, cancel: threading.Event | None) -> torch.Tensor:

@@ -322,3 +322,21 @@ def test_a_result_file_gets_the_denoised_stack_as_ome_zarr_and_the_layer_reads_i
     widget.preview_button.click()  # a preview never touches the result file
     _wait_idle(qtbot, widget)
     np.testing.assert_array_equal(read_image(target).data[:], saved.data[:])
+
+
+def test_channels_choice_from_the_widget_reaches_the_model_and_the_status(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    stains = np.stack([noisy_image((64, 64), seed=seed, peak=peak)[1] for seed, peak in ((1, 30.0), (2, 10.0))])
+    viewer.add_image(stains, name="stains")
+    widget.form.axes.value = "CYX"
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser.network_config.channels_as_samples  # auto: unrelated structures
+    assert "channels fitted independent" in widget.status.text()
+    widget.form.channels.value = "joint"  # a different choice fits a new model
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert not widget.denoiser.network_config.channels_as_samples
+    assert "channels fitted joint: as asked" in widget.status.text()

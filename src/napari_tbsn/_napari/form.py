@@ -56,6 +56,7 @@ class JobSettings:
     uncertainty: bool
     student: str = "auto"  # distil a student UNet after the fit: "auto", "on" or "off"
     result_file: Path | None = None  # an .ome.zarr the result is written to, and shown from
+    channels: str = "auto"  # multichannel images: "auto", "joint" or "independent"
 
 
 class SettingsForm(Container):
@@ -74,6 +75,12 @@ class SettingsForm(Container):
             label="stack context", choices=[("auto (1 for Z-stacks)", "auto"), ("0 (each plane alone)", 0),
                                             ("1 plane each side", 1), ("2 planes each side", 2)],
             value="auto", tooltip="neighbouring Z (else T) planes the network sees beside the plane it denoises")
+        self.channels = ComboBox(
+            label="channels", choices=[("auto (by their structures)", "auto"), ("joint", "joint"),
+                                       ("independent", "independent")],
+            value="auto", tooltip="multichannel images: joint: one network reads all channels (channels that show "
+            "the same structures); independent: each channel denoised as a sample of one single-channel network "
+            "(unrelated stains); auto: chosen by how well the channels' structures correlate")
         self.estimator = ComboBox(
             label="output", choices=[("posterior (noise model)", "posterior"), ("blind-spot mean", "blind_spot")],
             value="posterior", tooltip="posterior: folds the noisy pixel back in with the fitted noise model "
@@ -101,7 +108,7 @@ class SettingsForm(Container):
                                                                   FIT_PRESETS[preset].patch_size))
         super().__init__(widgets=[
             self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget, self.context,
-            self.estimator, self.uncertainty, self.student, self.result_file, self.device_select, self.show_advanced,
+            self.channels, self.estimator, self.uncertainty, self.student, self.result_file, self.device_select, self.show_advanced,
             self.advanced,
         ])
 
@@ -161,6 +168,7 @@ class SettingsForm(Container):
             uncertainty=bool(self.uncertainty.value),
             student="off" if self.uncertainty.value else self.student.value,
             result_file=self._result_file(),
+            channels=self.channels.value,
         )
 
     def _result_file(self) -> Path | None:

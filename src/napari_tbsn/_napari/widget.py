@@ -193,7 +193,9 @@ class DenoiseWidget(QWidget):
             self.loss_plot.add(item.iteration, item.loss, item.validation_loss)
             best = "" if item.best_validation_loss is None else f", best val {item.best_validation_loss:.4g}"
             phase = "distil: student" if self._distilling else "fit:"
-            text = f"{phase} iteration {item.iteration}, loss {item.loss:.4g}{best}, ETA {format_seconds(item.eta)}"
+            plateau = f"; {item.describe_plateau()} (Stop keeps the best weights)" if item.plateau else ""
+            text = (f"{phase} iteration {item.iteration}, loss {item.loss:.4g}{best}, ETA {format_seconds(item.eta)}"
+                    f"{plateau}")
         elif isinstance(item, PredictProgress):
             text = f"denoise: plane {item.plane + 1}/{item.planes}, ETA {format_seconds(item.eta)}"
         else:
@@ -226,11 +228,13 @@ class DenoiseWidget(QWidget):
         """A Denoiser that fine-tunes the current model where the settings allow, else a new one."""
         current = self.denoiser
         if (current is not None and current.preset == settings.preset and settings.pd in ("auto", current.pd)
-                and settings.context in ("auto", current.context_planes)):
+                and settings.context in ("auto", current.context_planes)
+                and settings.channels in ("auto", "independent" if current.network_config.channels_as_samples
+                                          else "joint")):
             return Denoiser.from_model(current.model, settings.options, device=settings.device,
                                        fit_config=settings.fit_config, noise_model=settings.noise_model)
         return Denoiser(preset=settings.preset, pd=settings.pd, device=settings.device, context=settings.context,
-                        estimator=settings.options.estimator, fit_config=settings.fit_config,
+                        channels=settings.channels, estimator=settings.options.estimator, fit_config=settings.fit_config,
                         noise_model=settings.noise_model, tile_size=settings.options.tile_size)
 
     def _fit(self, then_denoise: bool) -> None:

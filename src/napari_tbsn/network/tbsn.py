@@ -67,6 +67,9 @@ class TBSN(nn.Module):
     never sees any pixel at p + 2Z^2 (p itself included): the masked input conv removes the offsets with
     both components even, and every later layer keeps parity classes apart. H and W must
     divide by `size_multiple`.
+
+    With `channels_as_samples`, the layers are those of a single-channel network, and each of
+    the C channels (with its own context planes) runs through them as a sample of its own.
     """
 
     def __init__(self, config: NetworkConfig) -> None:
@@ -75,10 +78,12 @@ class TBSN(nn.Module):
         self.config = config
         dim = config.dim
         ch, sp = config.channel_heads, config.spatial_heads
-        self.input_conv = CentreMaskedConv2d(config.in_channels, dim)
+        groups = config.groups
+        self.input_conv = CentreMaskedConv2d(config.in_channels // groups, dim)
         # Neighbouring planes carry none of this plane's noise: an ordinary conv sees them whole.
         self.context_conv = (
-            nn.Conv2d(config.context_channels, dim, 3, padding=1, bias=False) if config.context_channels else None
+            nn.Conv2d(config.context_channels // groups, dim, 3, padding=1, bias=False) if config.context_channels
+            else None
         )
         self.encoder_1 = Stage(config.encoder_blocks[0], dim, ch[0], sp[0], config, 1)
         self.down_1 = ParityDownsample(dim)
@@ -92,7 +97,13 @@ class TBSN(nn.Module):
         self.decoder_1 = Stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config, 1)
         self.refinement = Stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config, 1)
         heads = 2 if config.variance_head else 1
-        self.output_conv = nn.Conv2d(2 * dim, heads * config.out_channels, 1, bias=True)
+        self.output_conv = nn.Conv2d(2 * dim, heads * self.mean_outputs, 1, bias=True)
+
+    @property
+    def mean_outputs(self) -> int:
+        """The output conv's mean rows (its variance rows follow): one per channel, or one for
+        all when the channels run as samples."""
+        return self.config.out_channels // self.config.groups
 
     @classmethod
     def from_preset(cls, name: str, channels: int = 1, out_channels: int | None = None) -> "TBSN":
@@ -115,13 +126,16 @@ class TBSN(nn.Module):
         return self.head(self.features(x, layout))
 
     def features(self, x: torch.Tensor, layout: str = "split") -> torch.Tensor:
-        """The decoded full-resolution features that the 1x1 output conv reads."""
+        """The decoded full-resolution features that the 1x1 output conv reads (one sample per
+        channel when the channels run as samples: output() puts them back)."""
         split = layout == "split"
         blind = self.config.in_channels
         if x.shape[1] != blind + self.config.context_channels:
             raise ValueError(
                 f"TBSN expects {blind} channel(s) + {self.config.context_channels} context channel(s), got {x.shape[1]}"
             )
+        x = self._as_samples(x)
+        blind //= self.config.groups
         features = self.input_conv(x[:, :blind])
         if self.context_conv is not None:
             features = features + self.context_conv(x[:, blind:])
@@ -132,13 +146,35 @@ class TBSN(nn.Module):
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """The 1x1 output conv; the variance head reads the features detached."""
-        if not self.config.variance_head:
-            return self.output_conv(features)
-        means = self.config.out_channels
         weight, bias = self.output_conv.weight, self.output_conv.bias
-        mean = F.conv2d(features, weight[:means], bias[:means])
-        log_variance = F.conv2d(features.detach(), weight[means:], bias[means:])
+        if not self.config.variance_head:
+            return self.output(features, weight, bias)
+        means = self.mean_outputs
+        mean = self.output(features, weight[:means], bias[:means])
+        log_variance = self.output(features.detach(), weight[means:], bias[means:])
         return torch.cat([mean, log_variance], dim=1)
+
+    def output(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """A 1x1 conv of the features (as features() gives them) with rows of the output conv's
+        shape: (B, rows * C, H, W) per channel when the channels run as samples, else (B, rows, H, W)."""
+        output = F.conv2d(features, weight, bias)
+        groups = self.config.groups
+        if groups == 1:
+            return output
+        samples, rows, height, width = output.shape
+        return output.reshape(samples // groups, groups, rows, height, width).transpose(1, 2) \
+            .reshape(samples // groups, rows * groups, height, width)
+
+    def _as_samples(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P * C, H, W), P planes of C channels -> (B * C, P, H, W), each channel's planes a
+        sample of its own, when the channels run as samples."""
+        groups = self.config.groups
+        if groups == 1:
+            return x
+        batch, depth, height, width = x.shape
+        planes = depth // groups
+        return x.reshape(batch, planes, groups, height, width).transpose(1, 2).reshape(batch * groups, planes,
+                                                                                       height, width)
 
     def _body(self, x: torch.Tensor, split: bool) -> torch.Tensor:
         level_1 = self.encoder_1(x, split)
