@@ -132,3 +132,16 @@ def test_command_line_channels_and_report(tmp_path):
                  "--channels", "joint", "--student", "off", "--quiet", "--report", str(report)])
     assert code == 0
     assert json.loads(report.read_text())["channels"] == "joint"
+
+
+def test_training_planes_fold_each_channel_with_its_own_context_planes():
+    from napari_tbsn.patches import channels_as_samples
+
+    # 2 planes; each holds 3 channels, then 2 context planes of 3 channels: value = 100 plane + 10 slot + channel.
+    planes = np.array([[[[100 * n + 10 * slot + c]] for slot in range(3) for c in range(3)] for n in range(2)],
+                      dtype=np.float32)
+    folded = channels_as_samples(planes, 3)
+    assert folded.shape == (6, 3, 1, 1)
+    for n in range(2):
+        for c in range(3):
+            assert folded[3 * n + c, :, 0, 0].tolist() == [100 * n + c, 100 * n + 10 + c, 100 * n + 20 + c]

@@ -29,7 +29,7 @@ from .model import FittedModel
 from .network import TBSN
 from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel, measure_correlation
 from .normalization import Normalizer
-from .patches import PatchSampler, fitting_patch_size, load_training_planes
+from .patches import PatchSampler, channels_as_samples, fitting_patch_size, load_training_planes
 from .posterior import HEAD_PATCHES, fit_variance_head
 from .progress import CancellableArray, FitCancelled, raise_if_cancelled
 from .training import FitProgress, Trainer, pass_horizon
@@ -150,8 +150,12 @@ def fit_model(
                                   network.config.context_planes)
     rng = np.random.default_rng(settings.seed)
     sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
-    horizon = pass_horizon(sampler.training_pixels, config, patch, world()[1])
-    trainer = Trainer(network, sampler, config, device, analysis.pd, settings.seed, cancel, stop_training,
+    # Channels as samples train one channel of a plane per sample: each iteration costs what
+    # one single-channel crop does. The closing fits see whole planes, every channel at once.
+    training = PatchSampler(channels_as_samples(planes, layout.channels), patch, config.validation_fraction,
+                            config.validation_patches_max, rng) if network.config.channels_as_samples else sampler
+    horizon = pass_horizon(training.training_pixels, config, patch, world()[1])
+    trainer = Trainer(network, training, config, device, analysis.pd, settings.seed, cancel, stop_training,
                       horizon=horizon)
     try:
         summary = yield from trainer.run(iterations, time_budget)

@@ -103,6 +103,15 @@ def load_training_planes(
     return planes
 
 
+def channels_as_samples(planes: np.ndarray, channels: int) -> np.ndarray:
+    """(N, P * C, H, W) planes of C channels with their context planes -> (N * C, P, H, W): each
+    channel, with its own context planes, a plane of its own."""
+    count, depth, height, width = planes.shape
+    per_channel = depth // channels
+    return np.ascontiguousarray(planes.reshape(count, per_channel, channels, height, width).transpose(0, 2, 1, 3, 4)
+                                .reshape(count * channels, per_channel, height, width))
+
+
 def fitting_patch_size(requested: int, height: int, width: int, granularity: int) -> int:
     """The largest patch up to `requested` that fits the image and divides by `granularity`."""
     fits = (min(height, width) // granularity) * granularity

@@ -196,7 +196,7 @@ class Trainer:
         self.cancel_token.set()
 
     def _blind_spot_objective(self, output: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        blind = self.network.config.in_channels  # the rest of the batch is context planes
+        blind = self.network.blind_inputs(batch)  # the rest of the batch is context planes
         return blind_spot_loss(output[:, :blind], batch[:, :blind])
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:

@@ -123,18 +123,28 @@ class TBSN(nn.Module):
             raise ValueError(f"TBSN needs H and W divisible by {multiple}, got {height}x{width}")
         if layout not in ("split", "full"):
             raise ValueError(f"layout must be 'split' or 'full', got {layout!r}")
-        return self.head(self.features(x, layout))
+        return self.head(self.features(x, layout), per_sample=self.is_per_sample(x))
+
+    def is_per_sample(self, x: torch.Tensor) -> bool:
+        """Whether `x` holds single channels already (with their context planes): how a network
+        whose channels run as samples is trained, one channel of a plane per sample."""
+        config = self.config
+        return config.groups > 1 and x.shape[1] == (config.in_channels + config.context_channels) // config.groups
+
+    def blind_inputs(self, x: torch.Tensor) -> int:
+        """The blind channels at the front of `x` (the rest are context planes)."""
+        return self.config.in_channels // (self.config.groups if self.is_per_sample(x) else 1)
 
     def features(self, x: torch.Tensor, layout: str = "split") -> torch.Tensor:
         """The decoded full-resolution features that the 1x1 output conv reads (one sample per
         channel when the channels run as samples: output() puts them back)."""
         split = layout == "split"
         blind = self.config.in_channels
-        if x.shape[1] != blind + self.config.context_channels:
+        if x.shape[1] != blind + self.config.context_channels and not self.is_per_sample(x):
             raise ValueError(
                 f"TBSN expects {blind} channel(s) + {self.config.context_channels} context channel(s), got {x.shape[1]}"
             )
-        x = self._as_samples(x)
+        x = x if self.is_per_sample(x) else self._as_samples(x)
         blind //= self.config.groups
         features = self.input_conv(x[:, :blind])
         if self.context_conv is not None:
@@ -144,22 +154,24 @@ class TBSN(nn.Module):
         decoded = self._body(features, split)
         return merge_parity(decoded) if split else decoded
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
+    def head(self, features: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
         """The 1x1 output conv; the variance head reads the features detached."""
         weight, bias = self.output_conv.weight, self.output_conv.bias
         if not self.config.variance_head:
-            return self.output(features, weight, bias)
+            return self.output(features, weight, bias, per_sample)
         means = self.mean_outputs
-        mean = self.output(features, weight[:means], bias[:means])
-        log_variance = self.output(features.detach(), weight[means:], bias[means:])
+        mean = self.output(features, weight[:means], bias[:means], per_sample)
+        log_variance = self.output(features.detach(), weight[means:], bias[means:], per_sample)
         return torch.cat([mean, log_variance], dim=1)
 
-    def output(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def output(self, features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               per_sample: bool = False) -> torch.Tensor:
         """A 1x1 conv of the features (as features() gives them) with rows of the output conv's
-        shape: (B, rows * C, H, W) per channel when the channels run as samples, else (B, rows, H, W)."""
+        shape: (B, rows * C, H, W) per channel when the channels run as samples (unless the input
+        was `per_sample` already), else (B, rows, H, W)."""
         output = F.conv2d(features, weight, bias)
         groups = self.config.groups
-        if groups == 1:
+        if groups == 1 or per_sample:
             return output
         samples, rows, height, width = output.shape
         return output.reshape(samples // groups, groups, rows, height, width).transpose(1, 2) \
