@@ -323,8 +323,7 @@ def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> No
         "posterior" if uses_posterior(denoiser.model, options) else "blind_spot",
         "student": denoiser.student.describe()["summary"] if uses_student(denoiser.model, options) else None,
         "context_planes": denoiser.context_planes,
-        "channels": None if denoiser.model.channels == 1 else
-        "independent" if denoiser.model.config.channels_as_samples else "joint",
+        "channels": None if denoiser.model.channel_mode == "single" else denoiser.model.channel_mode,
         **{key: described[key] for key in ("lattice_filter", "noise_model", "noise_measurement", "noise_correlation",
                                            "training")},
         "quality_estimate": None if quality is None else

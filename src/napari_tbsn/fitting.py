@@ -80,8 +80,7 @@ def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedMo
         warnings.warn(f"the {correlation.describe()}; with pd=1 the network learns to copy correlated noise: "
                       "use pd='auto' (or the suggested pd)", stacklevel=2)
     if previous is not None:
-        channels = ChannelChoice("independent" if previous.config.channels_as_samples else
-                                 "joint" if previous.channels > 1 else "single", reason="as the model was fitted")
+        channels = ChannelChoice(previous.channel_mode, reason="as the model was fitted")
     else:
         channels = choose_channels(settings.channels, data, layout, normalizer)
     return DataAnalysis(normalizer, measurement, noise_model, correlation, pd, channels)

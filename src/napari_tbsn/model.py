@@ -60,6 +60,11 @@ class FittedModel:
         return self.network.config.in_channels
 
     @property
+    def channel_mode(self) -> str:
+        """How its channels were fitted: "single" (one channel), "joint" or "independent"."""
+        return "independent" if self.config.channels_as_samples else "joint" if self.channels > 1 else "single"
+
+    @property
     def context_planes(self) -> int:
         """Neighbouring planes on each side that the network reads."""
         return self.network.config.context_planes

@@ -82,7 +82,7 @@ def learning_rate_factor(progress: float, config: FitConfig) -> float:
 def pass_horizon(training_pixels: int, config: FitConfig, patch_size: int, processes: int = 1) -> int | None:
     """The iterations in which the fit crops config.max_passes times the training pixels (None:
     no limit). A blind-spot network fitted many times over one small image learns its noise:
-    a 316x316 image lost 0.6 dB from 130 to 530 passes while the 512x512 D1 still gained at 200
+    a 316x316 image lost 0.6 dB from about 160 to 640 passes while the 512x512 D1 still gained at 230
     (docs/measurements.md, "Fitting time")."""
     if not config.max_passes:
         return None
