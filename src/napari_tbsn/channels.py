@@ -25,6 +25,12 @@ SAMPLE_SIDE = 512  # the central crop of each sampled plane
 FINE_SIGMA, COARSE_SIGMA = 2.0, 6.0  # the band-pass: blurred enough to leave the noise out, edges kept
 
 
+def mode_allows(asked: str, mode: str) -> bool:
+    """Whether a model whose channels were fitted in `mode` ("single", "joint" or
+    "independent") can be fine-tuned where `asked` is what the user asks for."""
+    return asked == "auto" or mode in (asked, "single")
+
+
 @dataclass(frozen=True)
 class ChannelChoice:
     """How the channels are fitted, and why."""

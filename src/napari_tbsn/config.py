@@ -295,6 +295,11 @@ class PredictOptions:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def describe_plateau(iteration: int) -> str:
+    """What the user is told once validation has stopped improving."""
+    return f"validation stopped improving at iteration {iteration}"
+
+
 @dataclass
 class TrainingSummary:
     """What a fit did, saved with the model."""
@@ -319,7 +324,7 @@ class TrainingSummary:
             f"best validation loss {self.best_validation_loss:.6g} at iteration {self.best_iteration}"
         stopped = " (stopped early)" if self.stopped_early else ""
         plateau = "" if self.plateau_iteration is None else \
-            f"; validation stopped improving at iteration {self.plateau_iteration}: more fitting time would not help"
+            f"; {describe_plateau(self.plateau_iteration)}: more fitting time would not help"
         limit = "" if self.pass_limit is None or self.iterations < self.pass_limit else \
             "; the fit ended where its crops had covered the image's pixels many times over: more time would fit " \
             "the noise"

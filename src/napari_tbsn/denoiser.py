@@ -138,7 +138,7 @@ class Denoiser:
                        tile_size=options.tile_size, tile_overlap=options.tile_overlap,
                        predict_batch_size=options.batch_size, ensemble=options.ensemble, refine=options.refine,
                        context=model.context_planes, lattice=options.lattice,
-                       noise_model=noise_model, channels="independent" if model.config.channels_as_samples else "joint")
+                       noise_model=noise_model, channels="auto" if model.channel_mode == "single" else model.channel_mode)
         # A fine-tune fits a lattice filter where the model has one (pd 1, not turned off).
         denoiser._settings = dataclasses.replace(denoiser._settings, lattice=model.lattice_filter is not None)
         denoiser._options = options  # all of them (the constructor's arguments name most)

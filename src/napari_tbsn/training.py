@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import FitConfig, TrainingSummary
+from .config import FitConfig, TrainingSummary, describe_plateau
 from .devices import autocast_dtype, out_of_memory_error
 from .ddp import agree, mean, world
 from .noise import pd_down
@@ -57,7 +57,7 @@ class FitProgress:
     plateau: int | None = None  # the iteration where validation stopped improving, once it has
 
     def describe_plateau(self) -> str:
-        return "" if self.plateau is None else f"validation stopped improving at iteration {self.plateau}"
+        return "" if self.plateau is None else describe_plateau(self.plateau)
 
 
 def blind_spot_loss(output: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:

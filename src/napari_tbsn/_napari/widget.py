@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
 from ..axes import PlaneLayout
+from ..channels import mode_allows
 from ..denoiser import Denoiser, PredictProgress
 from ..distillation import DistilProgress
 from ..image_io import ImageFile, open_output, read_image
@@ -229,8 +230,7 @@ class DenoiseWidget(QWidget):
         current = self.denoiser
         if (current is not None and current.preset == settings.preset and settings.pd in ("auto", current.pd)
                 and settings.context in ("auto", current.context_planes)
-                and settings.channels in ("auto", "independent" if current.network_config.channels_as_samples
-                                          else "joint")):
+                and mode_allows(settings.channels, current.model.channel_mode)):
             return Denoiser.from_model(current.model, settings.options, device=settings.device,
                                        fit_config=settings.fit_config, noise_model=settings.noise_model)
         return Denoiser(preset=settings.preset, pd=settings.pd, device=settings.device, context=settings.context,
