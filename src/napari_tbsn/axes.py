@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import BadInput
+
 AXIS_LETTERS = "STCZYX"
 CONTEXT_AXES = "ZT"  # where neighbouring planes show the same structures: depth first, then time
 Region = tuple[slice, slice]  # rows and columns of a plane
@@ -19,7 +21,7 @@ Region = tuple[slice, slice]  # rows and columns of a plane
 def parse_axes(axes: str, ndim: int) -> str:
     """Validate `axes` for an array of `ndim` dimensions; return it in upper case."""
     if not isinstance(axes, str):
-        raise TypeError(f"axes must be a string such as 'ZYX', got {type(axes).__name__}")
+        raise BadInput(f"axes must be a string such as 'ZYX', got {type(axes).__name__}")
     letters = axes.strip().upper()
     unknown = sorted(set(letters) - set(AXIS_LETTERS))
     if unknown:
@@ -43,10 +45,10 @@ def parse_axes(axes: str, ndim: int) -> str:
 def check_array(data) -> None:
     """Reject what cannot be denoised, where it enters, with the fix in the message."""
     if not hasattr(data, "shape") or not hasattr(data, "dtype"):
-        raise TypeError(f"expected an array (numpy, dask, zarr, memmap), got {type(data).__name__}")
+        raise BadInput(f"expected an array (numpy, dask, zarr, memmap), got {type(data).__name__}")
     dtype = np.dtype(data.dtype)
     if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise TypeError(f"cannot denoise data of dtype {dtype}; convert it to a real-valued type first, "
+        raise BadInput(f"cannot denoise data of dtype {dtype}; convert it to a real-valued type first, "
                         "e.g. data.astype(numpy.float32)")
     shape = tuple(int(s) for s in data.shape)
     if len(shape) < 2:

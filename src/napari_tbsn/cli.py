@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
 from .ddp import start_from_environment, world
 from .ddp import stop as stop_processes
 from .denoiser import Denoiser, PredictProgress
-from .image_io import ImageFile, check_writable, open_output, read_image
-from .model_io import ModelFileError, write_text_atomic
+from .errors import MissingDependency, describe_bug, is_user_error, one_line
+from .image_io import ImageFile, open_output, read_image
+from .model_io import write_text_atomic
+from .outputs import check_output, check_writable_file, overlaps
 from .noise import NoiseModel
 from .prediction import describe_output, uses_posterior, uses_student
 from .progress import Cancelled, Stops, format_seconds
@@ -107,15 +110,8 @@ def _camera_noise(args: argparse.Namespace) -> NoiseModel | None:
     return NoiseModel.from_camera(args.gain, args.read_noise, args.baseline)
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """The same file, or one inside the other (a store `x.zarr` replaced holds its input `x.zarr/0`)."""
-    first, second = a.resolve(), b.resolve()
-    if first == second or first.is_relative_to(second) or second.is_relative_to(first):
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    return [getattr(args, name) for name in ("input", "model") if getattr(args, name, None) is not None]
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -127,11 +123,11 @@ def _check_paths(args: argparse.Namespace) -> None:
     for name, path in outputs.items():
         flag = "-o" if name == "output" else f"--{name.replace('_', '-')}"
         for other, taken in [*inputs.items(), *((o, p) for o, p in outputs.items() if o < name)]:
-            if _same_file(path, taken):
+            if overlaps(path, taken):
                 raise ValueError(f"{flag} {path} is also the {other.replace('_', ' ')} path; "
                                  "give each output its own new file name")
         if name in ("output", "uncertainty") and args.run in (command_predict, command_denoise):
-            check_writable(path)
+            check_output(path, inputs.values(), replace=args.overwrite, how_to_allow=", or add --overwrite to replace it")
         else:
             check_writable_file(path)
     _check_cluster_options(args)
@@ -152,15 +148,6 @@ def _check_cluster_options(args: argparse.Namespace) -> None:
     if args.output.suffix.lower() != ".zarr":
         raise ValueError(f"--workers and --scheduler write .zarr or .ome.zarr outputs, whose chunks workers write "
                          f"side by side; name the output {args.output.stem}.ome.zarr")
-
-
-def check_writable_file(path: Path) -> None:
-    """A model or report path: a file name whose folder exists or can be made."""
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give a file name such as {path / 'model.safetensors'}")
-    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write {path}: {parent} is not a writable folder")
 
 
 def _new_denoiser(args: argparse.Namespace, options: PredictOptions | None = None) -> Denoiser:
@@ -247,10 +234,12 @@ def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axe
         return
     try:
         with contextlib.ExitStack() as outputs, _interrupts() as stops:
-            out = outputs.enter_context(open_output(args.output, shape, axes, like=image, pyramid=args.pyramid))
+            out = outputs.enter_context(open_output(args.output, shape, axes, like=image, pyramid=args.pyramid,
+                                                          inputs=_inputs(args), replace=args.overwrite))
             uncertainty = None
             if args.uncertainty:
-                uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image))
+                uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image,
+                                                                      inputs=_inputs(args), replace=args.overwrite))
             denoiser.predict(image.data, axes, out=out, callback=on_progress, uncertainty=uncertainty,
                              options=options, cancel=stops.cancel)
     finally:
@@ -268,7 +257,7 @@ def _dask_client(args: argparse.Namespace) -> Iterator[Any]:
     try:
         from distributed import Client, LocalCluster
     except ImportError as error:
-        raise ValueError("--workers and --scheduler need dask.distributed: pip install 'napari-tbsn[distributed]'") from error
+        raise MissingDependency("--workers and --scheduler (a dask cluster)", "distributed") from error
     if args.scheduler:
         with Client(args.scheduler) as client:
             yield client
@@ -301,7 +290,8 @@ def _predict_on_cluster(args: argparse.Namespace, denoiser: Denoiser, image: Ima
             show_progress(futures)
 
         try:
-            with open_output(args.output, shape, axes, like=image, resumable=True, pyramid=args.pyramid) as out:
+            with open_output(args.output, shape, axes, like=image, resumable=True, pyramid=args.pyramid,
+                             inputs=_inputs(args), replace=args.overwrite) as out:
                 summary = denoiser.predict_on_cluster(client, image.data, axes, out, options=options,
                                                       on_submit=on_submit)
         except BaseException:
@@ -425,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised TBSN denoising of microscopy images (TIFF, .npy, .zarr).",
     )
     parser.add_argument("--version", action="version", version=f"napari-tbsn {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the whole traceback of any error (also: environment variable TBSN_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -482,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                              ".ome.zarr; an interrupted run resumes where it stopped when run again")
         cluster.add_argument("--scheduler", help="predict on a running dask.distributed cluster at this address (e.g. "
                              "tcp://10.0.0.5:8786); input and output on a file system its workers see")
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace an existing .zarr output that napari-tbsn did not write (it never replaces "
+                         "an input, and replaces its own earlier results without asking)")
         sub.add_argument("--pyramid", type=int, default=0,
                          help="for an .ome.zarr output: also write N levels, each downsampled 2x in Y and X "
                          "(napari then shows large stacks lazily)")
@@ -536,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-o", "--output", type=Path, default=Path("."), help="folder (default: here)")
     sample.add_argument("--quiet", action="store_true")
     sample.set_defaults(run=command_sample)
+    for sub in commands.choices.values():  # also after the command: tbsn denoise ... --debug
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -553,10 +550,12 @@ def _terminate(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command. Bad input: one line on stderr and exit 2; stopped: exit 130 (Ctrl-C) or
-    143 (SIGTERM). Every output is written under a temporary name and renamed only when
-    complete, so a stopped or failed command leaves none behind."""
+    """Run one command. Bad input: one line on stderr and exit 2; a bug: what failed and where,
+    exit 1; stopped: exit 130 (Ctrl-C) or 143 (SIGTERM). `--debug` (or TBSN_DEBUG=1) adds the
+    whole traceback to any error. Every output is written under a temporary name and renamed
+    only when complete, so a stopped or failed command leaves none behind."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("TBSN_DEBUG", "") not in ("", "0")
     # tifffile logs what it finds wrong in a file before raising; the error line says it once.
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
@@ -568,16 +567,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Cancelled as stopped:
         print(f"tbsn: stopped ({stopped}); nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, MemoryError, ModelFileError, RuntimeError, ArithmeticError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"tbsn: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("tbsn: stopped by Ctrl-C; nothing was written", file=sys.stderr)
         return 130
     except Terminated:
         print("tbsn: stopped by SIGTERM; nothing was written", file=sys.stderr)
         return 143
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        if is_user_error(error):
+            print(f"tbsn: error: {one_line(error)}", file=sys.stderr)
+            return 2
+        if not debug:
+            print(f"tbsn: {describe_bug(error)}", file=sys.stderr)
+        return 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

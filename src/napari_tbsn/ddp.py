@@ -18,6 +18,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 def world() -> tuple[int, int]:
     """(rank, number of processes) of the fit this process takes part in; (0, 1) alone."""
@@ -32,7 +34,7 @@ def start_from_environment(device: str) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return device
     if not dist.is_available():
-        raise RuntimeError("this torch build has no torch.distributed: fit with one process")
+        raise UserError("this torch build has no torch.distributed: fit with one process")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:

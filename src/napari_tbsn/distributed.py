@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout, Region
+from .errors import UserError
 from .config import PredictOptions
 from .devices import resolve_device
 from .model import FittedModel
@@ -298,7 +299,7 @@ def predict_on_cluster(client, model: FittedModel, defaults: PredictOptions, opt
     failed = [future for future in futures if future.status != "finished"]
     if failed:
         first = failed[0].exception() if failed[0].status == "error" else failed[0].status
-        raise RuntimeError(
+        raise UserError(
             f"{len(failed)} of {len(todo)} blocks failed (the first: {first}); the other blocks "
             "are recorded: run the same command again to finish the rest")
     _remove_record(record)  # the job is complete: the next run starts afresh

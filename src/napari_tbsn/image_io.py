@@ -6,10 +6,12 @@ time: uncompressed TIFFs and .npy files as memory maps, compressed or tiled TIFF
 A file that cannot be read (empty, truncated, not an image, a folder) is refused here with a
 one-line ValueError that says what to do, not with a traceback from deep inside a library.
 
-Writing. `check_writable` refuses an output path that cannot be written before any work is
-done. `open_output` writes under a hidden temporary name beside the target and renames it into
-place only when the block completes; on any exception, Ctrl-C included, the temporary goes.
-Outputs get the permissions the umask gives a new file, like any file the user saves.
+Writing. `outputs.check_output` refuses an output path that may not be written before any
+work is done (an input, an unwritable place, a store napari-tbsn did not write, too little free
+space). `open_output` writes under a hidden temporary name beside the target, reserves its
+space, and renames it into place only when the block completes and the data are on disk; on any
+exception, Ctrl-C included, the temporary goes. Outputs get the permissions the umask gives a
+new file, like any file the user saves.
 """
 
 from __future__ import annotations
@@ -31,17 +33,17 @@ from typing import Any
 import numpy as np
 
 from .axes import AXIS_LETTERS
+from .errors import MissingDependency
 from .model_io import atomic_file
-from .omezarr import create_ome_zarr, is_ome_zarr_name, read_ome_zarr, write_pyramid
+from .omezarr import create_ome_zarr, is_ome_zarr_name, read_ome_zarr, rewrite_ome_metadata, write_pyramid
+from .outputs import (RESULT_MARKER, check_free_space, check_output, check_writable, fsync_folder, fsync_path,
+                      reserve)
 
 # tifffile's axis letters -> ours. tifffile's S is RGB samples, i.e. our C.
 TIFF_AXES = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X"}
 IMAGEJ_ORDER = "TZCYX"
 TIFF_SUFFIXES = (".tif", ".tiff")
 READABLE = "a .tif/.tiff, .npy or .zarr file"
-WRITABLE_SUFFIXES = (*TIFF_SUFFIXES, ".npy", ".zarr")
-# Files a zarr store (format 2 or 3) has at its root; a folder without them is not ours to replace.
-ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 
 
 @dataclass
@@ -62,6 +64,8 @@ def release_pages(array) -> None:
     base = array
     while base is not None:
         if isinstance(base, np.memmap):
+            if base.mode == "c":  # copy-on-write: the edits live only in these pages
+                return
             handle = getattr(base, "_mmap", None)
             if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
                 with contextlib.suppress(OSError, ValueError, TypeError):
@@ -117,10 +121,7 @@ def _import_zarr(path: Path):
     try:
         import zarr
     except ImportError as error:
-        raise ValueError(
-            f"{path.name} is a .zarr store, which needs the zarr package: pip install zarr "
-            "(or pip install 'napari-tbsn[zarr]')"
-        ) from error
+        raise MissingDependency(f"{path.name} (a .zarr store)", "zarr") from error
     return zarr
 
 
@@ -360,39 +361,6 @@ class LazyTiffArray:
 # -- writing ------------------------------------------------------------------------------
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Refuse an output path that open_output could not write, creating nothing.
-
-    Called before fitting, so a wrong -o costs seconds rather than the whole training.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if path.is_dir() and suffix != ".zarr":
-        example = path / f"denoised{suffix if suffix in WRITABLE_SUFFIXES else '.tif'}"
-        raise ValueError(f"{path} is a folder; give a file name such as {example}")
-    if suffix not in WRITABLE_SUFFIXES:
-        raise ValueError(f"cannot write {path.name}: use a .tif/.tiff, .npy or .zarr name")
-    if suffix == ".zarr":
-        _import_zarr(path)
-        # The new store replaces the old one wholesale; never do that to a folder zarr did not make.
-        if os.path.lexists(path) and not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
-            raise ValueError(
-                f"{path} exists and is not a zarr store, so it will not be replaced; "
-                "choose another name or remove it yourself"
-            )
-    _check_folder_creatable(path.parent)
-
-
-def _check_folder_creatable(folder: Path) -> None:
-    existing = folder
-    while not os.path.lexists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"cannot create the folder {folder}: {existing} is a file, not a folder; choose another location")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"no permission to write in {existing}; choose another location")
-
-
 def _tiff_options(axes: str, like: ImageFile | None) -> dict[str, Any]:
     metadata = like.metadata if like is not None else {}
     options: dict[str, Any] = {}
@@ -411,20 +379,24 @@ def _tiff_options(axes: str, like: ImageFile | None) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like: ImageFile | None = None, *,
-                resumable: bool = False, pyramid: int = 0) -> Iterator[Any]:
+                resumable: bool = False, pyramid: int = 0, inputs=(), replace: bool = False) -> Iterator[Any]:
     """A writable float32 array that becomes `path` only if the block completes.
 
     A name ending in .ome.zarr makes an OME-Zarr image (the axes, physical scale and chunks of a
     zarr `like`; `pyramid` downsampled levels). `resumable` (zarr outputs): an interrupted
     block keeps its partial store, and the next call with the same path and shape reopens it.
+    `inputs`: paths the caller reads from, which the output may not touch; `replace`: replace
+    an existing zarr store even when napari-tbsn did not write it.
     """
     path = Path(path)
-    check_writable(path)
+    check_output(path, inputs, replace=replace)
     suffix = path.suffix.lower()
     if resumable and suffix != ".zarr":
         raise ValueError(f"cannot resume {path.name}: a resumable output is a .zarr or .ome.zarr store")
     if pyramid and not is_ome_zarr_name(path):
         raise ValueError(f"a pyramid is written into OME-Zarr images only: name the output {path.stem}.ome.zarr")
+    nbytes = output_bytes(shape, pyramid)
+    check_free_space(path, nbytes, f"the result {path.name}")
     if suffix == ".zarr":
         yield from _zarr_output(path, shape, axes, like, resumable, pyramid)
         return
@@ -438,9 +410,20 @@ def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like
             out = tifffile.memmap(
                 temporary, shape=tuple(shape), dtype=np.float32, bigtiff=bool(big), **_tiff_options(axes, like)
             )
+        try:
+            reserve(temporary, os.path.getsize(temporary))
+        except BaseException:
+            del out
+            raise
         yield out
         out.flush()
         del out
+
+
+def output_bytes(shape: tuple[int, ...], pyramid: int = 0) -> int:
+    """The uncompressed size of a float32 result of `shape`, its pyramid levels included."""
+    level = int(np.prod(shape, dtype=np.int64)) * 4
+    return level + sum(level // 4**k for k in range(1, pyramid + 1))
 
 
 def _hidden_folder_beside(path: Path, role: str) -> Path:
@@ -484,40 +467,84 @@ def _zarr_output(path: Path, shape: tuple[int, ...], axes: str, like: ImageFile 
     zarr = _import_zarr(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     chunks = output_chunks(shape, axes, like)
-    if resumable:
-        # A fixed name, so that the next run finds what this one finished.
-        temporary = path.with_name(f".{path.name}.resumable")
-        out = _reopened(temporary, shape, chunks)
-        if out is None:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(mode=0o777)
-    else:
-        temporary, out = _hidden_folder_beside(path, "partial"), None
-    complete = False
-    try:
-        if out is None and is_ome_zarr_name(path):
-            out = create_ome_zarr(temporary, shape, axes, chunks, like.metadata.get("ome") if like else None)
-        elif out is None:
-            # "w-": create inside the empty folder made above instead of deleting and remaking it.
-            out = zarr.open_array(str(temporary), mode="w-", shape=tuple(shape), chunks=chunks, dtype="float32")
-            out.attrs["axes"] = axes
-        yield out
-        if pyramid:
-            write_pyramid(temporary, pyramid)
-        complete = True
+    with contextlib.ExitStack() as held:
+        if resumable:
+            # A fixed name, so that the next run finds what this one finished; locked, so that a
+            # second run on the same output stops at once instead of writing into it too.
+            temporary = path.with_name(f".{path.name}.resumable")
+            temporary.mkdir(mode=0o777, exist_ok=True)
+            held.enter_context(_locked(temporary, path))
+            out = _reopened(temporary, shape, chunks)
+            if out is None:
+                _empty_folder(temporary)
+            else:
+                _write_attributes(temporary, out, shape, axes, like)  # this run's axes and scale, not the last one's
+        else:
+            temporary, out = _hidden_folder_beside(path, "partial"), None
+        complete = False
         try:
-            _replace_folder(temporary, path)
-        except OSError as error:
-            raise ValueError(
-                f"could not move the finished result into {path} ({error.strerror}); it is kept at "
-                f"{temporary}: rename that folder to {path.name} yourself"
-            ) from error
+            if out is None and is_ome_zarr_name(path):
+                out = create_ome_zarr(temporary, shape, axes, chunks, like.metadata.get("ome") if like else None)
+            elif out is None:
+                # "w-": create inside the empty folder made above instead of deleting and remaking it.
+                out = zarr.open_array(str(temporary), mode="w-", shape=tuple(shape), chunks=chunks, dtype="float32")
+                out.attrs.update({"axes": axes, RESULT_MARKER: {"axes": axes}})
+            yield out
+            if pyramid:
+                write_pyramid(temporary, pyramid)
+            fsync_path(temporary)
+            complete = True
+            try:
+                _replace_folder(temporary, path)
+                fsync_folder(path.parent)
+            except OSError as error:
+                raise ValueError(
+                    f"could not move the finished result into {path} ({error.strerror}); it is kept at "
+                    f"{temporary}: rename that folder to {path.name} yourself"
+                ) from error
+        finally:
+            # Any interruption before completion (Ctrl-C, SIGTERM, an error) removes the partial
+            # store, unless it is resumable; a finished result that could not be moved into place
+            # is kept, never deleted.
+            if not complete and not resumable:
+                shutil.rmtree(temporary, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, output: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for the block; refuse at once if another run holds it.
+    The kernel releases the lock when its holder dies, so a killed run never blocks the next."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks on folders
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"another run is writing {output} now; wait for it to finish, "
+                             "or write to another name") from None
+        yield
     finally:
-        # Any interruption before completion (Ctrl-C, SIGTERM, an error) removes the partial
-        # store, unless it is resumable; a finished result that could not be moved into place
-        # is kept, never deleted.
-        if not complete and not resumable:
-            shutil.rmtree(temporary, ignore_errors=True)
+        os.close(descriptor)
+
+
+def _empty_folder(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _write_attributes(folder: Path, level, shape: tuple[int, ...], axes: str, like: ImageFile | None) -> None:
+    """Give a reopened store the metadata this run would have written into a new one."""
+    if level.path:  # level "0" of an OME-Zarr image
+        rewrite_ome_metadata(folder, shape, axes, like.metadata.get("ome") if like else None)
+    else:
+        level.attrs.update({"axes": axes, RESULT_MARKER: {"axes": axes}})
 
 
 def output_chunks(shape: tuple[int, ...], axes: str, like: ImageFile | None) -> tuple[int, ...]:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from .outputs import fsync_folder, fsync_path
+
 FORMAT_NAME = "napari-tbsn-model"
 FORMAT_VERSION = 2  # 2: a distilled student may be saved beside the teacher; tile_size may be "auto"
 METADATA_KEY = "napari_tbsn"
@@ -60,7 +62,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     temporary = atomic_target(path)
     try:
         yield temporary
+        fsync_path(temporary)  # the data on disk before the name: a crash leaves the old file or the new one
         os.replace(temporary, path)
+        fsync_folder(path.parent)
     finally:
         # `finally`, not `except Exception`: Ctrl-C, SystemExit and a SIGTERM turned into an
         # exception must not leave a hidden half-written file either. After the rename there

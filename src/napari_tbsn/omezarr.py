@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MissingDependency
+
 # NGFF axis names -> our letters, and the axis types NGFF gives them.
 OME_AXES = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
 AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
@@ -30,7 +32,7 @@ def _import_ome_zarr():
         import ome_zarr.reader
         import ome_zarr.writer
     except ImportError as error:
-        raise ValueError("OME-Zarr images need the ome-zarr package: pip install 'napari-tbsn[zarr]'") from error
+        raise MissingDependency("OME-Zarr images", "ome_zarr") from error
     return ome_zarr
 
 
@@ -91,22 +93,37 @@ def _write_metadata(group, axes: list[dict[str, Any]], scale: list[float], trans
     group.attrs["napari_tbsn"] = {"scale": scale, "translation": translation, "levels": levels}
 
 
+def _image_metadata(shape: tuple[int, ...], axes: str, like: dict[str, Any] | None):
+    """(NGFF axes, scale, translation, name) of a result of `shape`: `like`'s where they fit."""
+    ome_axes = _ome_axes(axes, like)
+    scale = list(like["scale"]) if like and like.get("scale") and len(like["scale"]) == len(shape) else [1.0] * len(shape)
+    translation = like.get("translation") if like else None
+    if translation is not None and len(translation) != len(shape):
+        translation = None
+    return ome_axes, scale, translation, like.get("name") if like else None
+
+
 def create_ome_zarr(folder: Path, shape: tuple[int, ...], axes: str, chunks: tuple[int, ...],
                     like: dict[str, Any] | None):
     """An OME-Zarr image in the empty folder `folder` with one float32 level of `shape`; the
     axes, scale and name of `like` (an input's "ome" metadata) where it has them."""
     import zarr
 
-    ome_axes = _ome_axes(axes, like)
-    scale = list(like["scale"]) if like and like.get("scale") and len(like["scale"]) == len(shape) else [1.0] * len(shape)
-    translation = like.get("translation") if like else None
-    if translation is not None and len(translation) != len(shape):
-        translation = None
+    ome_axes, scale, translation, name = _image_metadata(shape, axes, like)
     group = zarr.open_group(str(folder), mode="a")
     level = group.create_array("0", shape=tuple(shape), chunks=tuple(chunks), dtype="float32",
                                dimension_names=[axis["name"] for axis in ome_axes])
-    _write_metadata(group, ome_axes, scale, translation, 1, like.get("name") if like else None)
+    _write_metadata(group, ome_axes, scale, translation, 1, name)
     return level
+
+
+def rewrite_ome_metadata(folder: Path, shape: tuple[int, ...], axes: str, like: dict[str, Any] | None) -> None:
+    """Give the OME-Zarr image at `folder` (one level, reopened to resume) this run's axes,
+    scale and name; levels a pyramid adds later get theirs from write_pyramid."""
+    import zarr
+
+    ome_axes, scale, translation, name = _image_metadata(shape, axes, like)
+    _write_metadata(zarr.open_group(str(folder), mode="r+"), ome_axes, scale, translation, 1, name)
 
 
 def write_pyramid(folder: Path, levels: int) -> None:

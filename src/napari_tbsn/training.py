@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import FitConfig, TrainingSummary, describe_plateau
 from .devices import autocast_dtype, out_of_memory_error
+from .errors import UserError
 from .ddp import agree, mean, world
 from .noise import pd_down
 from .patches import PatchSampler
@@ -144,7 +145,7 @@ class Trainer:
         self.compiled = forward is None and self.forward is not network
         if self.processes > 1:
             if forward is not None:
-                raise RuntimeError("distillation runs in one process: run it without torchrun")
+                raise UserError("distillation runs in one process: run it without torchrun")
             # DDP averages every step's gradients over the ranks (and starts them from rank 0's weights).
             self.forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
             self.compiled = False

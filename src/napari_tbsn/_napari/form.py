@@ -10,19 +10,31 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, PushButton, SpinBox
 
 from ..axes import AXIS_LETTERS, guess_axes, parse_axes
 from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
 from ..devices import available_devices
-from ..image_io import check_writable
 from ..noise import NoiseModel
+from ..outputs import ReplaceRefused, check_output, source_paths
 
 
 def layer_data(layer):
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def layer_sources(layer) -> tuple[Path, ...]:
+    """The files or stores a layer was opened from or reads from: a result file may touch none."""
+    paths = []
+    source = getattr(getattr(layer, "source", None), "path", None)
+    if source:
+        paths.append(Path(source))
+    levels = layer.data if getattr(layer, "multiscale", False) else [layer.data]
+    for level in levels:
+        paths.extend(source_paths(level))
+    return tuple(dict.fromkeys(paths))
 
 
 def layer_axes(layer) -> str:
@@ -56,6 +68,8 @@ class JobSettings:
     uncertainty: bool
     student: str = "auto"  # distil a student UNet after the fit: "auto", "on" or "off"
     result_file: Path | None = None  # an .ome.zarr the result is written to, and shown from
+    replace_result: bool = False  # the user said yes to replacing a store napari-tbsn did not write
+    sources: tuple[Path, ...] = ()  # the files the layer reads from, which no output may touch
     channels: str = "auto"  # multichannel images: "auto", "joint" or "independent"
 
 
@@ -147,8 +161,10 @@ class SettingsForm(Container):
             return None
         return NoiseModel.from_camera(gain, read_noise, float(self.baseline.value))
 
-    def read(self) -> JobSettings:
-        """A snapshot of the form, checked; raises ValueError (with the fix) on bad settings."""
+    def read(self, confirm_replace: Callable[[Path], bool] | None = None) -> JobSettings:
+        """A snapshot of the form, checked; raises ValueError (with the fix) on bad settings.
+        `confirm_replace(path)` asks whether an existing store napari-tbsn did not write may
+        be replaced by the result; without it, such a store is refused."""
         layer = self.layer_select.value
         if layer is None:
             raise ValueError("no image layer chosen: open or pick a noisy image first")
@@ -158,6 +174,8 @@ class SettingsForm(Container):
         budget = float(self.time_budget.value) or None
         if iterations is None and budget is None:
             iterations = FIT_PRESETS[preset].default_iterations
+        sources = layer_sources(layer)
+        result_file, replace = self._result_file(sources, confirm_replace)
         return JobSettings(
             layer=layer, data=data, axes=parse_axes(self.axes.value, len(data.shape)), preset=preset,
             pd=self.pd.value, context=self.context.value, device=self.device_select.value, iterations=iterations,
@@ -167,20 +185,27 @@ class SettingsForm(Container):
                                    student=self.student.value != "off" and not self.uncertainty.value),
             uncertainty=bool(self.uncertainty.value),
             student="off" if self.uncertainty.value else self.student.value,
-            result_file=self._result_file(),
+            result_file=result_file, replace_result=replace, sources=sources,
             channels=self.channels.value,
         )
 
-    def _result_file(self) -> Path | None:
-        """The result file typed or picked, checked (None when the field is empty)."""
+    def _result_file(self, sources: tuple[Path, ...],
+                     confirm_replace: Callable[[Path], bool] | None) -> tuple[Path | None, bool]:
+        """The result file typed or picked, checked (None when the field is empty), and
+        whether the user agreed to replace the store there."""
         text = str(self.result_file.value or "").strip()
         if text in ("", "."):
-            return None
-        path = Path(text).expanduser()
+            return None, False
+        path = Path(text).expanduser().absolute()
         if not path.name.lower().endswith(".zarr"):
             raise ValueError(f"the result file {path.name} is not a zarr store: name it {path.stem}.ome.zarr")
-        check_writable(path)
-        return path
+        try:
+            check_output(path, sources, role="the result file")
+        except ReplaceRefused:
+            if confirm_replace is None or not confirm_replace(path):
+                raise
+            return path, True
+        return path, False
 
     def show_model(self, preset: str, pd: int, noise_model: NoiseModel | None) -> None:
         """Fill the fields from a loaded model, so that Fit fine-tunes it as it was fitted."""

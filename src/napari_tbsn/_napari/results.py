@@ -1,45 +1,69 @@
-"""Where the widget's results go: arrays in memory or in self-deleting memory maps, and
-napari layers that sit where their source layer sits."""
+"""Where the widget's results go: arrays in memory or in self-deleting memory maps beside the
+result file, and napari layers that sit where their source layer sits."""
 
 from __future__ import annotations
 
 import atexit
 import os
-import shutil
-import tempfile
+import secrets
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-IN_MEMORY_LIMIT = 2 * 1024**3  # larger results go to a temporary memory-mapped file
+from ..outputs import check_free_space, format_bytes, reserve
+
+IN_MEMORY_LIMIT = 2 * 1024**3  # larger results go to a memory-mapped file beside the result file
 
 
-def temporary_memmap(shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 memory map in a temporary file that nothing has to delete: the file is unlinked
-    at once (its pages live as long as the mapping), or, where the system refuses that, at exit."""
-    folder = tempfile.mkdtemp(prefix="napari-tbsn-")
-    array = np.lib.format.open_memmap(os.path.join(folder, "denoised.npy"), mode="w+", dtype=np.float32, shape=shape)
+def memmap_in(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 memory map in a hidden file in `folder` that nothing has to delete: the file is
+    unlinked at once (its pages live as long as the mapping), or, where the system refuses that,
+    at exit. Its space is reserved first: a full disk is an error now, not a SIGBUS later."""
+    check_free_space(folder / "result.npy", int(np.prod(shape, dtype=np.int64)) * 4, "the result")
+    file = folder / f".napari-tbsn-{secrets.token_hex(6)}.npy"
+    array = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=shape)
     try:
-        shutil.rmtree(folder)
+        reserve(file, os.path.getsize(file))
+    except BaseException:
+        del array
+        file.unlink(missing_ok=True)
+        raise
+    try:
+        file.unlink()
     except OSError:  # an open file cannot be removed on Windows
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        atexit.register(lambda: file.unlink(missing_ok=True))
     return array
 
 
-def output_array(shape: tuple[int, ...]) -> np.ndarray:
-    if np.prod(shape, dtype=np.int64) * 4 <= IN_MEMORY_LIMIT:
+def output_array(shape: tuple[int, ...], beside: Path | None = None) -> np.ndarray:
+    """Memory for a result of `shape`: in RAM up to IN_MEMORY_LIMIT, else a memory map in the
+    folder of the result file `beside` (never the temp folder, often RAM itself)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+    if nbytes <= IN_MEMORY_LIMIT:
         return np.empty(shape, dtype=np.float32)
-    return temporary_memmap(shape)
+    if beside is None:
+        raise ValueError(f"the result needs {format_bytes(nbytes)}, more than the {format_bytes(IN_MEMORY_LIMIT)} "
+                         "kept in memory: choose a result file (.ome.zarr) on a disk with room for it")
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    return memmap_in(beside.parent, shape)
 
 
-def add_result_layer(viewer, layer, out, name: str, translate=None, colormap: str | None = None,
-                     replace: bool = False) -> None:
-    """Add `out` as an image layer with the source `layer`'s scale, place, axes and look."""
+def contrast_limits(out) -> tuple[float, float]:
+    """Display limits from a strided sample of `out` (a read of every chunk of a zarr result:
+    run it in the worker, not on the GUI thread)."""
     sample = np.asarray(out[tuple(slice(None, None, max(1, s // 256)) for s in out.shape)])
-    low, high = np.percentile(sample, [0.5, 99.9]) if sample.size else (0.0, 1.0)
+    finite = sample[np.isfinite(sample)]
+    low, high = np.percentile(finite, [0.5, 99.9]) if finite.size else (0.0, 1.0)
+    return float(low), float(max(high, low + 1e-6))
+
+
+def add_result_layer(viewer, layer, out, name: str, limits: tuple[float, float], translate=None,
+                     colormap: str | None = None, replace: bool = False) -> None:
+    """Add `out` as an image layer with the source `layer`'s scale, place, axes and look."""
     kwargs: dict[str, Any] = {
         "name": name, "scale": layer.scale, "translate": layer.translate if translate is None else translate,
-        "contrast_limits": (float(low), float(max(high, low + 1e-6))), "colormap": colormap or layer.colormap.name,
+        "contrast_limits": limits, "colormap": colormap or layer.colormap.name,
         "blending": layer.blending, "rgb": layer.rgb,
     }
     for optional in ("axis_labels", "units"):

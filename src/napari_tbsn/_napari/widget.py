@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtWidgets import QFileDialog, QGridLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (QFileDialog, QGridLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QVBoxLayout,
+                            QWidget)
 
 from ..axes import PlaneLayout
 from ..channels import mode_allows
 from ..denoiser import Denoiser, PredictProgress
 from ..distillation import DistilProgress
+from ..errors import describe_bug, is_user_error, one_line
 from ..image_io import ImageFile, open_output, read_image
 from ..prediction import describe_model, uses_posterior
 from ..progress import Cancelled, Stops, format_seconds
@@ -27,7 +29,7 @@ from ..training import FitProgress
 from .form import JobSettings, SettingsForm
 from .loss_plot import LossPlot
 from .noise_plot import NoisePlot
-from .results import add_result_layer, output_array, shown_plane
+from .results import add_result_layer, contrast_limits, output_array, shown_plane
 
 if TYPE_CHECKING:
     import napari
@@ -156,8 +158,10 @@ class DenoiseWidget(QWidget):
                 return (yield from job(stops))
             except Cancelled as stopped:
                 return _Failure(str(stopped), error=False)
-            except (ValueError, TypeError, MemoryError, FloatingPointError, OSError) as error:
-                return _Failure(str(error))
+            except Exception as error:
+                if not is_user_error(error):
+                    raise
+                return _Failure(one_line(error))
 
         def finish(result) -> None:
             if self._closed:
@@ -168,7 +172,7 @@ class DenoiseWidget(QWidget):
         worker = create_worker(guarded, _start_thread=False)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(finish)
-        worker.errored.connect(lambda error: None if self._closed else self._say(f"error: {error}"))
+        worker.errored.connect(self._on_bug)
         # napari 0.9's worker means to relay warnings itself, but its relaying mixin's __init__
         # never runs; the manager drops a warning it has already shown, so a fixed napari shows it once.
         worker.warned.connect(lambda warning: notification_manager.receive_warning(*warning))
@@ -208,6 +212,15 @@ class DenoiseWidget(QWidget):
             self._activity.update(steps - self._activity_done)
             self._activity_done = steps
 
+    def _on_bug(self, error: BaseException) -> None:
+        """An error no check foresaw: a notification that says it is a bug, and where (the
+        whole traceback goes to the console)."""
+        import traceback
+
+        traceback.print_exception(type(error), error, error.__traceback__)
+        if not self._closed:
+            self._say(describe_bug(error, frames=1), error=True)
+
     def _on_finished(self) -> None:
         self._worker = self._stops = None
         if self._activity is not None:
@@ -237,13 +250,29 @@ class DenoiseWidget(QWidget):
                         channels=settings.channels, estimator=settings.options.estimator, fit_config=settings.fit_config,
                         noise_model=settings.noise_model, tile_size=settings.options.tile_size)
 
-    def _fit(self, then_denoise: bool) -> None:
+    def _read_settings(self) -> JobSettings | None:
+        """The form, checked (a question first where the result file would replace a store
+        napari-tbsn did not write); None, with the reason shown, when it cannot be used."""
         try:
-            settings = self.form.read()
-            denoiser = self._denoiser_for_fit(settings)
-        except (ValueError, TypeError) as error:
-            self._say(str(error), error=True)
+            return self.form.read(confirm_replace=self.confirm_replace)
+        except ValueError as error:
+            self._say(one_line(error), error=True)
+            return None
+
+    def confirm_replace(self, path: Path) -> bool:
+        """Ask before the result replaces an existing store that napari-tbsn did not write."""
+        answer = QMessageBox.question(
+            self, "Replace an existing store?",
+            f"{path} already exists and was not written by napari-tbsn: it may be your data.\n\n"
+            "Replace it with the denoised result? Its contents will be deleted.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Cancel)
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _fit(self, then_denoise: bool) -> None:
+        settings = self._read_settings()
+        if settings is None:
             return
+        denoiser = self._denoiser_for_fit(settings)
         self.loss_plot.clear()
 
         def job(stops):
@@ -260,8 +289,11 @@ class DenoiseWidget(QWidget):
                                                     cancel=stops.cancel, stop_training=stops.stop_training)
                 except Cancelled:
                     return denoiser, None, plan.reason
-                except (ValueError, TypeError, MemoryError, FloatingPointError, OSError, RuntimeError) as error:
-                    return denoiser, _Failure(f"the fit succeeded, the distillation failed: {error}"), plan.reason
+                except Exception as error:
+                    if not is_user_error(error):
+                        raise
+                    return denoiser, _Failure(f"the fit succeeded, the distillation failed: {one_line(error)}"), \
+                        plan.reason
             if not then_denoise or stops.cancel.is_set():
                 return denoiser, None, plan.reason
             try:  # the fitted model is kept whatever becomes of the denoise
@@ -269,8 +301,10 @@ class DenoiseWidget(QWidget):
                 return denoiser, denoised, plan.reason
             except Cancelled:
                 return denoiser, None, plan.reason
-            except (ValueError, TypeError, MemoryError, OSError) as error:
-                return denoiser, _Failure(str(error)), plan.reason
+            except Exception as error:
+                if not is_user_error(error):
+                    raise
+                return denoiser, _Failure(one_line(error)), plan.reason
 
         def done(result) -> None:
             self._on_fitted(result[0])
@@ -296,29 +330,28 @@ class DenoiseWidget(QWidget):
         """(denoised, uncertainty or None); runs in the worker, on the settings read before.
         With a result file the result is written there (atomically) and shown from it, lazily."""
         wants_uncertainty = settings.uncertainty and uses_posterior(denoiser.model, settings.options)
-        uncertainty = output_array(tuple(data.shape)) if wants_uncertainty else None
         with contextlib.ExitStack() as stack:
             if settings.result_file is None:
                 out = output_array(tuple(data.shape))
             else:
                 # The layer's scale goes into the OME-Zarr metadata.
                 like = ImageFile(data, settings.axes, "napari", {"ome": {"scale": [float(v) for v in settings.layer.scale]}})
-                out = stack.enter_context(open_output(settings.result_file, tuple(data.shape), settings.axes, like=like))
+                out = stack.enter_context(open_output(settings.result_file, tuple(data.shape), settings.axes, like=like,
+                                                      inputs=settings.sources, replace=settings.replace_result))
+            uncertainty = output_array(tuple(data.shape), beside=settings.result_file) if wants_uncertainty else None
             yield from denoiser.predict_iter(data, settings.axes, out=out, uncertainty=uncertainty,
                                              options=settings.options, cancel=cancel)
         if settings.result_file is not None:
             out = read_image(settings.result_file).data
-        return out, uncertainty, denoiser.quality, describe_model(denoiser.model, settings.options)
+        limits = contrast_limits(out), None if uncertainty is None else contrast_limits(uncertainty)
+        return out, uncertainty, denoiser.quality, describe_model(denoiser.model, settings.options), limits
 
     def _job_settings(self) -> tuple[JobSettings, Denoiser] | None:
-        try:
-            settings = self.form.read()
-            if self.denoiser is None:
-                raise ValueError("no model yet: press Fit (or Load model) first")
-            return settings, self.denoiser
-        except (ValueError, TypeError) as error:
-            self._say(str(error), error=True)
+        if self.denoiser is None:
+            self._say("no model yet: press Fit (or Load model) first", error=True)
             return None
+        settings = self._read_settings()
+        return None if settings is None else (settings, self.denoiser)
 
     def _on_denoise(self) -> None:
         chosen = self._job_settings()
@@ -331,13 +364,13 @@ class DenoiseWidget(QWidget):
         if result is None:
             self._say("denoise stopped")
             return
-        out, uncertainty, quality, model = result
+        out, uncertainty, quality, model, limits = result
         replace = name is not None  # a new preview replaces the last one
         name = name or f"{layer.name} (TBSN)"
-        add_result_layer(self.viewer, layer, out, name, translate, replace=replace)
+        add_result_layer(self.viewer, layer, out, name, limits[0], translate, replace=replace)
         if uncertainty is not None:
-            add_result_layer(self.viewer, layer, uncertainty, f"{name} uncertainty", translate, colormap="magma",
-                             replace=replace)
+            add_result_layer(self.viewer, layer, uncertainty, f"{name} uncertainty", limits[1], translate,
+                             colormap="magma", replace=replace)
         estimate = f"; {quality.describe()}" if quality is not None else ""
         self._say(f"added '{name}'" + (" and its uncertainty (posterior SD)" if uncertainty is not None else "")
                   + f", denoised by {model}{estimate}")
@@ -357,8 +390,8 @@ class DenoiseWidget(QWidget):
         quick = dataclasses.replace(settings, options=settings.options.replace(ensemble=1), result_file=None)
 
         def cut(result):
-            denoised, uncertainty, quality, model = result
-            return denoised[keep], None if uncertainty is None else uncertainty[keep], quality, model
+            denoised, uncertainty, quality, model, limits = result
+            return denoised[keep], None if uncertainty is None else uncertainty[keep], quality, model, limits
 
         self._start(lambda stops: (yield from self._predict_job(denoiser, quick, block, stops.cancel)), "TBSN preview",
                     lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
@@ -386,12 +419,19 @@ class DenoiseWidget(QWidget):
     def _on_load(self) -> None:
         self._with_file(QFileDialog.getOpenFileName(self, "Load TBSN model", "", MODEL_FILES), self.load_model)
 
-    def export_model(self, path: str | Path) -> Path:
+    def export_model(self, path: str | Path) -> None:
+        """Export the student as a BioImage Model Zoo package, in a worker (TorchScript and the
+        package's validation take seconds to minutes); the status line says when it is done."""
         if self.denoiser is None:
             raise ValueError("nothing to export yet: Fit a model with the student option on first")
-        exported = self.denoiser.export_bioimageio(path)
-        self._say(f"exported the student to {exported} (BioImage Model Zoo format)")
-        return exported
+        denoiser = self.denoiser
+
+        def job(stops):
+            yield from ()
+            return denoiser.export_bioimageio(path)
+
+        self._start(job, "TBSN export",
+                    lambda exported: self._say(f"exported the student to {exported} (BioImage Model Zoo format)"))
 
     def _on_export(self) -> None:
         self._with_file(QFileDialog.getSaveFileName(self, "Export to the BioImage Model Zoo", "tbsn.bioimageio.zip",
@@ -401,5 +441,7 @@ class DenoiseWidget(QWidget):
         if chosen[0]:
             try:
                 action(chosen[0])
-            except (ValueError, OSError, RuntimeError) as error:
-                self._say(str(error), error=True)
+            except Exception as error:
+                if not is_user_error(error):
+                    raise
+                self._say(one_line(error), error=True)
