@@ -101,6 +101,15 @@ ROWS = [
                                               str(_copy_model(f, m)), "-o", str(f / "m.safetensors")], "model path"),
     ("-o through a symlink to the input", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o",
                                                         str(_symlink(f / "link.tif", f / "in.tif"))], "input path"),
+    ("-o inside the input store", lambda f, m: [DENOISE, str(_zarr(f / "in.zarr")), "-o", str(f / "in.zarr" / "o.zarr")],
+     "destroy the data being read"),
+    ("-o a store holding the input", lambda f, m: [DENOISE, str(_zarr(f / "all.zarr" / "in.zarr")), "-o",
+                                                   str(f / "all.zarr")], "destroy the data being read"),
+    ("-o a store napari-tbsn did not write", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o",
+                                                          str(_zarr(f / "yesterday.zarr"))], "--overwrite"),
+    ("--uncertainty a store napari-tbsn did not write", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o",
+                                                                     str(f / "o.tif"), "--uncertainty",
+                                                                     str(_zarr(f / "raw.zarr"))], "--overwrite"),
     ("-o an existing folder", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o", str(_mkdir(f / "out"))], "folder"),
     ("-o unknown format", lambda f, m: [DENOISE, str(_tif(f, _noisy())), "-o", str(f / "o.png")], "png"),
     ("sample -o a file", lambda f, m: ["sample", "-o", str(_raw(f, b"x", "file.txt"))], "folder"),
@@ -190,6 +199,15 @@ ROWS = [
     ("model for too small data", lambda f, m: ["predict", str(_tif(f, _noisy((2, 32, 32)))), "--model",
                                                str(_copy_model(f, m)), "-o", str(f / "o.tif")], "at least"),
 ]
+
+
+def _zarr(path: Path) -> Path:
+    """A zarr store of the user's: one napari-tbsn did not write."""
+    import zarr
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    zarr.open_array(str(path), mode="w", shape=(2, 64, 64), chunks=(1, 64, 64), dtype="float32")[:] = _noisy()
+    return path
 
 
 def _mkdir(path: Path) -> Path:

@@ -61,23 +61,28 @@ def with_student(model, seed=0):
     return dataclasses.replace(model, student=Student(network))
 
 
-def student_output(model, plane: np.ndarray) -> np.ndarray:
+def student_output(model, plane: np.ndarray, halo: int = 0) -> np.ndarray:
     """The student on a (C_in, H, W) plane in input units, normalised as the brief defines it
-    (context channel j uses channel j % C), de-normalised back: the reference for the zoo."""
+    (context channel j uses channel j % C), de-normalised back: the reference for the zoo.
+    `halo`: first mirror the plane by that many pixels (numpy's "reflect", the package's `pad`)
+    and crop them from the output, as zoo tools do with the package's halo."""
     low, high = np.asarray(model.normalizer.low), np.asarray(model.normalizer.high)
     index = np.arange(plane.shape[0]) % model.channels
     normalised = (plane - low[index, None, None]) / (high - low)[index, None, None]
+    normalised = np.pad(normalised, ((0, 0), (halo, halo), (halo, halo)), mode="reflect")
     with torch.no_grad():
         out = model.student.network(torch.from_numpy(normalised[None].astype(np.float32)))[0].double().numpy()
+    out = out[:, halo : out.shape[1] - halo, halo : out.shape[2] - halo]
     return out * (high - low)[:, None, None] + low[:, None, None]
 
 
-def zoo_output(package: Path, plane: np.ndarray, weight_format: str) -> np.ndarray:
-    """bioimageio.core's whole-sample prediction of a (C_in, H, W) plane with one weight format."""
+def zoo_output(package: Path, plane: np.ndarray, weight_format: str, blocksize: int | None = None) -> np.ndarray:
+    """bioimageio.core's prediction of a (C_in, H, W) plane (any dtype: the package casts it) with
+    one weight format: whole, or in blocks of the input size parameter n = `blocksize`."""
     pipeline = create_prediction_pipeline(load_description(package), weight_format=weight_format, devices=["cpu"])
     # predict() loads and unloads the pipeline itself: wrapping it in `with pipeline` as well
     # unloads twice, and bioimageio.core 0.11 then waits forever on its empty model queue.
-    sample = predict(model=pipeline, inputs=plane[None].astype(np.float32))
+    sample = predict(model=pipeline, inputs=plane[None], blocksize_parameter=blocksize)
     (tensor,) = sample.members.values()
     return np.asarray(tensor.data, dtype=np.float64)[0]
 
@@ -177,11 +182,12 @@ def test_package_passes_the_zoo_model_test_with_both_weight_formats(plane_packag
 def test_package_holds_the_centre_crop_and_the_student_output(plane_model, plane_package):
     model, noisy = plane_model
     test_input = read_npy(plane_package, "test_input.npy")
-    assert test_input.dtype == np.float32 and test_input.shape == (1, 1, 256, 256)
+    # The centre 256 x 256, mirrored by the 128-pixel halo: the network's input in a zoo tool.
+    assert test_input.dtype == np.float32 and test_input.shape == (1, 1, 512, 512)
     sample = np.pad(noisy, ((70, 80), (60, 70)), mode="reflect")
-    np.testing.assert_array_equal(test_input[0, 0], sample[11:267, 1:257])
+    np.testing.assert_array_equal(test_input[0, 0], np.pad(sample[11:267, 1:257], 128, mode="reflect"))
     test_output = read_npy(plane_package, "test_output.npy")
-    assert test_output.dtype == np.float32 and test_output.shape == (1, 1, 256, 256)
+    assert test_output.dtype == np.float32 and test_output.shape == (1, 1, 512, 512)
     assert_close(test_output[0].astype(np.float64), student_output(model, test_input[0]))
     with zipfile.ZipFile(plane_package) as archive:
         names = set(archive.namelist())
@@ -193,11 +199,50 @@ def test_package_holds_the_centre_crop_and_the_student_output(plane_model, plane
 @pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
 def test_zoo_runtime_gives_the_student_output(plane_model, plane_package, weight_format):
     model, noisy = plane_model
+    halo = model.student.config.margin
     test_input = read_npy(plane_package, "test_input.npy")[0]
-    assert_close(zoo_output(plane_package, test_input, weight_format), student_output(model, test_input))
-    # A whole plane of a size off the network's grid: it pads itself, as in napari-tbsn.
-    plane = noisy[np.newaxis, :100, :75]
-    assert_close(zoo_output(plane_package, plane, weight_format), student_output(model, plane))
+    assert_close(zoo_output(plane_package, test_input, weight_format), student_output(model, test_input, halo))
+    # A whole plane, not square, of another size the package accepts (272 + n x 16).
+    plane = np.pad(noisy, ((80, 80), (96, 96)), mode="reflect")[np.newaxis]
+    assert plane.shape == (1, 288, 320)
+    assert_close(zoo_output(plane_package, plane, weight_format), student_output(model, plane, halo))
+
+
+def test_package_declares_the_student_margin_as_halo_and_casts_first(plane_model, plane_package):
+    import ruyaml  # bioimageio.spec's YAML library
+
+    config = plane_model[0].student.config
+    # The tiny student: a 120-pixel receptive radius, on its 16-pixel grid.
+    assert (config.radius, config.margin, config.size_multiple) == (120, 128, 16)
+    descr = load_description(plane_package)
+    spatial = [axis for axis in descr.outputs[0].axes if axis.type == "space"]
+    assert [(axis.id, axis.halo) for axis in spatial] == [("y", 128), ("x", 128)]
+    sizes = [axis.size for axis in descr.inputs[0].axes if axis.type == "space"]
+    assert [(size.min, size.step) for size in sizes] == [(2 * 128 + 16, 16)] * 2
+    assert descr.inputs[0].pad.mode == "reflect"
+    # Declared in the file itself, not only added by the spec library when it reads one.
+    with zipfile.ZipFile(plane_package) as archive:
+        rdf = ruyaml.YAML(typ="safe").load(archive.read("rdf.yaml"))
+    first, *_ = rdf["inputs"][0]["preprocessing"]
+    assert first == {"id": "ensure_dtype", "kwargs": {"dtype": "float32"}}
+    assert rdf["inputs"][0]["pad"] == {"mode": "reflect"}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16])
+def test_blockwise_prediction_gives_the_whole_plane_output(plane_model, plane_package, dtype):
+    """bioimageio.core cuts blocks that keep 64 x 64 pixels (n = 3: 272 + 3 x 16 = 320 pixels
+    with the halo), 6 x 5 of them on a 384 x 320 plane (a size the package accepts, so every
+    block starts on the 16-pixel grid); a uint16 plane is cast by the package. The blocks run
+    the same arithmetic on the same pixels as the whole plane, on tensors of other sizes, so
+    only float32 rounding may differ: 1e-5 of the output's range allows for it, and is far
+    below the seams of blocks without the halo (about 1% of the range here)."""
+    model, _ = plane_model
+    _, noisy = noisy_image((384, 320), seed=5)
+    photons = np.clip(np.round(noisy), 0, None)  # whole numbers, as a camera gives
+    whole = zoo_output(plane_package, photons[np.newaxis].astype(np.float32), "torchscript")
+    assert_close(whole, student_output(model, photons[np.newaxis], model.student.config.margin))
+    blocks = zoo_output(plane_package, photons[np.newaxis].astype(dtype), "torchscript", blocksize=3)
+    assert_close(blocks, whole, relative=1e-5)
 
 
 def test_state_dict_architecture_is_the_student(plane_model):
@@ -269,5 +314,6 @@ def test_context_channels_repeat_the_channels_scaling(context_model, context_pac
 def test_zoo_runtime_gives_the_student_output_with_context(context_model, context_package):
     model, _ = context_model
     test_input = read_npy(context_package, "test_input.npy")[0]
-    assert test_input.shape == (6, 128, 128)
-    assert_close(zoo_output(context_package, test_input, "torchscript"), student_output(model, test_input))
+    assert test_input.shape == (6, 128 + 2 * 128, 128 + 2 * 128)
+    assert_close(zoo_output(context_package, test_input, "torchscript"),
+                 student_output(model, test_input, model.student.config.margin))

@@ -141,3 +141,109 @@ def test_variance_head_and_context_planes_keep_the_centre_plane_blind():
             assert torch.count_nonzero(grad[0, 0, y % 2 :: 2, x_pos % 2 :: 2]) == 0, (y, x_pos, channel)
             # The neighbouring planes are seen at the pixel itself.
             assert torch.all(grad[0, 1:, y, x_pos] != 0), (y, x_pos, channel)
+
+
+# -- through Denoiser.predict: tile seams -------------------------------------------------
+# The tiler cuts the padded plane into tiles and blends them. A tile's edge inside the image
+# (a seam) is an edge for everything computed per tile, the lattice filter's padding included.
+# The probes are the pixels at offsets 0 to 7 inside a tile from an internal edge, on both sides
+# of a seam; each is perturbed alone, and its own output must not move.
+SEAM_OFFSETS = range(8)
+PERTURBATION = 40.0  # photons: twice the synthetic image's peak
+
+
+def _seam_model():
+    """A tiny model with random weights, a fitted-looking variance head, a noise model and a
+    lattice filter with clearly non-zero coefficients: every path a teacher prediction takes."""
+    from napari_tbsn.config import network_preset
+    from napari_tbsn.lattice import LatticeFilter
+    from napari_tbsn.model import FittedModel
+    from napari_tbsn.noise import NoiseModel
+    from napari_tbsn.normalization import Normalizer
+
+    torch.manual_seed(0)
+    network = TBSN(network_preset("tiny", 1, variance_head=True)).eval()
+    with torch.no_grad():
+        for param in network.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.2, -0.1, 0.1, -0.05, 0.05),), prior_scale=(0.8,))
+    return FittedModel(network, Normalizer((0.0,), (20.0,)), pd=1, preset="tiny",
+                       noise_model=NoiseModel.from_camera(1.0, 3.0), lattice_filter=lattice)
+
+
+def _seam_pixels(predictor, length: int) -> list[tuple[int, int]]:
+    """(image coordinate, offset from the tile edge) of the pixels at offsets 0-7 inside a tile
+    from the internal edges of the last seam along a side of `length` pixels: the end of the
+    last tile but one and the start of the last tile. Empty where one tile covers the side."""
+    from napari_tbsn.tiling import tile_starts
+
+    before, after = predictor.padding(length)
+    tile = predictor.tile_length(before + length + after)
+    starts = tile_starts(before + length + after, tile, predictor.tile_overlap, predictor.size_multiple)
+    if len(starts) < 2:
+        return []
+    end, start = starts[-2] + tile - before, starts[-1] - before
+    pixels = [(end - 1 - offset, offset) for offset in SEAM_OFFSETS]
+    pixels += [(start + offset, offset) for offset in SEAM_OFFSETS]
+    assert all(0 <= pixel < length for pixel, _ in pixels), "the seam must lie inside the image"
+    return pixels
+
+
+# (image shape, tile_size, tile_overlap, lattice, estimator). Tiles start on the network's
+# 64-pixel grid, so every overlap from 1 to 64 runs as 64 (tile_size 64 then grows to 128):
+# the overlaps that actually occur are 0 and multiples of 64.
+SEAM_CASES = [
+    ((128, 128), 64, 0, True, "blind_spot"),
+    ((128, 128), 64, 0, True, "posterior"),
+    ((128, 128), 64, 0, False, "blind_spot"),
+    ((64, 192), 64, 1, True, "blind_spot"),  # tiles of 128 overlapping by 64, across x
+    ((192, 64), 128, 0, True, "posterior"),  # tiles of 128 abutting, down y
+]
+
+
+@pytest.mark.parametrize("shape, tile_size, tile_overlap, lattice, estimator", SEAM_CASES)
+def test_pixels_next_to_tile_seams_never_see_themselves(shape, tile_size, tile_overlap, lattice, estimator):
+    """Blind at every offset 0-7 from a seam. The posterior folds y_p back in on purpose: there
+    its standard deviation, a function of the (refined) blind-spot mean and prior alone, must
+    not move, and the estimate must move towards the perturbation by less than all of it."""
+    import numpy as np
+
+    from napari_tbsn import Denoiser, PredictOptions
+    from napari_tbsn.prediction import make_runner
+
+    from .conftest import noisy_image
+
+    options = PredictOptions(estimator=estimator, ensemble=1, lattice=lattice, tile_size=tile_size,
+                             tile_overlap=tile_overlap, batch_size=16)
+    model = _seam_model()
+    denoiser = Denoiser.from_model(model, options, device="cpu")
+    predictor = make_runner(model, options, torch.device("cpu"), 1).tiled(tile_size)
+    rows, columns = _seam_pixels(predictor, shape[0]), _seam_pixels(predictor, shape[1])
+    assert rows or columns, "no seam to probe"
+    # Both sides tiled: each probe sits next to a seam in y and in x. One side tiled: the
+    # probes cross its seam in the middle of the other side.
+    rows = rows or [(shape[0] // 2, None)] * len(columns)
+    columns = columns or [(shape[1] // 2, None)] * len(rows)
+    probes = list(zip(rows, columns))
+    _, image = noisy_image(shape, seed=4)
+
+    def predict(data):
+        if estimator != "posterior":
+            return denoiser.predict(data, "YX"), None
+        spread = np.zeros_like(data)
+        return denoiser.predict(data, "YX", uncertainty=spread), spread
+
+    before, before_spread = predict(image)
+    leaks = []
+    for (y, offset_y), (x, offset_x) in probes:
+        changed = image.copy()
+        changed[y, x] += PERTURBATION
+        after, after_spread = predict(changed)
+        assert np.abs(after - before).max() > 1e-3, "the perturbation must be seen around it"
+        if estimator == "posterior":
+            moved = (after[y, x] - before[y, x]) / PERTURBATION
+            if after_spread[y, x] != before_spread[y, x] or not 0 < moved < 1:
+                leaks.append(((y, x), (offset_y, offset_x), float(after_spread[y, x] - before_spread[y, x])))
+        elif after[y, x] != before[y, x]:
+            leaks.append(((y, x), (offset_y, offset_x), float(after[y, x] - before[y, x])))
+    assert not leaks, f"pixel, offsets from the seam, change of its own output: {leaks}"

@@ -107,3 +107,22 @@ def test_prior_scale_finds_how_much_too_wide_the_prior_is():
     noisy = clean + noise_variance.sqrt() * torch.randn(clean.shape, generator=generator)
     (scale,) = prior_scale(mean, 3 * error_variance, noisy, noise_variance)
     assert scale == pytest.approx(1 / 3, rel=0.25)
+
+
+def test_refined_mean_stays_blind_at_every_offset_from_the_tile_edge():
+    """A tile's edge inside the image gets no reflected context: the filter pads there itself.
+    The pixels at odd offsets from the edge are where a padding that changes parity (replicate)
+    would hand p a neighbour's mean that saw y_p."""
+    torch.manual_seed(0)
+    net = TBSN(network_preset("tiny", 1)).double().eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.2, -0.1, 0.1, -0.05, 0.05),))
+    x = torch.rand(1, 1, 64, 64, dtype=torch.float64, requires_grad=True)
+    mean = net(x)
+    refined = lattice.apply(mean, x, 1.0, None)
+    for offset in range(8):
+        for y, x_pos in [(offset, 63 - offset), (63 - offset, offset), (offset, 30), (33, 63 - offset)]:
+            (grad,) = torch.autograd.grad(refined[0, 0, y, x_pos], x, retain_graph=True)
+            assert grad[0, 0, y, x_pos] == 0, (y, x_pos)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -63,3 +64,13 @@ def test_truncated_and_foreign_files_are_rejected(fitted_tiny, tmp_path):
         Denoiser.load(tmp_path / "foreign.safetensors")
     with pytest.raises(ModelFileError, match="no model file"):
         Denoiser.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_saved_models_follow_the_umask_like_other_outputs(fitted_tiny, tmp_path, umask, expected):
+    previous = os.umask(umask)
+    try:
+        path = fitted_tiny.save(tmp_path / "m.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == expected

@@ -5,10 +5,20 @@ zoo tools (bioimageio.core, deepImageJ, ilastik, ...) run as it is. The blind-sp
 needs its posterior, ensemble and R3 rounds, which no zoo runtime would reproduce.
 
 The package holds the student twice (TorchScript, and a PyTorch state dict whose architecture
-is `napari_tbsn.network.unet.ZooUNet`), the normalisation as fixed `scale_linear` pre- and
-postprocessing, a test input cut from the user's data with the student's output on it, a
-cover image and a README. Nothing here touches the network: the description names no URL
-(the citation is a DOI), so the spec library's checks read only the local files.
+is `napari_tbsn.network.unet.ZooUNet`), the cast to float32 and the normalisation as fixed
+`ensure_dtype` and `scale_linear` pre- and postprocessing, a test input cut from the user's data
+(mirrored by the halo) with the student's output on it, a cover image and a README.
+
+The output declares the student's tiling margin (`StudentConfig.margin`, its receptive field on
+its grid) as its halo, and the input sizes step on that grid: a zoo tool that tiles a plane of
+an accepted size with that halo cuts every tile on the whole plane's grid, with all the context
+it reads, so the tiles join without seams. Zoo tools pad the plane by the halo before they run
+it, by mirror reflection (declared as the input's `pad`, as the student itself pads), so within
+the halo of the plane's border the output can differ a little from napari-tbsn's, which mirrors
+only one grid step.
+
+Nothing here touches the network: the description names no URL (the citation is a DOI), so the
+spec library's checks read only the local files.
 
 Needs `bioimageio.spec` (0.5.x); running the package needs `bioimageio.core`.
 """
@@ -26,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import MissingDependency, UserError
 from .model_io import atomic_file
 from .network.unet import ZooUNet, parameter_count
 
@@ -51,22 +62,22 @@ def export_bioimageio(model, path, sample, *, name: str | None = None, authors: 
 
     `sample`: float32 (C_in, H, W) in the data's own units, one plane with its context planes
     as the model reads them (C_in = channels * (1 + 2 * context_planes)); its centre, at most
-    256x256, becomes the package's test input. `authors`: names (or {"name": ...} mappings;
-    default "napari-tbsn user"). `license`: an SPDX identifier. Returns `path`.
+    256x256, mirrored by the student's margin (as zoo tools pad a plane by the halo), becomes
+    the package's test input. `authors`: names (or {"name": ...} mappings; default "napari-tbsn
+    user"). `license`: an SPDX identifier. Returns `path`.
 
     The package is written to a hidden file beside `path` and renamed over it when complete.
     Needs bioimageio.spec; reaches no network (the description names no URL)."""
+    try:  # first: what to install, before what to do with the model
+        from bioimageio.spec import save_bioimageio_package
+    except ImportError as error:
+        raise MissingDependency("exporting to the BioImage Model Zoo", "bioimageio.spec") from error
     student = getattr(model, "student", None)
     if student is None:
         raise ValueError(NO_STUDENT)
     path = Path(path)
     if path.suffix.lower() != ".zip":
         raise ValueError(f"a bioimage.io package is a .zip file; {path.name!r} does not end in .zip")
-    try:
-        from bioimageio.spec import save_bioimageio_package
-    except ImportError as error:
-        raise ImportError("exporting to bioimage.io needs the bioimageio.spec package: "
-                          "pip install 'bioimageio.spec>=0.5.12,<0.6'") from error
     import pydantic
 
     _check_versions()
@@ -83,12 +94,17 @@ def export_bioimageio(model, path, sample, *, name: str | None = None, authors: 
     description = _default_description(model, channels, context) if description is None else description
     if not isinstance(description, str) or not 0 < len(description) <= 1024:
         raise ValueError("the description must be text of 1 to 1024 characters")
-    test_input = _test_input(sample, in_channels, config.size_multiple)
+    crop = _test_crop(sample, in_channels, config.size_multiple)
+    # Zoo tools check the test tensors as the network's own input and output, halo included.
+    halo = config.margin
+    test_input = np.pad(crop, ((0, 0), (0, 0), (halo, halo), (halo, halo)), mode="reflect")
 
     network = _zoo_network(student.network)
     low = np.asarray(model.normalizer.low, dtype=np.float64)
     high = np.asarray(model.normalizer.high, dtype=np.float64)
     test_output = _predict(network, model.normalizer, test_input)
+    # What a zoo tool gives for the crop: it pads the crop so, and crops the halo off.
+    crop_output = test_output[:, :, halo : halo + crop.shape[2], halo : halo + crop.shape[3]]
 
     # The spec library leaves some of these files open until garbage collection: on Windows the
     # folder may not go at once, which must not fail an export that is complete.
@@ -96,14 +112,14 @@ def export_bioimageio(model, path, sample, *, name: str | None = None, authors: 
         folder = Path(folder)
         np.save(folder / "test_input.npy", test_input)
         np.save(folder / "test_output.npy", test_output)
-        _write_tiff(folder / "sample_input.tif", test_input[0])
-        _write_tiff(folder / "sample_output.tif", test_output[0])
+        _write_tiff(folder / "sample_input.tif", crop[0])
+        _write_tiff(folder / "sample_output.tif", crop_output[0])
         state = {key: value.detach().cpu().contiguous().clone() for key, value in network.state_dict().items()}
         torch.save(state, folder / "weights.pt")
         _save_torchscript(network, test_input, model.normalizer, folder / "weights_torchscript.pt")
-        _write_cover(test_input[0, 0], test_output[0, 0], folder / "cover.png")
-        (folder / "README.md").write_text(_documentation(model, student, name, np.shape(sample), test_input.shape,
-                                                        channels, context, low, high))
+        _write_cover(crop[0, 0], crop_output[0, 0], folder / "cover.png")
+        (folder / "README.md").write_text(_documentation(model, student, name, np.shape(sample), crop.shape,
+                                                        test_input.shape, channels, context, low, high))
         (folder / "environment.yaml").write_text(_environment())
         # The description names only these local files (the citation is a DOI, no URL), so the
         # spec library's checks hash and read them and fetch nothing. No ValidationContext of our
@@ -131,7 +147,7 @@ def _check_versions() -> None:
 
     spec, pydantic_version = Version(bioimageio.spec.__version__), Version(pydantic.VERSION)
     if spec < Version("0.5.14.3") and pydantic_version >= Version("2.14"):
-        raise RuntimeError(f"bioimageio.spec {spec} cannot write packages with pydantic {pydantic_version}: install "
+        raise UserError(f"bioimageio.spec {spec} cannot write packages with pydantic {pydantic_version}: install "
                            "pydantic<2.14 (bioimageio.core 0.11 needs this spec), or bioimageio.spec>=0.5.14.3")
 
 
@@ -188,8 +204,9 @@ def _author_names(authors) -> list[str]:
     return names
 
 
-def _test_input(sample, in_channels: int, smallest: int) -> np.ndarray:
-    """(1, C_in, h, w) float32: the centre of `sample`, at most TEST_SIZE on each side."""
+def _test_crop(sample, in_channels: int, smallest: int) -> np.ndarray:
+    """(1, C_in, h, w) float32: the centre of `sample`, at most TEST_SIZE on each side, its sides
+    whole multiples of `smallest` (the grid the package's input sizes step on)."""
     if sample is None:
         raise ValueError(f"no sample of the data to make the package's test input from: give one, {in_channels} "
                          "channel(s) x height x width in the data's units (a student distilled now keeps one)")
@@ -201,10 +218,10 @@ def _test_input(sample, in_channels: int, smallest: int) -> np.ndarray:
         raise ValueError(f"the sample must hold real numbers, got {sample.dtype}")
     sizes = []
     for length in sample.shape[1:]:
-        size = min(length, TEST_SIZE)
+        size = min(length, TEST_SIZE) // smallest * smallest
         if size < smallest:
             raise ValueError(f"the sample is {sample.shape[1]}x{sample.shape[2]} pixels; the export needs at least "
-                             f"{smallest}x{smallest} (the package's smallest input)")
+                             f"{smallest}x{smallest} (one step of the network's grid)")
         sizes.append(size)
     top, left = (sample.shape[1] - sizes[0]) // 2, (sample.shape[2] - sizes[1]) // 2
     crop = np.ascontiguousarray(sample[:, top : top + sizes[0], left : left + sizes[1]], dtype=np.float32)
@@ -291,15 +308,19 @@ def _description(folder: Path, *, name, authors, license, config, description, c
     repeats = len(in_names) // channels
     gain_in = np.tile(1.0 / scale, repeats)
     offset_in = np.tile(-low / scale, repeats)
-    # Any size from one grid step up: the network pads itself (see UNet.forward).
-    smallest = config.size_multiple
+    # A tile reads the student's margin on each side of the pixels it keeps (its halo), and its
+    # size steps on the network's grid: with the halo a multiple of the grid too, every tile a zoo
+    # tool cuts starts on the whole plane's grid, where pooling and pixel shuffles give the
+    # whole-plane pass's values. The spec wants a tile to keep at least one pixel: one grid step.
+    halo, grid = config.margin, config.size_multiple
     input_id, channel_id, y, x = v0_5.TensorId("input"), v0_5.AxisId("channel"), v0_5.AxisId("y"), v0_5.AxisId("x")
 
     def space_in(axis):
-        return v0_5.SpaceInputAxis(id=axis, size=v0_5.ParameterizedSize(min=smallest, step=1))
+        return v0_5.SpaceInputAxis(id=axis, size=v0_5.ParameterizedSize(min=2 * halo + grid, step=grid))
 
     def space_out(axis):
-        return v0_5.SpaceOutputAxis(id=axis, size=v0_5.SizeReference(tensor_id=input_id, axis_id=axis))
+        return v0_5.SpaceOutputAxisWithHalo(
+            id=axis, size=v0_5.SizeReference(tensor_id=input_id, axis_id=axis), halo=halo)
 
     float32 = v0_5.IntervalOrRatioDataDescr(type="float32")
     inputs = [v0_5.InputTensorDescr(
@@ -309,7 +330,13 @@ def _description(folder: Path, *, name, authors, license, config, description, c
         test_tensor=v0_5.FileDescr(source=folder / "test_input.npy"),
         sample_tensor=v0_5.FileDescr(source=folder / "sample_input.tif"),
         data=float32,
-        preprocessing=_scale_linear(v0_5, channel_id, gain_in, offset_in),
+        # Mirror the plane beyond its border, as the student does (numpy's "reflect"). The mode
+        # is set explicitly: left at its default it is not written, and `pad: {}` reads back as
+        # constant (zero) padding.
+        pad=v0_5.ReflectPadding(mode="reflect"),
+        # Cast first, so integer data (uint16 cameras) need no cast by the zoo tool.
+        preprocessing=[v0_5.EnsureDtypeDescr(kwargs=v0_5.EnsureDtypeKwargs(dtype="float32")),
+                       *_scale_linear(v0_5, channel_id, gain_in, offset_in)],
     )]
     outputs = [v0_5.OutputTensorDescr(
         id=v0_5.TensorId("output"),
@@ -369,7 +396,8 @@ def _format_values(values) -> str:
     return ", ".join(f"{float(v):.6g}" for v in values)
 
 
-def _documentation(model, student, name, sample_shape, test_shape, channels, context, low, high) -> str:
+def _documentation(model, student, name, sample_shape, crop_shape, test_shape, channels, context, low,
+                   high) -> str:
     config = student.config
     axes = model.axes or "unknown"
     in_channels = channels * (1 + 2 * context)
@@ -407,7 +435,9 @@ def _documentation(model, student, name, sample_shape, test_shape, channels, con
         - axes: `{axes}`
         - channels: {channels}; context planes on each side: {context}; model input channels: {in_channels}
         - the sample the test tensors were cut from: shape {sample_shape} (channels, height, width);
-          the test input is its centre, {test_shape}
+          the test input is its centre, {crop_shape}, mirrored by the halo to {test_shape}; the
+          test output is the network's output on it, halo included (`sample_input.tif` and
+          `sample_output.tif` hold the centre alone)
         - normalisation, per channel (the package's `scale_linear` pre- and postprocessing):
           low = [{low}], high = [{high}]; normalised = (x - low) / (high - low)
 
@@ -415,13 +445,20 @@ def _documentation(model, student, name, sample_shape, test_shape, channels, con
 
         ## Running it
 
-        Input: float32 (batch, {in_channels}, y, x) in the data's own units (any dtype is cast to
-        float32); output: (batch, {channels}, y, x) in the same units. The network pads itself
-        (mirror reflection) to its grid of {grid} pixels, so it takes any height and width from
-        {grid} pixels up. Its output at a pixel depends on the input at most
-        {radius} pixels away: predict whole planes, or cut tiles with at least {margin} extra
-        pixels on each inner side and keep only their centres (the package declares no halo,
-        so that a whole-plane prediction gives the student's own output, edges included).
+        Input: (batch, {in_channels}, y, x) in the data's own units, any real dtype (the first
+        preprocessing step, `ensure_dtype`, casts it to float32); output: (batch, {channels}, y, x)
+        in the same units. The network itself would run on any height and width (it pads itself
+        by mirror reflection to its grid of {grid} pixels), but its output at a pixel depends on
+        the input up to {radius} pixels away, and its pooling on where the grid starts. So the
+        output declares a halo of {margin} pixels (that distance on the grid), and the input's
+        height and width are {min_size} + n x {grid} pixels: a tile keeps n x {grid} + {grid}
+        pixels and reads the halo on each side, and every tile a zoo tool cuts starts on the
+        plane's grid, where it gives the whole-plane output exactly. Zoo tools pad the plane by
+        the halo (mirror reflection, the input's `pad`) before they tile it. Planes whose height
+        or width is not {min_size} + n x {grid} must be padded to such a size first (some tools,
+        `bioimageio.core` among them, refuse them otherwise). Within {margin} pixels of the
+        plane's border the output depends on the padding and can differ a little from
+        napari-tbsn's own, which mirrors only {grid} pixels.
 
         Student network: width {width}, depth {depth}, pixel shuffle {shuffle},
         {parameters} parameters; {summary}.
@@ -440,8 +477,10 @@ def _documentation(model, student, name, sample_shape, test_shape, channels, con
         {citation} <{url}> (doi: {doi})
         """).format(
         title=name, axes=axes, channels=channels, context=context, in_channels=in_channels,
-        sample_shape=tuple(int(s) for s in sample_shape), test_shape=tuple(int(s) for s in test_shape),
+        sample_shape=tuple(int(s) for s in sample_shape), crop_shape=tuple(int(s) for s in crop_shape),
+        test_shape=tuple(int(s) for s in test_shape),
         low=_format_values(low), high=_format_values(high), layout=layout, grid=config.size_multiple,
-        radius=config.radius, margin=config.margin, width=config.width, depth=config.depth,
+        radius=config.radius, margin=config.margin, min_size=2 * config.margin + config.size_multiple,
+        width=config.width, depth=config.depth,
         shuffle=config.shuffle, parameters=parameter_count(student.network), summary=summary,
         citation=TBSN_CITATION, url=TBSN_URL, doi=TBSN_DOI)

@@ -34,7 +34,7 @@ from .denoiser import Denoiser, PredictProgress
 from .errors import MissingDependency, describe_bug, is_user_error, one_line
 from .image_io import ImageFile, open_output, read_image
 from .model_io import write_text_atomic
-from .outputs import check_output, check_writable_file, overlaps
+from .outputs import check_not_input, check_output, check_writable_file, overlaps
 from .noise import NoiseModel
 from .prediction import describe_output, uses_posterior, uses_student
 from .progress import Cancelled, Stops, format_seconds
@@ -122,7 +122,8 @@ def _check_paths(args: argparse.Namespace) -> None:
                if getattr(args, name, None) is not None}
     for name, path in outputs.items():
         flag = "-o" if name == "output" else f"--{name.replace('_', '-')}"
-        for other, taken in [*inputs.items(), *((o, p) for o, p in outputs.items() if o < name)]:
+        check_not_input(path, inputs, role=flag)
+        for other, taken in ((o, p) for o, p in outputs.items() if o < name):
             if overlaps(path, taken):
                 raise ValueError(f"{flag} {path} is also the {other.replace('_', ' ')} path; "
                                  "give each output its own new file name")

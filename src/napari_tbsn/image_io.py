@@ -37,7 +37,7 @@ from .errors import MissingDependency
 from .model_io import atomic_file
 from .omezarr import create_ome_zarr, is_ome_zarr_name, read_ome_zarr, rewrite_ome_metadata, write_pyramid
 from .outputs import (RESULT_MARKER, check_free_space, check_output, check_writable, fsync_folder, fsync_path,
-                      reserve)
+                      no_room_is_an_error, reserve)
 
 # tifffile's axis letters -> ours. tifffile's S is RGB samples, i.e. our C.
 TIFF_AXES = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X"}
@@ -401,15 +401,16 @@ def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like
         yield from _zarr_output(path, shape, axes, like, resumable, pyramid)
         return
     with atomic_file(path) as temporary:
-        if suffix == ".npy":
-            out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=tuple(shape))
-        else:
-            import tifffile
+        with no_room_is_an_error(path.parent, nbytes):
+            if suffix == ".npy":
+                out = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32, shape=tuple(shape))
+            else:
+                import tifffile
 
-            big = np.prod(shape, dtype=np.int64) * 4 > 2**31
-            out = tifffile.memmap(
-                temporary, shape=tuple(shape), dtype=np.float32, bigtiff=bool(big), **_tiff_options(axes, like)
-            )
+                big = np.prod(shape, dtype=np.int64) * 4 > 2**31
+                out = tifffile.memmap(
+                    temporary, shape=tuple(shape), dtype=np.float32, bigtiff=bool(big), **_tiff_options(axes, like)
+                )
         try:
             reserve(temporary, os.path.getsize(temporary))
         except BaseException:

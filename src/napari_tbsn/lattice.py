@@ -20,6 +20,11 @@ mean 30.63 -> 30.77 dB, posterior 30.95 -> 31.09 dB.
 
 Residuals outside the image are zero. The predictor pads the image by reflection, and a
 reflected copy of y_p can sit on p's own lattice, where this filter would read it.
+
+Beyond a tile's edge (an image edge or a seam between tiles) the means are mirrored about the
+edge pixel (MEAN_PADDING): a mirrored offset keeps its parity, so p + d still reads a mean of
+p's own lattice, blind to y_p. Replicating the edge pixel would not: at an odd offset from the
+edge it hands p a mean that saw y_p (a tile seam with no overlap to blend it away leaked).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from .progress import FitCancelled, raise_if_cancelled
 REACH = 4
 LATTICE_PATCHES = 32  # training patches the filter is fitted on
 FIT_BORDER = 8  # pixels this close to a patch edge lack context and are left out of the fit
+MEAN_PADDING = "reflect"  # parity-preserving; "replicate" or "symmetric" would break the blind spot
 
 
 def offset_classes(reach: int = REACH) -> list[list[tuple[int, int]]]:
@@ -109,7 +115,7 @@ class LatticeFilter:
             residual = residual * inside
         return (mean
                 + _filter(residual, residual_kernel, self.reach, "constant")
-                + _filter(mean, difference_kernel, self.reach, "replicate"))
+                + _filter(mean, difference_kernel, self.reach, MEAN_PADDING))
 
     @classmethod
     def fit(
@@ -124,7 +130,7 @@ class LatticeFilter:
         stacked = basis.repeat(channels, 1, 1, 1)
         features = torch.cat([
             _filter(weight * (noisy - mean), stacked, reach, "constant").unflatten(1, (channels, classes)),
-            (_filter(mean, stacked, reach, "replicate").unflatten(1, (channels, classes))
+            (_filter(mean, stacked, reach, MEAN_PADDING).unflatten(1, (channels, classes))
              - basis.sum(dim=(1, 2, 3)).reshape(1, 1, classes, 1, 1) * mean.unsqueeze(2)),
         ], dim=2)
         inner = (slice(None), slice(None), slice(border, -border or None), slice(border, -border or None))

@@ -85,7 +85,9 @@ def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], descript
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **description}
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
     with atomic_file(path) as temporary:
+        mode = os.stat(temporary).st_mode  # what the umask gives a new file
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(header)})
+        os.chmod(temporary, mode)  # safetensors makes its file anew, private (0600): a colleague could not read it
     return path
 
 

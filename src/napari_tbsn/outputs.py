@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +100,11 @@ def check_writable(path: str | os.PathLike) -> None:
         raise ValueError(f"cannot write {path.name}: use a .tif/.tiff, .npy or .zarr name")
     if suffix == ".zarr":
         from .image_io import _import_zarr
+        from .omezarr import _import_ome_zarr, is_ome_zarr_name
 
         _import_zarr(path)
+        if is_ome_zarr_name(path):
+            _import_ome_zarr()
         # The new store replaces the old one wholesale; never do that to a folder zarr did not make.
         if os.path.lexists(path) and not (path.is_dir() and any((path / m).exists() for m in ZARR_MARKERS)):
             raise ValueError(
@@ -135,20 +138,28 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     around it), an unwritable place, or (unless `replace`) an existing store that napari-tbsn
     did not write. `how_to_allow` ends that last message, e.g. "; or add --overwrite"."""
     path = Path(path)
-    for source in inputs:
-        if overlaps(path, source):
-            raise ValueError(f"{role} {path} is {_relation(path, Path(source))}; "
-                             "writing there would destroy the data being read: choose a new name")
+    check_not_input(path, inputs, role)
     check_writable(path)
     if not replace and path.suffix.lower() == ".zarr" and path.is_dir() and not is_result_store(path):
         raise ReplaceRefused(path, how_to_allow)
 
 
+def check_not_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike],
+                    role: str = "the output") -> None:
+    """Refuse an output at an input's path, inside it or around it (symlinks resolved).
+    `inputs`: paths, or {what each is ("input", "model"): path}."""
+    named = inputs.items() if isinstance(inputs, Mapping) else (("input", source) for source in inputs)
+    for name, source in named:
+        if overlaps(path, source):
+            raise ValueError(f"{role} {path} is {_relation(Path(path), Path(source))} the {name} path {source}; "
+                             "writing there would destroy the data being read: choose a new name")
+
+
 def _relation(path: Path, source: Path) -> str:
     first, second = path.resolve(), source.resolve()
-    if first == second or os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
-        return f"the input {source} itself"
-    return f"inside the input {source}" if first.is_relative_to(second) else f"a folder holding the input {source}"
+    if first.is_relative_to(second) and first != second:
+        return "inside"
+    return "a folder holding" if second.is_relative_to(first) and first != second else "also"
 
 
 # -- disk space ---------------------------------------------------------------------------------
@@ -178,19 +189,31 @@ def reserve(file: str | os.PathLike, nbytes: int) -> None:
     is an error now rather than a SIGBUS (which kills the process, napari included) later."""
     import errno
 
-    descriptor = os.open(file, os.O_RDWR)
+    with no_room_is_an_error(Path(file).parent, nbytes):
+        descriptor = os.open(file, os.O_RDWR)
+        try:
+            if hasattr(os, "posix_fallocate") and nbytes > 0:
+                os.posix_fallocate(descriptor, 0, nbytes)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # else a filesystem that cannot reserve
+                raise
+        finally:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def no_room_is_an_error(folder: Path, nbytes: int):
+    """Turn running out of space (or over a file-size limit) inside the block into a one-line
+    ValueError that says how much was needed and where."""
+    import errno
+
     try:
-        if hasattr(os, "posix_fallocate") and nbytes > 0:
-            os.posix_fallocate(descriptor, 0, nbytes)
+        yield
     except OSError as error:
-        if error.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve space
-            return
         if error.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
-        raise ValueError(f"no room for {format_bytes(nbytes)} at {Path(file).parent} ({error.strerror}); "
+        raise ValueError(f"no room for {format_bytes(nbytes)} at {folder} ({error.strerror}); "
                          "free some space or choose another location") from error
-    finally:
-        os.close(descriptor)
 
 
 def format_bytes(nbytes: float) -> str:

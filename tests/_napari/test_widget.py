@@ -362,3 +362,160 @@ def test_channels_choice_from_the_widget_reaches_the_model_and_the_status(viewer
     _wait_idle(qtbot, widget)
     assert not widget.denoiser.network_config.channels_as_samples
     assert "channels fitted joint: as asked" in widget.status.text()
+
+
+# -- the user's data are never the result file ------------------------------------------------
+
+
+def _tree_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def opened_store(viewer_and_widget, qtbot, tmp_path):
+    """An OME-Zarr store opened in napari as a user would (File > Open), and a fitted model."""
+    pytest.importorskip("ome_zarr")
+    from napari_tbsn.image_io import open_output
+    from napari_tbsn.outputs import RESULT_MARKER
+
+    viewer, widget = viewer_and_widget
+    store = tmp_path / "raw" / "stack.ome.zarr"
+    with open_output(store, (3, 64, 64), "ZYX") as out:
+        out[:] = noisy_image((3, 64, 64), seed=3)[1]
+    # Strip our own mark: this store stands for the user's raw data, which napari-tbsn did not write.
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+")
+    del group.attrs[RESULT_MARKER]
+    (layer,) = viewer.open(str(store))
+    widget.form.layer_select.value = layer
+    widget.form.axes.value = "ZYX"
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    return viewer, widget, layer, store
+
+
+@pytest.mark.parametrize("where", ["itself", "its array", "a folder holding it", "through a symlink"])
+def test_the_result_file_can_never_be_the_layers_own_store(opened_store, qtbot, where):
+    viewer, widget, layer, store = opened_store
+    before = _tree_bytes(store)
+    if where == "through a symlink":
+        link = store.parent.parent / "link.ome.zarr"
+        link.symlink_to(store, target_is_directory=True)
+    target = {"itself": store, "its array": store / "0", "a folder holding it": store.parent.parent / "all.zarr",
+              "through a symlink": store.parent.parent / "link.ome.zarr"}[where]
+    if where == "a folder holding it":  # the user's store inside a folder the result would replace
+        store.parent.rename(target)
+        (target / ".zgroup").write_text('{"zarr_format": 2}')
+        store = target / "stack.ome.zarr"
+        (layer,) = viewer.open(str(store))
+        widget.form.layer_select.value = layer
+        widget.form.axes.value = "ZYX"
+    asked = []
+    widget.confirm_replace = lambda path: asked.append(path) or True  # even a careless yes changes nothing
+    widget.form.result_file.value = target
+    for button in (widget.denoise_button, widget.fit_denoise_button):
+        button.click()
+        assert not widget.busy, "a job started on the layer's own store"
+        assert "destroy the data being read" in widget.status.text()
+    assert asked == []
+    assert _tree_bytes(store) == before
+    assert "stack.ome (TBSN)" not in viewer.layers
+
+
+def test_replacing_a_store_napari_tbsn_did_not_write_asks_first(opened_store, qtbot, tmp_path):
+    viewer, widget, layer, store = opened_store
+    other = tmp_path / "yesterday.ome.zarr"  # yesterday's raw data, typed by mistake
+    import shutil
+
+    shutil.copytree(store, other)
+    before = _tree_bytes(other)
+    answers = []
+    widget.confirm_replace = lambda path: answers.append(path) or False
+    widget.form.result_file.value = other
+    widget.denoise_button.click()
+    assert not widget.busy and answers == [other]
+    assert "did not write" in widget.status.text() and _tree_bytes(other) == before
+    widget.confirm_replace = lambda path: True  # the user said yes: replaced
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert _tree_bytes(other) != before and "stack.ome (TBSN)" in viewer.layers
+    widget.confirm_replace = lambda path: pytest.fail("asked again about napari-tbsn's own result")
+    widget.denoise_button.click()  # now a napari-tbsn result: replaced without a question
+    _wait_idle(qtbot, widget)
+
+
+def test_a_large_result_goes_beside_the_result_file_never_to_the_temp_folder(viewer_and_widget, qtbot, tmp_path,
+                                                                             monkeypatch):
+    pytest.importorskip("ome_zarr")
+    import tempfile
+
+    from napari_tbsn._napari import results
+
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    widget.form.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    monkeypatch.setattr(results, "IN_MEMORY_LIMIT", 0)  # every result counts as large
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert "choose a result file" in widget.status.text() and "plain (TBSN)" not in viewer.layers
+    threads, limits = [], results.contrast_limits
+    monkeypatch.setattr(results, "contrast_limits", lambda out: threads.append(threading.current_thread()) or limits(out))
+    import napari_tbsn._napari.widget as widget_module
+
+    monkeypatch.setattr(widget_module, "contrast_limits", results.contrast_limits)
+    widget.form.uncertainty.value = True  # the uncertainty is held in a memory map beside the result file
+    widget.form.result_file.value = tmp_path / "out" / "plain.ome.zarr"
+    gaps = _event_loop_gaps()
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    largest_gap = gaps()
+    assert "plain (TBSN) uncertainty" in viewer.layers
+    assert largest_gap < 0.5, f"napari froze for {largest_gap:.2f} s during the denoise"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plain.ome.zarr"]  # the map left no file
+    assert list(scratch.iterdir()) == []
+    assert threads and all(thread is not threading.main_thread() for thread in threads)
+
+
+def test_an_unexpected_error_is_a_notification_that_says_bug(viewer_and_widget, qtbot, monkeypatch):
+    from napari_tbsn import Denoiser
+
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    shown = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", lambda message: shown.append(message))
+
+    def broken(self, *args, **kwargs):
+        raise KeyError("a bug deep inside")
+        yield
+
+    monkeypatch.setattr(Denoiser, "fit_iter", broken)
+    widget.form.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert shown and "this is a bug" in shown[-1] and "KeyError" in shown[-1]
+    assert widget.fit_button.isEnabled()
+
+
+def test_a_missing_package_for_the_result_file_is_named_before_the_fit(viewer_and_widget, qtbot, tmp_path,
+                                                                       monkeypatch):
+    import sys
+
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    monkeypatch.setitem(sys.modules, "ome_zarr", None)  # as if it were not installed
+    widget.form.result_file.value = tmp_path / "plain.ome.zarr"
+    widget.fit_denoise_button.click()
+    assert not widget.busy  # refused before the fit, not after it
+    assert "napari-tbsn[zarr]" in widget.status.text() and "Plugins > Install" in widget.status.text()
+    assert list(tmp_path.iterdir()) == []

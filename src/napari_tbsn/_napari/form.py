@@ -18,7 +18,7 @@ from ..axes import AXIS_LETTERS, guess_axes, parse_axes
 from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
 from ..devices import available_devices
 from ..noise import NoiseModel
-from ..outputs import ReplaceRefused, check_output, source_paths
+from ..outputs import ReplaceRefused, check_not_input, check_output, source_paths
 
 
 def layer_data(layer):
@@ -197,6 +197,7 @@ class SettingsForm(Container):
         if text in ("", "."):
             return None, False
         path = Path(text).expanduser().absolute()
+        check_not_input(path, sources, role="the result file")
         if not path.name.lower().endswith(".zarr"):
             raise ValueError(f"the result file {path.name} is not a zarr store: name it {path.stem}.ome.zarr")
         try:

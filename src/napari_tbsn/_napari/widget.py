@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 # collected would otherwise lose the Qt object its last signals go through.
 _RUNNING_WORKERS: set = set()
 PROGRESS_STEPS = 1000
-MODEL_FILES = "TBSN model (*.safetensors)"
+MODEL_FILES = "TBSN model (*.safetensors);;All files (*)"  # a model saved without the suffix stays visible
 ZOO_FILES = "BioImage Model Zoo package (*.zip)"
 
 
@@ -169,10 +169,10 @@ class DenoiseWidget(QWidget):
             self._say(result.message, result.error) if isinstance(result, _Failure) else on_done(result)
 
         self._activity, self._activity_done = progress(total=PROGRESS_STEPS, desc=description), 0
-        worker = create_worker(guarded, _start_thread=False)
+        # Our own errored handler, so the worker does not re-raise the error into the event loop too.
+        worker = create_worker(guarded, _start_thread=False, _connect={"errored": self._on_bug})
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(finish)
-        worker.errored.connect(self._on_bug)
         # napari 0.9's worker means to relay warnings itself, but its relaying mixin's __init__
         # never runs; the manager drops a warning it has already shown, so a fixed napari shows it once.
         worker.warned.connect(lambda warning: notification_manager.receive_warning(*warning))
