@@ -162,7 +162,7 @@ def _new_denoiser(args: argparse.Namespace, options: PredictOptions | None = Non
                     tile_overlap=options.tile_overlap, predict_batch_size=options.batch_size,
                     ensemble=options.ensemble, refine=options.refine,
                     fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
-                    noise_model=_camera_noise(args))
+                    noise_model=_camera_noise(args), threads=args.threads)
 
 
 def _fit(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
@@ -357,7 +357,7 @@ def command_fit(args: argparse.Namespace) -> None:
 
 
 def command_predict(args: argparse.Namespace) -> None:
-    denoiser = Denoiser.load(args.model, device=args.device)
+    denoiser = Denoiser.load(args.model, device=args.device, threads=args.threads)
     options = _prediction_options(args, denoiser.options)
     image = read_image(args.input)
     _predict(args, denoiser, image, _input_axes(image, args.axes), options)
@@ -383,7 +383,7 @@ def command_denoise(args: argparse.Namespace) -> None:
 
 
 def command_distil(args: argparse.Namespace) -> None:
-    denoiser = Denoiser.load(args.model, device=args.device)
+    denoiser = Denoiser.load(args.model, device=args.device, threads=args.threads)
     image = read_image(args.input)
     _distil(args, denoiser, image, _input_axes(image, args.axes), args.iterations, args.time_budget)
     denoiser.save(args.output)
@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--axes", help="axis letters from STCZYX, e.g. ZYX (default: file metadata or shape)")
         sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
         sub.add_argument("--quiet", action="store_true", help="no progress output")
+        sub.add_argument("--threads", type=_auto_or_whole, default="auto",
+                         help="CPU threads for torch: auto (the cores no other program is busy on; default) or N")
 
     def fitting(sub: argparse.ArgumentParser) -> None:
         hints = "; ".join(PRESET_HINTS[name] for name in ("tiny", "small", "paper"))

@@ -316,6 +316,19 @@ class TrainingSummary:
     plateau_iteration: int | None = None  # where validation stopped improving, when well before the end
     pass_limit: int | None = None  # the iterations the data's size allowed, where they bound the fit
 
+    def headline(self) -> str:
+        """What a user needs first: how long the fit took, and whether more time would help."""
+        from .progress import format_seconds
+
+        done = f"fitted in {format_seconds(self.seconds)} ({self.iterations} iterations)"
+        if self.plateau_iteration is not None:
+            return f"{done}; best at iteration {self.best_iteration} of {self.iterations}: more time would not help"
+        if self.pass_limit is not None and self.iterations >= self.pass_limit:
+            return f"{done}; it covered the image many times over: more time would only fit the noise"
+        if self.stopped_early:
+            return f"{done}; stopped early: more time may still help"
+        return f"{done}; still improving at the end: more time would likely help"
+
     def describe(self) -> str:
         """One line for the CLI and the widget."""
         from .progress import format_seconds

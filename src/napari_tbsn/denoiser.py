@@ -22,7 +22,7 @@ import torch
 from .axes import PlaneLayout, check_array, guess_axes
 from .channels import check_channel_mode
 from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkConfig, PredictOptions, network_preset
-from .devices import resolve_device
+from .devices import check_threads, choose_threads, resolve_device, torch_threads
 from .distillation import StudentPlan, distil_model, plan_student
 from .distributed import ClusterSummary
 from .fitting import FitSettings, context_for, fit_model
@@ -64,6 +64,13 @@ def _check_fit_settings(preset, pd, context, noise_model, seed, channels) -> Non
         raise ValueError(f"seed must be a whole number, got {seed!r}")
 
 
+def _with_threads(threads: int | str, steps: Generator) -> Generator:
+    """Run `steps` with `threads` intra-op threads, chosen ("auto": from the cores free then)
+    when the job starts, in the thread that runs it: the number is per thread in OpenMP."""
+    with torch_threads(choose_threads(threads)):
+        return (yield from steps)
+
+
 def _check_budget(iterations, time_budget) -> None:
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral)
                                    or iterations < 1):
@@ -98,6 +105,7 @@ class Denoiser:
         lattice: bool = True,
         noise_model: NoiseModel | None = None,
         channels: str = "auto",
+        threads: int | str = "auto",
     ) -> None:
         """`pd`: "auto" (measure the noise correlation at fit time), 1 for pixel-independent
         noise, 2-8 for spatially correlated noise. `context`: neighbouring planes on each side
@@ -109,7 +117,9 @@ class Denoiser:
         that reads all channels together; "independent" runs each channel through one
         single-channel network as a sample of its own, with its own normalisation and noise
         model; "auto" picks by how well the channels' structures correlate, and the fit's summary
-        says which and why. `estimator`, `ensemble`, `refine` and the tile settings
+        says which and why. `threads`: CPU threads for torch; "auto": the cores no other
+        process is busy on, measured when a fit, distillation or prediction starts (each of
+        them also takes `threads=` for one call). `estimator`, `ensemble`, `refine` and the tile settings
         are the default PredictOptions, which predict() can override per call."""
         _check_fit_settings(preset, pd, context, noise_model, seed, channels)
         fit_config = fit_config or FIT_PRESETS[preset]
@@ -120,13 +130,16 @@ class Denoiser:
         self._settings = FitSettings(preset, pd, context, estimator == "posterior", bool(lattice), noise_model,
                                      fit_config, seed, channels)
         self._device = resolve_device(device)
+        check_threads(threads)
+        self._threads = threads
         self._model: FittedModel | None = None
         self._job: threading.Event | None = None  # the cancel token of the running job
         self._quality: QualityEstimate | None = None
 
     @classmethod
     def from_model(cls, model: FittedModel, options: PredictOptions | None = None, device: str | torch.device = "auto",
-                   fit_config: FitConfig | None = None, noise_model: NoiseModel | None | str = "keep") -> Denoiser:
+                   fit_config: FitConfig | None = None, noise_model: NoiseModel | None | str = "keep",
+                   threads: int | str = "auto") -> Denoiser:
         """A Denoiser holding `model`: it predicts with it, and fit() fine-tunes a copy of it
         with `fit_config` (default: the model's own) and `noise_model`: "keep" the model's
         calibration (if it has one), a new NoiseModel, or None to estimate the noise."""
@@ -138,7 +151,8 @@ class Denoiser:
                        tile_size=options.tile_size, tile_overlap=options.tile_overlap,
                        predict_batch_size=options.batch_size, ensemble=options.ensemble, refine=options.refine,
                        context=model.context_planes, lattice=options.lattice,
-                       noise_model=noise_model, channels="auto" if model.channel_mode == "single" else model.channel_mode)
+                       noise_model=noise_model, channels="auto" if model.channel_mode == "single" else model.channel_mode,
+                       threads=threads)
         # A fine-tune fits a lattice filter where the model has one (pd 1, not turned off).
         denoiser._settings = dataclasses.replace(denoiser._settings, lattice=model.lattice_filter is not None)
         denoiser._options = options  # all of them (the constructor's arguments name most)
@@ -218,6 +232,12 @@ class Denoiser:
         self._job = cancel if cancel is not None else threading.Event()
         return self._job
 
+    def _in_threads(self, threads: int | str | None, steps: Generator) -> Generator:
+        """A job's `steps` run with the CPU threads asked for (default: the Denoiser's)."""
+        threads = self._threads if threads is None else threads
+        check_threads(threads)
+        return _with_threads(threads, steps)
+
     # -- fitting -----------------------------------------------------------------------
     def fit(self, data, axes: str, iterations: int | None = None, time_budget: float | None = None,
             callback: Callable[[FitProgress], None] | None = None, cancel: threading.Event | None = None,
@@ -232,7 +252,7 @@ class Denoiser:
 
     def fit_iter(self, data, axes: str, iterations: int | None = None, time_budget: float | None = None,
                  cancel: threading.Event | None = None, stop_training: threading.Event | None = None,
-                 ) -> Generator[FitProgress, None, Denoiser]:
+                 threads: int | str | None = None) -> Generator[FitProgress, None, Denoiser]:
         """fit() as a generator that yields progress after every iteration (for GUIs). The
         arguments are checked, and the job's cancel token made, when it is called."""
         check_array(data)
@@ -249,7 +269,8 @@ class Denoiser:
         layout.check_context(context_for(self._settings, layout, previous),
                              "choose a smaller context (0 for none)" if previous is None else "fit a new model")
         token = self._new_job(cancel)
-        return self._fit_steps(data, layout, iterations, time_budget, token, previous, stop_training)
+        return self._in_threads(threads, self._fit_steps(data, layout, iterations, time_budget, token, previous,
+                                                         stop_training))
 
     def _fit_steps(self, data, layout, iterations, time_budget, token, previous, stop_training):
         model = yield from fit_model(self._settings, data, layout, iterations, time_budget, self._device, token,
@@ -273,7 +294,8 @@ class Denoiser:
 
     def distil_iter(self, data, axes: str | None = None, iterations: int | None = None,
                     time_budget: float | None = None, cancel: threading.Event | None = None,
-                    stop_training: threading.Event | None = None) -> Generator[Any, None, Denoiser]:
+                    stop_training: threading.Event | None = None,
+                    threads: int | str | None = None) -> Generator[Any, None, Denoiser]:
         """distil() as a generator (for GUIs); the arguments are checked when it is called."""
         model = self._model
         if model is None:
@@ -284,7 +306,8 @@ class Denoiser:
         options = self._options.replace(student=False)
         check_prediction_input(model, layout, None, None, options)
         token = self._new_job(cancel)
-        return self._distil_steps(model, options, data, layout, iterations, time_budget, token, stop_training)
+        return self._in_threads(threads, self._distil_steps(model, options, data, layout, iterations, time_budget,
+                                                            token, stop_training))
 
     def _distil_steps(self, model, options, data, layout, iterations, time_budget, token, stop_training):
         self._model = yield from distil_model(model, options, data, layout, iterations, time_budget, self._device,
@@ -375,12 +398,13 @@ class Denoiser:
 
     def predict_iter(self, data, axes: str | None = None, out=None, uncertainty=None,
                      ensemble: int | str | None = None, *, options: PredictOptions | None = None,
-                     cancel: threading.Event | None = None, **changes: Any) -> Generator[PredictProgress, None, Any]:
+                     cancel: threading.Event | None = None, threads: int | str | None = None,
+                     **changes: Any) -> Generator[PredictProgress, None, Any]:
         """predict() as a generator that yields progress after every batch of tiles. The
         arguments are checked, and the job's cancel token made, when it is called."""
         model, options, layout = self._checked_prediction(data, axes, out, uncertainty, options, ensemble, changes)
         token = self._new_job(cancel)
-        return self._predict_steps(model, options, data, layout, out, uncertainty, token)
+        return self._in_threads(threads, self._predict_steps(model, options, data, layout, out, uncertainty, token))
 
     def _checked_prediction(self, data, axes, out, uncertainty, options, ensemble, changes):
         """(model, options, layout) for a prediction, every argument checked before any work."""
@@ -435,6 +459,6 @@ class Denoiser:
         return self._model.save(path, self._options)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "auto") -> Denoiser:
+    def load(cls, path: str | Path, device: str | torch.device = "auto", threads: int | str = "auto") -> Denoiser:
         model, defaults = FittedModel.load(path)
-        return cls.from_model(model, defaults, device=device)
+        return cls.from_model(model, defaults, device=device, threads=threads)

@@ -192,10 +192,10 @@ def test_a_calibrated_camera_noise_model_from_the_widget(viewer_and_widget, qtbo
     _wait_idle(qtbot, widget)
     model = widget.denoiser.noise_model
     assert model.given and model.gain == (10.0,) and model.offset == (-10.0,)
-    assert "(given)" in widget.status.text()
+    assert "(given)" in widget.details.text()
     # Photons with read noise 1 against gain 10 above baseline 1: the status gives the ratio,
     # and the fit's warning of the mismatch reaches napari's notifications from its thread.
-    assert re.search(r"the noise measured on the data is 0\.\d+x that", widget.status.text())
+    assert re.search(r"the noise measured on the data is 0\.\d+x that", widget.details.text())
     warned = [n.message for n in notification_manager.records if str(n.severity) == "warning"]
     assert any(message.startswith("the noise measured on the data is 0.") for message in warned), warned
     # The noise plot shows the given model's line beside the noise measured on the layer.
@@ -296,7 +296,7 @@ def test_fit_and_denoise_with_a_student_then_export(viewer_and_widget, qtbot, tm
     assert any(text.startswith("distil: student iteration") for text in seen)
     assert len(widget.loss_plot.training) == widget.denoiser.student.summary.iterations  # the student's loss
     assert "denoised by the distilled student" in widget.status.text()
-    assert "student: distilling a student (student on)" in widget.status.text()
+    assert "student: distilling a student (student on)" in widget.details.text()
     assert viewer.layers["cells (TBSN)"].data.shape == (128, 128)
 
     widget.form.student.value = "off"  # predict with the teacher
@@ -356,12 +356,12 @@ def test_channels_choice_from_the_widget_reaches_the_model_and_the_status(viewer
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert widget.denoiser.network_config.channels_as_samples  # auto: unrelated structures
-    assert "channels fitted independent" in widget.status.text()
+    assert "channels fitted independent" in widget.details.text()
     widget.form.channels.value = "joint"  # a different choice fits a new model
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert not widget.denoiser.network_config.channels_as_samples
-    assert "channels fitted joint: as asked" in widget.status.text()
+    assert "channels fitted joint: as asked" in widget.details.text()
 
 
 # -- the user's data are never the result file ------------------------------------------------
@@ -519,3 +519,64 @@ def test_a_missing_package_for_the_result_file_is_named_before_the_fit(viewer_an
     assert not widget.busy  # refused before the fit, not after it
     assert "napari-tbsn[zarr]" in widget.status.text() and "Plugins > Install" in widget.status.text()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_widget_keeps_a_core_for_the_viewer_and_takes_the_threads_set(viewer_and_widget, qtbot, monkeypatch):
+    from napari_tbsn import devices
+
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    monkeypatch.setattr(devices, "usable_cores", lambda: 4)
+    monkeypatch.setattr(devices, "cores_busy_elsewhere", lambda window=0.25: 1.0)  # one core taken elsewhere
+    from napari_tbsn import Denoiser
+
+    real = Denoiser.fit_iter
+    asked = []
+    monkeypatch.setattr(Denoiser, "fit_iter", lambda self, *a, **k: (asked.append(k.get("threads")), real(self, *a, **k))[1])
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert asked == [2]  # 4 cores, 1 busy elsewhere, 1 kept for the viewer
+    widget.form.threads.value = 1
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert asked == [2, 1]
+
+
+def test_the_status_leads_with_what_a_user_needs_and_a_second_fit_says_it_fine_tunes(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    widget.form.iterations.value = 3
+    widget.form.time_budget.value = 0
+    formats = []
+    show = widget.progress_bar.setFormat
+    widget.progress_bar.setFormat = lambda text: (formats.append(text), show(text))
+    widget.fit_button.click()
+    assert "fitting a new model" in widget.status.text()  # not "pick a layer" while it fits
+    assert formats[-1] == "TBSN fit: starting…" and widget.progress_bar.maximum() == 0  # moving, not blank
+    _wait_idle(qtbot, widget)
+    headline = widget.status.text().splitlines()[0]
+    assert headline.startswith("Fitted in ") and "(3 iterations)" in headline and "more time" in headline
+    assert "validation loss" not in widget.status.text()  # the details sit behind Details
+    assert not widget.details.isVisible() and "best validation loss" in widget.details.text()
+    widget.details_button.click()
+    assert widget.details.isVisibleTo(widget)
+    assert widget.progress_bar.value() == 0 and widget.progress_bar.format() == "idle"
+
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.status.text().splitlines()[0] == headline and "added 'plain (TBSN)'" in widget.status.text()
+
+    first = widget.denoiser
+    widget.fit_button.click()
+    assert "fine-tuning the fitted model" in widget.status.text() and "Reset" in widget.status.text()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser is not first
+    widget.buttons["Reset"].click()
+    assert widget.denoiser is None and "from scratch" in widget.status.text()
+    widget.fit_button.click()
+    assert "fitting a new model" in widget.status.text()
+    _wait_idle(qtbot, widget)

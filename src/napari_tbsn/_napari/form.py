@@ -71,6 +71,7 @@ class JobSettings:
     replace_result: bool = False  # the user said yes to replacing a store napari-tbsn did not write
     sources: tuple[Path, ...] = ()  # the files the layer reads from, which no output may touch
     channels: str = "auto"  # multichannel images: "auto", "joint" or "independent"
+    threads: int | str = "auto"  # torch's CPU threads; "auto": the free cores less one for the viewer
 
 
 class SettingsForm(Container):
@@ -144,7 +145,11 @@ class SettingsForm(Container):
                                        tooltip="calibrated noise model: read-noise standard deviation in image units")
         self.baseline = FloatSpinBox(label="camera baseline", min=-1e9, max=1e9, step=1, value=0,
                                      tooltip="calibrated noise model: the value of a pixel that detected nothing")
-        return [self.pd, self.patch_size, self.tile_size, self.camera_gain, self.read_noise, self.baseline]
+        self.threads = SpinBox(label="CPU threads", min=0, max=1024, value=0,
+                               tooltip="threads the fit and denoise use on the CPU; 0 (auto): the cores no other "
+                               "program is busy on, less one that keeps napari responsive")
+        return [self.pd, self.patch_size, self.tile_size, self.camera_gain, self.read_noise, self.baseline,
+                self.threads]
 
     def _on_layer_changed(self, layer) -> None:
         if layer is not None:
@@ -186,7 +191,7 @@ class SettingsForm(Container):
             uncertainty=bool(self.uncertainty.value),
             student="off" if self.uncertainty.value else self.student.value,
             result_file=result_file, replace_result=replace, sources=sources,
-            channels=self.channels.value,
+            channels=self.channels.value, threads=int(self.threads.value) or "auto",
         )
 
     def _result_file(self, sources: tuple[Path, ...],

@@ -59,7 +59,16 @@ class LossPlot(QWidget):
 
         painter.drawText(2, margin + 10, f"{10 ** high:.2g}")
         painter.drawText(2, height - 16, f"{10 ** low:.2g}")
-        painter.drawText(margin_left, height - 2, f"iteration {last}")
+        painter.drawText(2, (height - 14) // 2 + 4, "loss")
+        painter.drawText(margin_left, height - 2, f"iteration (0 to {last}); loss on a log scale")
+        legend_x = width - 150
+        for row, (label, colour) in enumerate((("training loss", TRAINING_COLOUR),
+                                               ("validation loss", VALIDATION_COLOUR))):
+            y = margin + 10 + 14 * row
+            painter.setPen(QPen(colour, 2))
+            painter.drawLine(legend_x, y - 4, legend_x + 16, y - 4)
+            painter.setPen(QColor(200, 200, 200))
+            painter.drawText(legend_x + 22, y, label)
         for series, colour in ((self.training, TRAINING_COLOUR), (self.validation, VALIDATION_COLOUR)):
             if series:
                 painter.setPen(QPen(colour, 1.5))

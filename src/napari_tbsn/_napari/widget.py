@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (QFileDialog, QGridLayout, QLabel, QMessageBox, QProg
 from ..axes import PlaneLayout
 from ..channels import mode_allows
 from ..denoiser import Denoiser, PredictProgress
+from ..devices import choose_threads, torch_threads
 from ..distillation import DistilProgress
 from ..errors import describe_bug, is_user_error, one_line
 from ..image_io import ImageFile, open_output, read_image
@@ -63,18 +64,27 @@ class DenoiseWidget(QWidget):
         self._distilling = False  # whether the running job's progress is a distillation's
         self.form = SettingsForm(self._image_layers)
         self.buttons = {name: QPushButton(name) for name in
-                        ("Fit", "Stop", "Denoise", "Fit && Denoise", "Preview slice", "Save model…", "Load model…",
-                         "Export to Model Zoo…")}
+                        ("Fit", "Stop", "Denoise", "Fit && Denoise", "Preview slice", "Reset", "Save model…",
+                         "Load model…", "Export to Model Zoo…")}
         self.fit_button, self.stop_button = self.buttons["Fit"], self.buttons["Stop"]
         self.denoise_button, self.fit_denoise_button = self.buttons["Denoise"], self.buttons["Fit && Denoise"]
         self.preview_button = self.buttons["Preview slice"]
         self.progress_bar, self.status = QProgressBar(), QLabel("pick a noisy image layer, then Fit")
         self.progress_bar.setRange(0, PROGRESS_STEPS)
         self.status.setWordWrap(True)
+        # The full story of the last fit (loss, noise model, channels, student): one click away.
+        self.details, self.details_button = QLabel(""), QPushButton("Details ▸")
+        self.details.setWordWrap(True)
+        self.details.setVisible(False)
+        self.details_button.setFlat(True)
+        self.details_button.setEnabled(False)
+        self.details_button.clicked.connect(self._toggle_details)
+        self._fit_headline = ""  # the last fit's headline, kept above what follows (a denoise, a save)
+        self._model_origin = ""  # "fitted" or "loaded": what a Fit now fine-tunes
         self.loss_plot, self.noise_plot = LossPlot(), NoisePlot()
         self._lay_out()
         actions = (lambda: self._fit(then_denoise=False), self.stop, self._on_denoise,
-                   lambda: self._fit(then_denoise=True), self._on_preview, self._on_save, self._on_load,
+                   lambda: self._fit(then_denoise=True), self._on_preview, self.reset, self._on_save, self._on_load,
                    self._on_export)
         for button, action in zip(self.buttons.values(), actions):
             button.clicked.connect(lambda *_, action=action: action())
@@ -93,7 +103,8 @@ class DenoiseWidget(QWidget):
             grid.addWidget(button, index // 2, index % 2)
         layout.addWidget(self.form.native)
         layout.addLayout(grid)
-        for widget in (self.progress_bar, self.status, self.loss_plot, self.noise_plot):
+        for widget in (self.progress_bar, self.status, self.details_button, self.details, self.loss_plot,
+                       self.noise_plot):
             layout.addWidget(widget)
         layout.addStretch(1)
 
@@ -132,19 +143,38 @@ class DenoiseWidget(QWidget):
         for name, button in self.buttons.items():
             button.setEnabled(busy if name == "Stop" else not busy)
         self.form.enabled = not busy
-        if not busy:
+        if not busy:  # an empty bar: a stopped job's part-filled bar would read as progress
+            self.progress_bar.setRange(0, PROGRESS_STEPS)
+            self.progress_bar.setValue(0)
             self.progress_bar.setFormat("idle")
 
-    def _say(self, message: str, error: bool = False) -> None:
-        """The status line; an error also as a napari notification."""
+    def _say(self, message: str, error: bool = False, details: str | None = None) -> None:
+        """The status line (below the last fit's headline); an error also as a napari
+        notification. `details`: the text behind Details, where there is new detail to show."""
         from napari.utils.notifications import show_error
 
-        self.status.setText(message)
+        self.status.setText("\n".join(line for line in (self._fit_headline, message) if line))
+        if details is not None:
+            self.details.setText(details)
+            self.details_button.setEnabled(bool(details))
         if error:
             show_error(message)
 
-    def _start(self, job, description: str, on_done) -> None:
-        """Run `job(stops)` (a generator) in a worker; `on_done(result)` on the GUI thread."""
+    def _toggle_details(self) -> None:
+        self.details.setVisible(not self.details.isVisible())
+        self.details_button.setText("Details ▾" if self.details.isVisible() else "Details ▸")
+
+    def reset(self) -> None:
+        """Forget the fitted or loaded model: the next Fit starts from scratch."""
+        self.denoiser, self._fit_headline, self._model_origin = None, "", ""
+        self.loss_plot.clear()
+        self.noise_plot.clear()
+        self._say("reset: the next Fit starts a new model from scratch", details="")
+
+    def _start(self, job, description: str, on_done, threads: int | str = "auto") -> None:
+        """Run `job(stops, threads)` (a generator) in a worker; `on_done(result)` on the GUI
+        thread. `threads`: torch's CPU threads for the job; "auto": the cores free when it
+        starts, less one that the viewer keeps (OpenMP threads spin against a busy core)."""
         from napari.qt.threading import create_worker
         from napari.utils import progress
         from napari.utils.notifications import notification_manager
@@ -155,7 +185,9 @@ class DenoiseWidget(QWidget):
             # Bad input found while working (NaN pixels, out of memory...) comes back as a
             # message for the user, not as a crash; anything unexpected still propagates.
             try:
-                return (yield from job(stops))
+                count = choose_threads(threads, keep_free=1)
+                with torch_threads(count):
+                    return (yield from job(stops, count))
             except Cancelled as stopped:
                 return _Failure(str(stopped), error=False)
             except Exception as error:
@@ -181,7 +213,8 @@ class DenoiseWidget(QWidget):
         worker.finished.connect(lambda: _RUNNING_WORKERS.discard(worker))
         self._worker, self._stops, self._distilling = worker, stops, False
         self._set_busy(True)
-        self.progress_bar.setFormat(f"{description}…")
+        self.progress_bar.setRange(0, 0)  # moving until the first progress arrives (noise model, first step)
+        self.progress_bar.setFormat(f"{description}: starting…")
         worker.start()
 
     def _on_progress(self, item) -> None:
@@ -206,6 +239,8 @@ class DenoiseWidget(QWidget):
         else:
             return
         steps = int(round(item.fraction * PROGRESS_STEPS))
+        if self.progress_bar.maximum() == 0:
+            self.progress_bar.setRange(0, PROGRESS_STEPS)
         self.progress_bar.setFormat(text)
         self.progress_bar.setValue(steps)
         if self._activity is not None and steps > self._activity_done:
@@ -274,19 +309,26 @@ class DenoiseWidget(QWidget):
             return
         denoiser = self._denoiser_for_fit(settings)
         self.loss_plot.clear()
+        self._fit_headline = ""
+        if denoiser.model is not None:  # Fit continues from the model held: say so, and how to start afresh
+            self._say(f"fine-tuning the {self._model_origin or 'current'} model on this layer (Reset starts from "
+                      "scratch)")
+        else:
+            self._say("fitting a new model: the progress bar shows the time left; Stop keeps the best weights")
 
-        def job(stops):
+        def job(stops, threads):
             plan = denoiser.plan_student(settings.student if then_denoise or settings.student == "on" else "off",
                                          settings.data, settings.axes, settings.time_budget)
             yield from denoiser.fit_iter(settings.data, settings.axes, settings.iterations,
                                          plan.fit_budget or settings.time_budget,
-                                         cancel=stops.cancel, stop_training=stops.stop_training)
+                                         cancel=stops.cancel, stop_training=stops.stop_training, threads=threads)
             if stops.cancel.is_set() or stops.stop_training.is_set():
                 return denoiser, None, plan.reason  # Stop pressed: keep the model, skip what follows
             if plan.distil:  # a distillation that fails or is cancelled keeps the fitted teacher
                 try:
                     yield from denoiser.distil_iter(settings.data, settings.axes, time_budget=plan.distil_budget,
-                                                    cancel=stops.cancel, stop_training=stops.stop_training)
+                                                    cancel=stops.cancel, stop_training=stops.stop_training,
+                                                    threads=threads)
                 except Cancelled:
                     return denoiser, None, plan.reason
                 except Exception as error:
@@ -297,7 +339,7 @@ class DenoiseWidget(QWidget):
             if not then_denoise or stops.cancel.is_set():
                 return denoiser, None, plan.reason
             try:  # the fitted model is kept whatever becomes of the denoise
-                denoised = yield from self._predict_job(denoiser, settings, settings.data, stops.cancel)
+                denoised = yield from self._predict_job(denoiser, settings, settings.data, stops.cancel, threads)
                 return denoiser, denoised, plan.reason
             except Cancelled:
                 return denoiser, None, plan.reason
@@ -307,26 +349,29 @@ class DenoiseWidget(QWidget):
                 return denoiser, _Failure(one_line(error)), plan.reason
 
         def done(result) -> None:
-            self._on_fitted(result[0])
+            self._on_fitted(result[0], student_choice=result[2] if result[0].student is not None
+                            or settings.student != "off" else None)
             if isinstance(result[1], _Failure):
                 self._say(result[1].message, error=True)
             elif then_denoise:
                 self._add_result(settings.layer, result[1])
-            if result[0].student is not None or settings.student != "off":
-                self.status.setText(f"{self.status.text()}\nstudent: {result[2]}")  # what auto chose, and why
 
-        self._start(job, "TBSN fit & denoise" if then_denoise else "TBSN fit", done)
+        self._start(job, "TBSN fit & denoise" if then_denoise else "TBSN fit", done, settings.threads)
 
-    def _on_fitted(self, denoiser: Denoiser) -> None:
-        self.denoiser = denoiser
+    def _on_fitted(self, denoiser: Denoiser, student_choice: str | None = None) -> None:
+        self.denoiser, self._model_origin = denoiser, "fitted"
         self.noise_plot.show_model(denoiser.noise_model, denoiser.noise_measurement)
         if denoiser.summary is not None:
-            student = f"\n{denoiser.student.summary.describe()}" if denoiser.student is not None else ""
-            self._say(f"fitted: {denoiser.summary.describe()}{student}\n{denoiser.describe_noise()}")
+            student = f"\nstudent: {denoiser.student.summary.describe()}" if denoiser.student is not None else ""
+            choice = f"\nstudent: {student_choice}" if student_choice else ""  # what auto chose, and why
+            headline = denoiser.summary.headline()
+            self._fit_headline = headline[:1].upper() + headline[1:]
+            self._say("Denoise to see the result; Details for the loss and the noise model",
+                      details=f"fit: {denoiser.summary.describe()}{student}{choice}\n{denoiser.describe_noise()}")
 
     # -- denoise -----------------------------------------------------------------------
     @staticmethod
-    def _predict_job(denoiser: Denoiser, settings: JobSettings, data, cancel):
+    def _predict_job(denoiser: Denoiser, settings: JobSettings, data, cancel, threads: int):
         """(denoised, uncertainty or None); runs in the worker, on the settings read before.
         With a result file the result is written there (atomically) and shown from it, lazily."""
         wants_uncertainty = settings.uncertainty and uses_posterior(denoiser.model, settings.options)
@@ -340,7 +385,7 @@ class DenoiseWidget(QWidget):
                                                       inputs=settings.sources, replace=settings.replace_result))
             uncertainty = output_array(tuple(data.shape), beside=settings.result_file) if wants_uncertainty else None
             yield from denoiser.predict_iter(data, settings.axes, out=out, uncertainty=uncertainty,
-                                             options=settings.options, cancel=cancel)
+                                             options=settings.options, cancel=cancel, threads=threads)
         if settings.result_file is not None:
             out = read_image(settings.result_file).data
         limits = contrast_limits(out), None if uncertainty is None else contrast_limits(uncertainty)
@@ -357,8 +402,9 @@ class DenoiseWidget(QWidget):
         chosen = self._job_settings()
         if chosen is not None:
             settings, denoiser = chosen
-            self._start(lambda stops: (yield from self._predict_job(denoiser, settings, settings.data, stops.cancel)),
-                        "TBSN denoise", lambda result: self._add_result(settings.layer, result))
+            self._start(lambda stops, threads: (yield from self._predict_job(denoiser, settings, settings.data,
+                                                                             stops.cancel, threads)),
+                        "TBSN denoise", lambda result: self._add_result(settings.layer, result), settings.threads)
 
     def _add_result(self, layer, result, name: str | None = None, translate=None) -> None:
         if result is None:
@@ -393,9 +439,9 @@ class DenoiseWidget(QWidget):
             denoised, uncertainty, quality, model, limits = result
             return denoised[keep], None if uncertainty is None else uncertainty[keep], quality, model, limits
 
-        self._start(lambda stops: (yield from self._predict_job(denoiser, quick, block, stops.cancel)), "TBSN preview",
-                    lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
-                                                    translate=translate))
+        self._start(lambda stops, threads: (yield from self._predict_job(denoiser, quick, block, stops.cancel, threads)),
+                    "TBSN preview", lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
+                                                                    translate=translate), settings.threads)
 
     # -- model files -------------------------------------------------------------------
     def save_model(self, path: str | Path) -> Path:
@@ -407,6 +453,7 @@ class DenoiseWidget(QWidget):
 
     def load_model(self, path: str | Path) -> Denoiser:
         self.denoiser = Denoiser.load(path, device=self.form.device_select.value)
+        self._model_origin, self._fit_headline = "loaded", ""
         self.noise_plot.show_model(self.denoiser.noise_model, self.denoiser.noise_measurement)
         self.form.show_model(self.denoiser.preset, self.denoiser.pd, self.denoiser.noise_model)
         self._say(f"loaded {Path(path).name}: Denoise with it, or Fit to fine-tune it on this layer")
@@ -426,7 +473,7 @@ class DenoiseWidget(QWidget):
             raise ValueError("nothing to export yet: Fit a model with the student option on first")
         denoiser = self.denoiser
 
-        def job(stops):
+        def job(stops, threads):
             yield from ()
             return denoiser.export_bioimageio(path)
 

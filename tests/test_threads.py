@@ -1,0 +1,79 @@
+"""CPU threads: chosen from the cores other programs leave free (torch's OpenMP threads spin
+against a busy core), settable in Python, the CLI and the widget, and restored after a job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from napari_tbsn import Denoiser
+from napari_tbsn import devices
+from napari_tbsn.cli import main
+
+from .conftest import noisy_image
+
+
+@pytest.mark.parametrize("cores, busy, keep_free, expected", [
+    (2, 0.0, 0, 2), (2, 1.0, 0, 1), (2, 0.9, 1, 1), (2, 2.0, 0, 1), (16, 3.2, 1, 12), (16, 0.4, 1, 15),
+])
+def test_auto_threads_are_the_free_cores_less_what_is_kept(monkeypatch, cores, busy, keep_free, expected):
+    monkeypatch.setattr(devices, "usable_cores", lambda: cores)
+    monkeypatch.setattr(devices, "cores_busy_elsewhere", lambda window=0.25: busy)
+    assert devices.choose_threads("auto", keep_free=keep_free) == expected
+    assert devices.choose_threads(3, keep_free=keep_free) == 3  # a number given is taken as it is
+
+
+def test_a_busy_process_is_seen_and_this_process_is_not():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        seen = devices.cores_busy_elsewhere(window=0.5)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert seen >= 0.5  # the busy loop holds about one core
+    spin = torch.randn(512, 512)
+    import threading
+
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: [spin @ spin for _ in iter(lambda: stop.is_set(), True)])
+    worker.start()
+    try:
+        own = devices.cores_busy_elsewhere(window=0.5)  # our own busy thread does not count
+    finally:
+        stop.set()
+        worker.join()
+    assert own < 0.5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "many", True])
+def test_bad_thread_counts_are_refused_where_they_enter(bad):
+    with pytest.raises(ValueError, match="threads"):
+        Denoiser(threads=bad)
+
+
+def test_a_fit_and_a_prediction_run_with_the_threads_asked_and_restore_them():
+    _, noisy = noisy_image((64, 64))
+    before = torch.get_num_threads()
+    seen = []
+    denoiser = Denoiser(preset="tiny", device="cpu", threads=1)
+    denoiser.fit(noisy, "YX", iterations=2, callback=lambda progress: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    seen.clear()
+    for _ in denoiser.predict_iter(noisy, "YX", threads=2):  # per call
+        seen.append(torch.get_num_threads())
+    assert set(seen) == {2} and torch.get_num_threads() == before
+
+
+def test_the_cli_takes_threads(tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "in.npy", noisy_image((64, 64))[1])
+    argv = ["denoise", str(tmp_path / "in.npy"), "-o", str(tmp_path / "o.tif"), "--preset", "tiny", "--iterations",
+            "1", "--quiet"]
+    assert main([*argv, "--threads", "0"]) == 2
+    assert "threads must be" in capsys.readouterr().err
+    assert main([*argv, "--threads", "1"]) == 0
