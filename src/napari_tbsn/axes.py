@@ -102,6 +102,16 @@ class PlaneLayout:
     def plane_indices(self) -> Iterator[tuple[int, ...]]:
         return itertools.product(*(range(self.shape[i]) for i in self.plane_axes))
 
+    def describe_plane(self, plane: tuple[int, ...]) -> str:
+        """A plane as a person names it, with napari's 0-based slider positions: "Z plane 4",
+        "the plane at T 2, Z 4", or "the image" when there is only one."""
+        named = [(self.axes[axis], index) for axis, index in zip(self.plane_axes, plane)]
+        if not named:
+            return "the image"
+        if len(named) == 1:
+            return f"{named[0][0]} plane {named[0][1]}"
+        return "the plane at " + ", ".join(f"{letter} {index}" for letter, index in named)
+
     def plane_index(self, flat: int) -> tuple[int, ...]:
         dims = [self.shape[i] for i in self.plane_axes]
         return tuple(int(i) for i in np.unravel_index(flat, dims)) if dims else ()

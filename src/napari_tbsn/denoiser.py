@@ -64,6 +64,23 @@ def _check_fit_settings(preset, pd, context, noise_model, seed, channels) -> Non
         raise ValueError(f"seed must be a whole number, got {seed!r}")
 
 
+def _too_small(layout: PlaneLayout, preset: str, smallest: int) -> str:
+    """Why the planes are too small for `preset`, and the fix that applies: a smaller preset
+    where one fits, axes that may be wrong where another axis is longer than Y or X."""
+    fits = [name for name in ("tiny", "small") if name != preset
+            and network_preset(name).size_multiple <= min(layout.height, layout.width)]
+    fix = f"choose the {fits[0]} preset, or a larger image" if fits else "use a larger image (or crop less)"
+    longer = [(letter, size) for letter, size in zip(layout.axes, layout.shape)
+              if letter not in "YXC" and size > min(layout.height, layout.width)]
+    hint = ""
+    if longer:
+        letter, size = max(longer, key=lambda pair: pair[1])
+        hint = (f"; are the axes right? {layout.axes} makes the plane {layout.height}x{layout.width} while {letter} "
+                f"has {size} pixels")
+    return (f"the image is {layout.height}x{layout.width} pixels (Y x X); fitting the {preset} preset needs at least "
+            f"{smallest}x{smallest}: {fix}{hint}")
+
+
 def _with_threads(threads: int | str, steps: Generator) -> Generator:
     """Run `steps` with `threads` intra-op threads, chosen ("auto": from the cores free then)
     when the job starts, in the thread that runs it: the number is per thread in OpenMP."""
@@ -264,8 +281,7 @@ class Denoiser:
                              "fit a new Denoiser for this data")
         smallest = network_preset(self._settings.preset).size_multiple
         if min(layout.height, layout.width) < smallest:
-            raise ValueError(f"the image is {layout.height}x{layout.width} pixels; fitting the {self.preset} preset "
-                             f"needs at least {smallest}x{smallest} (choose the tiny preset, or a larger image)")
+            raise ValueError(_too_small(layout, self.preset, smallest))
         layout.check_context(context_for(self._settings, layout, previous),
                              "choose a smaller context (0 for none)" if previous is None else "fit a new model")
         token = self._new_job(cancel)

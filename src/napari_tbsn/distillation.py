@@ -96,7 +96,7 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
         if number and time_budget is not None and time.perf_counter() - start > time_budget / 2:
             break
         block = layout.read_plane_with_context(data, plane, model.context_planes)
-        check_finite(block, f"plane {plane} of the input")
+        check_finite(block, f"{layout.describe_plane(plane)} of the input")
         stack[number, :inputs] = model.normalizer.normalize(block)
         while True:
             try:

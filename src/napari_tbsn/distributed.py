@@ -169,7 +169,7 @@ class PlaneReader:
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         _, rows, columns = key
         block = self.layout.read_plane_with_context(self.data, self.plane, self.model.context_planes, (rows, columns))
-        check_finite(block, f"plane {self.plane} of the input")
+        check_finite(block, f"{self.layout.describe_plane(self.plane)} of the input")
         return self.model.normalizer.normalize(block)
 
 

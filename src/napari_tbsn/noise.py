@@ -56,7 +56,7 @@ def sample_planes(data, layout: PlaneLayout, count: int = SAMPLE_PLANES) -> list
     planes = []
     for index in layout.evenly_spaced(count):
         plane = layout.read_plane(data, index)
-        check_finite(plane, f"plane {index} of the input")
+        check_finite(plane, f"{layout.describe_plane(index)} of the input")
         planes.append(plane.astype(np.float64))
     return planes
 

@@ -98,7 +98,7 @@ def load_training_planes(
     planes = np.empty((len(picks), depth, layout.height, layout.width), dtype=np.float32)
     for slot, plane in enumerate(picks):
         block = layout.read_plane_with_context(data, plane, planes_each_side)
-        check_finite(block, f"plane {plane} of the input")
+        check_finite(block, f"{layout.describe_plane(plane)} of the input")
         planes[slot] = normalizer.normalize(block)
     return planes
 

@@ -334,7 +334,7 @@ def predict_planes(
     for number, plane in enumerate(layout.plane_indices()):
         raise_if_cancelled(cancel, PredictionCancelled, "prediction")
         block = layout.read_plane_with_context(data, plane, model.context_planes)
-        check_finite(block, f"plane {plane} of the input")
+        check_finite(block, f"{layout.describe_plane(plane)} of the input")
         normalized = model.normalizer.normalize(block)
         while True:
             try:

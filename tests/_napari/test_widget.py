@@ -580,3 +580,48 @@ def test_the_status_leads_with_what_a_user_needs_and_a_second_fit_says_it_fine_t
     widget.fit_button.click()
     assert "fitting a new model" in widget.status.text()
     _wait_idle(qtbot, widget)
+
+
+def test_messages_name_the_fix_that_applies_and_planes_as_napari_shows_them(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget  # the tiny preset is chosen
+    viewer.add_image(noisy_image((20, 20))[1], name="small")
+    widget.form.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert "at least 64x64" in widget.status.text() and "choose the tiny preset" not in widget.status.text()
+    stack = noisy_image((16, 128, 128))[1]
+    viewer.add_image(stack, name="stack")
+    widget.form.axes.value = "YXZ"  # wrong: the stack is ZYX
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert "are the axes right? YXZ makes the plane 16x128 while Z has 128 pixels" in widget.status.text()
+    broken = stack.copy()
+    broken[4, 10, 10] = np.nan
+    viewer.add_image(broken, name="broken")
+    widget.form.axes.value = "ZYX"
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert "Z plane 4 of the input contains NaN" in widget.status.text()
+
+
+def test_export_without_a_student_offers_to_distil_one_now(viewer_and_widget, qtbot, tmp_path):
+    pytest.importorskip("bioimageio.spec")
+    viewer, widget = viewer_and_widget
+    viewer.add_image(noisy_image((128, 128), seed=6)[1], name="cells")
+    widget.form.iterations.value = 3
+    widget.form.time_budget.value = 0
+    widget.form.student.value = "off"
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser.student is None
+    asked = []
+    widget.confirm_distil = lambda settings: asked.append(settings.layer.name) or False
+    widget.export_model(tmp_path / "cells.bioimageio.zip")
+    assert asked == ["cells"] and not widget.busy
+    assert "press Export again and choose Distil" in widget.status.text()
+    widget.confirm_distil = lambda settings: True
+    widget.export_model(tmp_path / "cells.bioimageio.zip")
+    assert widget.busy
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser.student is not None and (tmp_path / "cells.bioimageio.zip").is_file()
+    assert "exported the student" in widget.status.text()

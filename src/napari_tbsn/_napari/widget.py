@@ -470,15 +470,45 @@ class DenoiseWidget(QWidget):
         """Export the student as a BioImage Model Zoo package, in a worker (TorchScript and the
         package's validation take seconds to minutes); the status line says when it is done."""
         if self.denoiser is None:
-            raise ValueError("nothing to export yet: Fit a model with the student option on first")
-        denoiser = self.denoiser
+            raise ValueError("nothing to export yet: press Fit (or Load model) first")
+        denoiser, settings = self.denoiser, None
+        if denoiser.student is None:  # zoo tools run the student: offer to distil one now
+            settings = self._read_settings()
+            if settings is None:
+                return
+            if not self.confirm_distil(settings):
+                self._say("Export needs a distilled student: press Export again and choose Distil, or set "
+                          "student to 'on' before Fit")
+                return
 
         def job(stops, threads):
-            yield from ()
+            if settings is not None:
+                yield from denoiser.distil_iter(settings.data, settings.axes, settings.iterations,
+                                                settings.time_budget, cancel=stops.cancel,
+                                                stop_training=stops.stop_training, threads=threads)
+                if stops.cancel.is_set():
+                    raise Cancelled("the distillation was stopped; nothing was exported")
             return denoiser.export_bioimageio(path)
 
-        self._start(job, "TBSN export",
-                    lambda exported: self._say(f"exported the student to {exported} (BioImage Model Zoo format)"))
+        def done(exported) -> None:
+            if settings is not None:
+                self._on_fitted(denoiser)  # the model now holds its student
+            self._say(f"exported the student to {exported} (BioImage Model Zoo format)")
+
+        self._start(job, "TBSN export" if settings is None else "TBSN distil & export", done,
+                    "auto" if settings is None else settings.threads)
+
+    def confirm_distil(self, settings: JobSettings) -> bool:
+        """Ask whether to distil a student now (on the chosen layer, with the time set), so
+        that Export can go on."""
+        budget = (f"{settings.time_budget:g} s" if settings.time_budget else f"{settings.iterations} iterations")
+        answer = QMessageBox.question(
+            self, "Distil a student first?",
+            "Zoo tools (deepImageJ, ilastik, bioimageio.core) run a small student network distilled from the "
+            f"fitted one. This model has none yet.\n\nDistil one now on '{settings.layer.name}' ({budget}), "
+            "then export? Progress shows below; Stop cancels.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Yes)
+        return answer == QMessageBox.StandardButton.Yes
 
     def _on_export(self) -> None:
         self._with_file(QFileDialog.getSaveFileName(self, "Export to the BioImage Model Zoo", "tbsn.bioimageio.zip",
