@@ -282,3 +282,57 @@ def test_a_missing_optional_package_names_the_extra(tiny_input, tmp_path, fitted
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"napari-tbsn[{extra}]" in err[0], err
     assert _tree(tmp_path) == before
+
+
+def test_the_cli_checks_the_room_for_its_outputs_before_the_fit(tiny_input, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from napari_tbsn import Denoiser
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=20_000))
+    monkeypatch.setattr(Denoiser, "fit", lambda *a, **k: pytest.fail("fitted before finding the disk full"))
+    # 64x64 float32 is 16 KB: the result alone fits, the result and its uncertainty together do not.
+    argv = ["denoise", str(tiny_input), "-o", str(tmp_path / "o.tif"), "--uncertainty", str(tmp_path / "sd.tif"),
+            "--preset", "tiny", "--quiet"]
+    assert main(argv) == 2
+    assert "the result o.tif and sd.tif needs 32.8 KB" in capsys.readouterr().err
+
+
+def test_a_resumed_output_needs_room_only_for_what_is_left(tmp_path, monkeypatch):
+    import shutil
+
+    target = tmp_path / "out.zarr"
+    with pytest.raises(KeyboardInterrupt), open_output(target, (4, 64, 64), "ZYX", resumable=True) as out:
+        out[:3] = np.random.default_rng(0).random((3, 64, 64), np.float32)  # incompressible, like real data
+        raise KeyboardInterrupt
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=30_000))  # < 64 KB in all
+    with open_output(target, (4, 64, 64), "ZYX", resumable=True) as out:
+        out[3] = 2.0
+
+
+@pytest.mark.parametrize("error, user, words", [
+    (ModuleNotFoundError("No module named 'zarr'", name="zarr"), True, "napari-tbsn[zarr]"),
+    (ImportError("cannot import name 'open_group' from 'zarr'", name="zarr"), True, "cannot import name"),
+    (ImportError("libcudart.so.12: cannot open shared object file"), True, "libcudart"),
+    (ModuleNotFoundError("No module named 'napari_tbsn.nope'", name="napari_tbsn.nope"), False, ""),
+])
+def test_failed_imports_keep_their_cause(error, user, words):
+    from napari_tbsn.errors import is_user_error, one_line
+
+    assert is_user_error(error) is user
+    if user:
+        assert words in one_line(error)
+
+
+def test_a_cuda_index_the_machine_lacks_is_the_users_error(monkeypatch):
+    import torch
+
+    from napari_tbsn.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"has 1 CUDA GPU\(s\) \(cuda:0 to cuda:0\)"):
+        resolve_device("cuda:3")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")

@@ -32,9 +32,9 @@ from .ddp import start_from_environment, world
 from .ddp import stop as stop_processes
 from .denoiser import Denoiser, PredictProgress
 from .errors import MissingDependency, describe_bug, is_user_error, one_line
-from .image_io import ImageFile, open_output, read_image
+from .image_io import ImageFile, open_output, output_bytes, read_image
 from .model_io import write_text_atomic
-from .outputs import check_not_input, check_output, check_writable_file, overlaps
+from .outputs import check_not_input, check_output, check_room, check_writable_file, overlaps
 from .noise import NoiseModel
 from .prediction import describe_output, uses_posterior, uses_student
 from .progress import Cancelled, Stops, format_seconds
@@ -132,6 +132,14 @@ def _check_paths(args: argparse.Namespace) -> None:
         else:
             check_writable_file(path)
     _check_cluster_options(args)
+
+
+def _check_room(args: argparse.Namespace, image: ImageFile) -> None:
+    shape = tuple(image.data.shape)
+    planned = [(args.output, output_bytes(shape, args.pyramid))]
+    if args.uncertainty:
+        planned.append((args.uncertainty, output_bytes(shape)))
+    check_room(planned)
 
 
 def _check_cluster_options(args: argparse.Namespace) -> None:
@@ -360,6 +368,7 @@ def command_predict(args: argparse.Namespace) -> None:
     denoiser = Denoiser.load(args.model, device=args.device, threads=args.threads)
     options = _prediction_options(args, denoiser.options)
     image = read_image(args.input)
+    _check_room(args, image)
     _predict(args, denoiser, image, _input_axes(image, args.axes), options)
 
 
@@ -370,6 +379,7 @@ def command_denoise(args: argparse.Namespace) -> None:
                          "leave out --estimator blind_spot and --pd (or give --pd 1)")
     image = read_image(args.input)
     axes = _input_axes(image, args.axes)
+    _check_room(args, image)  # before the fit: a full disk found after it would cost the whole fit
     denoiser = _new_denoiser(args, options)
     plan = denoiser.plan_student("off" if args.uncertainty else args.student, image.data, axes, args.time_budget)
     _log(args, plan.reason)

@@ -34,6 +34,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use 'auto' or 'cpu'")
+    index = name.partition(":")[2]
+    if name.startswith("cuda:") and index.isdigit() and int(index) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"device {device!r} asked for, but this machine has {count} CUDA GPU(s) (cuda:0 to "
+                         f"cuda:{count - 1}); use one of them, 'auto' or 'cpu'")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("device 'mps' asked for, but Apple MPS is not available here; use 'auto' or 'cpu'")
     try:

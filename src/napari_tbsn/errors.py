@@ -42,18 +42,31 @@ class MissingDependency(ImportError, ValueError):
 
 
 def is_user_error(error: BaseException) -> bool:
-    """Whether `error` is the user's to fix (report its message) rather than a bug."""
+    """Whether `error` is the user's to fix (report its message) rather than a bug. An import
+    that fails inside napari-tbsn itself is a bug; one of another package is the installation's."""
     import torch
 
-    return isinstance(error, (ValueError, OSError, MemoryError, FloatingPointError, ImportError, UserError,
+    if isinstance(error, ImportError) and not isinstance(error, MissingDependency):
+        return not (error.name or "").startswith("napari_tbsn")
+    return isinstance(error, (ValueError, OSError, MemoryError, FloatingPointError, UserError,
                               torch.OutOfMemoryError))
+
+
+def _missing_optional(error: ImportError) -> MissingDependency | None:
+    """The optional package a failed import is missing, where it is one we name an extra for."""
+    name = error.name or ""
+    if isinstance(error, ModuleNotFoundError) and name.split(".")[0] in EXTRAS:
+        return MissingDependency("this step", name)
+    return None
 
 
 def one_line(error: BaseException) -> str:
     """The first line of an error's message (its type where it has none)."""
     text = str(error).strip()
     if isinstance(error, ImportError) and not isinstance(error, MissingDependency):
-        return str(MissingDependency("this step", error.name or "a package"))
+        missing = _missing_optional(error)
+        if missing is not None:
+            return str(missing)
     if isinstance(error, OSError) and error.strerror and error.filename:
         return f"{error.strerror}: {error.filename}"
     return text.splitlines()[0] if text else type(error).__name__

@@ -36,7 +36,7 @@ from .axes import AXIS_LETTERS
 from .errors import MissingDependency
 from .model_io import atomic_file
 from .omezarr import create_ome_zarr, is_ome_zarr_name, read_ome_zarr, rewrite_ome_metadata, write_pyramid
-from .outputs import (RESULT_MARKER, check_free_space, check_output, check_writable, fsync_folder, fsync_path,
+from .outputs import (RESULT_MARKER, check_output, check_room, check_writable, fsync_folder, fsync_path,
                       no_room_is_an_error, reserve)
 
 # tifffile's axis letters -> ours. tifffile's S is RGB samples, i.e. our C.
@@ -396,7 +396,7 @@ def open_output(path: str | os.PathLike, shape: tuple[int, ...], axes: str, like
     if pyramid and not is_ome_zarr_name(path):
         raise ValueError(f"a pyramid is written into OME-Zarr images only: name the output {path.stem}.ome.zarr")
     nbytes = output_bytes(shape, pyramid)
-    check_free_space(path, nbytes, f"the result {path.name}")
+    check_room([(path, nbytes)])
     if suffix == ".zarr":
         yield from _zarr_output(path, shape, axes, like, resumable, pyramid)
         return
@@ -513,22 +513,37 @@ def _zarr_output(path: Path, shape: tuple[int, ...], axes: str, like: ImageFile 
 
 @contextlib.contextmanager
 def _locked(folder: Path, output: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` for the block; refuse at once if another run holds it.
-    The kernel releases the lock when its holder dies, so a killed run never blocks the next."""
+    """Hold an exclusive lock on a file beside `folder` for the block; refuse at once if another
+    run holds it. The kernel releases the lock when its holder dies, so a killed run never
+    blocks the next. A regular file opened for writing, because NFS locks no other kind; a file
+    system without locks gets a warning, and the run goes on."""
+    import errno
+    import warnings
+
     try:
         import fcntl
-    except ImportError:  # Windows: no advisory locks on folders
+    except ImportError:  # Windows: no advisory locks here
         yield
         return
-    descriptor = os.open(folder, os.O_RDONLY)
+    lock = folder.with_name(f"{folder.name}.lock")
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    held = False
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
         except BlockingIOError:
             raise ValueError(f"another run is writing {output} now; wait for it to finish, "
                              "or write to another name") from None
+        except OSError as error:
+            if error.errno not in (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            warnings.warn(f"the file system of {output} cannot lock files ({error.strerror}): make sure no other "
+                          "run writes the same output", stacklevel=3)
         yield
     finally:
+        if held:  # removed while still held, so no run ever waits on a file that is gone
+            lock.unlink(missing_ok=True)
         os.close(descriptor)
 
 

@@ -173,15 +173,37 @@ def _existing_folder(path: Path) -> Path:
 
 
 def check_free_space(path: str | os.PathLike, nbytes: int, what: str = "the output") -> None:
-    """Refuse to start work whose output (`nbytes`, uncompressed) cannot fit where it goes.
-    A store being replaced frees its space only after the new one is complete."""
+    """Refuse to start work whose output (`nbytes`, uncompressed) cannot fit where it goes."""
+    check_room([(path, nbytes)], what)
+
+
+def check_room(outputs: Iterable[tuple[str | os.PathLike, int]], what: str | None = None) -> None:
+    """Refuse to start work whose outputs ((path, uncompressed bytes) pairs) cannot all fit on
+    the disks they go to, counted together per disk. What an interrupted resumable run already
+    wrote counts as written; a store being replaced frees its space only after the new one is
+    complete."""
     import shutil
 
-    folder = _existing_folder(Path(path))
-    free = shutil.disk_usage(folder).free
-    if nbytes > free:
-        raise ValueError(f"{what} needs {format_bytes(nbytes)} but {folder} has {format_bytes(free)} free; "
-                         "free some space or choose another location")
+    disks: dict[int, tuple[Path, int, list[str]]] = {}
+    for path, nbytes in outputs:
+        path = Path(path)
+        folder = _existing_folder(path)
+        device = os.stat(folder).st_dev
+        first, total, names = disks.get(device, (folder, 0, []))
+        disks[device] = (first, total + max(0, nbytes - _bytes_in(path.with_name(f".{path.name}.resumable"))),
+                         [*names, path.name])
+    for folder, nbytes, names in disks.values():
+        free = shutil.disk_usage(folder).free
+        if nbytes > free:
+            subject = what or ("the result " + " and ".join(names))
+            raise ValueError(f"{subject} needs {format_bytes(nbytes)} but {folder} has {format_bytes(free)} free; "
+                             "free some space or choose another location")
+
+
+def _bytes_in(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(entry.stat().st_size for entry in folder.rglob("*") if entry.is_file())
 
 
 def reserve(file: str | os.PathLike, nbytes: int) -> None:
@@ -248,9 +270,19 @@ def fsync_folder(folder: str | os.PathLike) -> None:
 
 
 def _fsync(path: Path, flags: int) -> None:
-    with contextlib.suppress(OSError):  # folders cannot be opened on Windows; nothing to flush then
+    """fsync one file (its errors, e.g. EIO, propagate: the rename must not follow) or folder
+    (where the system allows: Windows cannot open folders, some file systems refuse)."""
+    folder = path.is_dir()
+    try:
         descriptor = os.open(path, flags)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(descriptor)

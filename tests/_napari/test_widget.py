@@ -625,3 +625,33 @@ def test_export_without_a_student_offers_to_distil_one_now(viewer_and_widget, qt
     _wait_idle(qtbot, widget)
     assert widget.denoiser.student is not None and (tmp_path / "cells.bioimageio.zip").is_file()
     assert "exported the student" in widget.status.text()
+
+
+def test_a_bug_in_the_denoise_after_a_fit_keeps_the_fitted_model(viewer_and_widget, qtbot, monkeypatch):
+    from napari_tbsn import Denoiser
+
+    viewer, widget = viewer_and_widget
+    viewer.add_image(noisy_image((64, 64))[1], name="plain")
+
+    def broken(self, *args, **kwargs):
+        raise KeyError("a bug in the denoise")
+
+    monkeypatch.setattr(Denoiser, "predict_iter", broken)
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.fit_denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser is not None and widget.denoiser.is_fitted  # the fit is not lost
+    assert "the fit succeeded, the denoise failed" in widget.status.text() and "this is a bug" in widget.status.text()
+
+
+def test_fit_and_preview_neither_check_nor_ask_about_the_result_file(opened_store, qtbot, tmp_path):
+    viewer, widget, layer, store = opened_store
+    widget.confirm_replace = lambda path: pytest.fail("asked about a file this job does not write")
+    widget.form.result_file.value = store  # would be refused for Denoise
+    widget.preview_button.click()
+    _wait_idle(qtbot, widget)
+    assert "stack.ome (TBSN preview)" in viewer.layers
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.status.text().startswith("Fitted in")

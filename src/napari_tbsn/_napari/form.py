@@ -18,7 +18,9 @@ from ..axes import AXIS_LETTERS, guess_axes, parse_axes
 from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
 from ..devices import available_devices
 from ..noise import NoiseModel
-from ..outputs import ReplaceRefused, check_not_input, check_output, source_paths
+from ..image_io import output_bytes
+from ..outputs import ReplaceRefused, check_not_input, check_output, check_room, source_paths
+from . import results
 
 
 def layer_data(layer):
@@ -166,10 +168,11 @@ class SettingsForm(Container):
             return None
         return NoiseModel.from_camera(gain, read_noise, float(self.baseline.value))
 
-    def read(self, confirm_replace: Callable[[Path], bool] | None = None) -> JobSettings:
+    def read(self, confirm_replace: Callable[[Path], bool] | None = None, writes_result: bool = True) -> JobSettings:
         """A snapshot of the form, checked; raises ValueError (with the fix) on bad settings.
         `confirm_replace(path)` asks whether an existing store napari-tbsn did not write may
-        be replaced by the result; without it, such a store is refused."""
+        be replaced by the result; without it, such a store is refused. `writes_result`: the
+        job writes the result file, which is checked (room included); else it is left out."""
         layer = self.layer_select.value
         if layer is None:
             raise ValueError("no image layer chosen: open or pick a noisy image first")
@@ -180,7 +183,13 @@ class SettingsForm(Container):
         if iterations is None and budget is None:
             iterations = FIT_PRESETS[preset].default_iterations
         sources = layer_sources(layer)
-        result_file, replace = self._result_file(sources, confirm_replace)
+        result_file, replace = self._result_file(sources, confirm_replace) if writes_result else (None, False)
+        if result_file is not None:  # room for the result, and for a large uncertainty beside it
+            large = output_bytes(tuple(data.shape)) > results.IN_MEMORY_LIMIT and bool(self.uncertainty.value)
+            check_room([(result_file, output_bytes(tuple(data.shape)))]
+                       + ([(result_file.with_name(".uncertainty"), output_bytes(tuple(data.shape)))] if large else []))
+        elif writes_result:
+            results.check_fits_in_memory(tuple(data.shape))
         return JobSettings(
             layer=layer, data=data, axes=parse_axes(self.axes.value, len(data.shape)), preset=preset,
             pd=self.pd.value, context=self.context.value, device=self.device_select.value, iterations=iterations,

@@ -43,10 +43,17 @@ def output_array(shape: tuple[int, ...], beside: Path | None = None) -> np.ndarr
     if nbytes <= IN_MEMORY_LIMIT:
         return np.empty(shape, dtype=np.float32)
     if beside is None:
-        raise ValueError(f"the result needs {format_bytes(nbytes)}, more than the {format_bytes(IN_MEMORY_LIMIT)} "
-                         "kept in memory: choose a result file (.ome.zarr) on a disk with room for it")
+        check_fits_in_memory(shape)
     beside.parent.mkdir(parents=True, exist_ok=True)
     return memmap_in(beside.parent, shape)
+
+
+def check_fits_in_memory(shape: tuple[int, ...]) -> None:
+    """Refuse a result too large to keep in memory (the widget then needs a result file)."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+    if nbytes > IN_MEMORY_LIMIT:
+        raise ValueError(f"the result needs {format_bytes(nbytes)}, more than the {format_bytes(IN_MEMORY_LIMIT)} "
+                         "kept in memory: choose a result file (.ome.zarr) on a disk with room for it")
 
 
 def contrast_limits(out) -> tuple[float, float]:

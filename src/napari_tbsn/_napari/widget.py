@@ -43,6 +43,17 @@ MODEL_FILES = "TBSN model (*.safetensors);;All files (*)"  # a model saved witho
 ZOO_FILES = "BioImage Model Zoo package (*.zip)"
 
 
+def _reported(error: Exception) -> str:
+    """An error as the status line shows it: the user's in one line; a bug said to be one (its
+    traceback on the console)."""
+    if is_user_error(error):
+        return one_line(error)
+    import traceback
+
+    traceback.print_exception(type(error), error, error.__traceback__)
+    return describe_bug(error, frames=1)
+
+
 @dataclass(frozen=True)
 class _Failure:
     message: str
@@ -285,11 +296,14 @@ class DenoiseWidget(QWidget):
                         channels=settings.channels, estimator=settings.options.estimator, fit_config=settings.fit_config,
                         noise_model=settings.noise_model, tile_size=settings.options.tile_size)
 
-    def _read_settings(self) -> JobSettings | None:
+    def _read_settings(self, writes_result: bool = True) -> JobSettings | None:
         """The form, checked (a question first where the result file would replace a store
-        napari-tbsn did not write); None, with the reason shown, when it cannot be used."""
+        napari-tbsn did not write); None, with the reason shown, when it cannot be used.
+        `writes_result`: the job writes the result file (Denoise, Fit & Denoise), which is then
+        checked; other jobs ignore it."""
         try:
-            return self.form.read(confirm_replace=self.confirm_replace)
+            return self.form.read(confirm_replace=self.confirm_replace if writes_result else None,
+                                  writes_result=writes_result)
         except ValueError as error:
             self._say(one_line(error), error=True)
             return None
@@ -304,7 +318,7 @@ class DenoiseWidget(QWidget):
         return answer == QMessageBox.StandardButton.Yes
 
     def _fit(self, then_denoise: bool) -> None:
-        settings = self._read_settings()
+        settings = self._read_settings(writes_result=then_denoise)
         if settings is None:
             return
         denoiser = self._denoiser_for_fit(settings)
@@ -331,10 +345,8 @@ class DenoiseWidget(QWidget):
                                                     threads=threads)
                 except Cancelled:
                     return denoiser, None, plan.reason
-                except Exception as error:
-                    if not is_user_error(error):
-                        raise
-                    return denoiser, _Failure(f"the fit succeeded, the distillation failed: {one_line(error)}"), \
+                except Exception as error:  # a bug too: the fitted model is kept, the bug reported
+                    return denoiser, _Failure(f"the fit succeeded, the distillation failed: {_reported(error)}"), \
                         plan.reason
             if not then_denoise or stops.cancel.is_set():
                 return denoiser, None, plan.reason
@@ -344,9 +356,7 @@ class DenoiseWidget(QWidget):
             except Cancelled:
                 return denoiser, None, plan.reason
             except Exception as error:
-                if not is_user_error(error):
-                    raise
-                return denoiser, _Failure(one_line(error)), plan.reason
+                return denoiser, _Failure(f"the fit succeeded, the denoise failed: {_reported(error)}"), plan.reason
 
         def done(result) -> None:
             self._on_fitted(result[0], student_choice=result[2] if result[0].student is not None
@@ -391,11 +401,11 @@ class DenoiseWidget(QWidget):
         limits = contrast_limits(out), None if uncertainty is None else contrast_limits(uncertainty)
         return out, uncertainty, denoiser.quality, describe_model(denoiser.model, settings.options), limits
 
-    def _job_settings(self) -> tuple[JobSettings, Denoiser] | None:
+    def _job_settings(self, writes_result: bool = True) -> tuple[JobSettings, Denoiser] | None:
         if self.denoiser is None:
             self._say("no model yet: press Fit (or Load model) first", error=True)
             return None
-        settings = self._read_settings()
+        settings = self._read_settings(writes_result)
         return None if settings is None else (settings, self.denoiser)
 
     def _on_denoise(self) -> None:
@@ -423,7 +433,7 @@ class DenoiseWidget(QWidget):
 
     # -- preview -----------------------------------------------------------------------
     def _on_preview(self) -> None:
-        chosen = self._job_settings()
+        chosen = self._job_settings(writes_result=False)
         if chosen is None:
             return
         settings, denoiser = chosen
@@ -473,7 +483,7 @@ class DenoiseWidget(QWidget):
             raise ValueError("nothing to export yet: press Fit (or Load model) first")
         denoiser, settings = self.denoiser, None
         if denoiser.student is None:  # zoo tools run the student: offer to distil one now
-            settings = self._read_settings()
+            settings = self._read_settings(writes_result=False)
             if settings is None:
                 return
             if not self.confirm_distil(settings):
