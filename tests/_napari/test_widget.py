@@ -655,3 +655,32 @@ def test_fit_and_preview_neither_check_nor_ask_about_the_result_file(opened_stor
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert widget.status.text().startswith("Fitted in")
+
+
+def test_results_can_keep_the_inputs_type_and_rgb_images_always_do(viewer_and_widget, qtbot):
+    viewer, widget = viewer_and_widget
+    counts = np.clip(noisy_image((64, 64))[1] * 50 + 100, 0, None).astype(np.uint16)
+    viewer.add_image(counts, name="counts")
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.fit_denoise_button.click()
+    _wait_idle(qtbot, widget)
+    assert viewer.layers["counts (TBSN)"].data.dtype == np.float32 and "(float32)" in widget.status.text()
+    exact = np.asarray(viewer.layers["counts (TBSN)"].data)
+    widget.form.result_type.value = "same"
+    widget.denoise_button.click()
+    _wait_idle(qtbot, widget)
+    typed = viewer.layers["counts (TBSN) [1]"].data
+    assert typed.dtype == np.uint16 and "(uint16)" in widget.status.text()
+    np.testing.assert_array_equal(typed, np.clip(np.rint(exact), 0, 65535))
+
+    widget.form.result_type.value = "float32"
+    rgb = np.stack([noisy_image((64, 64), seed=s)[1] * 10 for s in range(3)], axis=-1).clip(0, 255).astype(np.uint8)
+    layer = viewer.add_image(rgb, name="rgb", rgb=True)
+    widget.form.layer_select.value = layer
+    assert widget.form.axes.value == "YXC"
+    widget.fit_denoise_button.click()
+    _wait_idle(qtbot, widget)
+    result = viewer.layers["rgb (TBSN)"]
+    assert result.rgb and result.data.dtype == np.uint8  # an RGB image keeps its type: never a white float RGB
+    assert not np.all(result.thumbnail[..., :3] == 255)

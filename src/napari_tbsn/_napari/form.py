@@ -74,6 +74,7 @@ class JobSettings:
     sources: tuple[Path, ...] = ()  # the files the layer reads from, which no output may touch
     channels: str = "auto"  # multichannel images: "auto", "joint" or "independent"
     threads: int | str = "auto"  # torch's CPU threads; "auto": the free cores less one for the viewer
+    same_type: bool = False  # give the result the input's type (rounded, clipped) instead of float32
 
 
 class SettingsForm(Container):
@@ -114,6 +115,10 @@ class SettingsForm(Container):
             label="result file", mode="w", filter="*.ome.zarr", value="",
             tooltip="optional: write the denoised stack to this .ome.zarr and show it from there (for stacks "
             "larger than memory; napari reads it lazily); empty: keep the result in memory")
+        self.result_type = ComboBox(
+            label="result type", choices=[("float32 (exact)", "float32"), ("same as the input", "same")],
+            value="float32", tooltip="float32 keeps the denoised values exactly; 'same as the input' rounds and "
+            "clips them into the input's type (e.g. uint16: half the memory). RGB images always keep their type.")
         self.device_select = ComboBox(
             label="device", choices=[("auto", "auto")] + [(name, device) for device, name in available_devices()],
             value="auto")
@@ -125,7 +130,8 @@ class SettingsForm(Container):
                                                                   FIT_PRESETS[preset].patch_size))
         super().__init__(widgets=[
             self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget, self.context,
-            self.channels, self.estimator, self.uncertainty, self.student, self.result_file, self.device_select, self.show_advanced,
+            self.channels, self.estimator, self.uncertainty, self.student, self.result_file, self.result_type,
+            self.device_select, self.show_advanced,
             self.advanced,
         ])
 
@@ -201,6 +207,7 @@ class SettingsForm(Container):
             student="off" if self.uncertainty.value else self.student.value,
             result_file=result_file, replace_result=replace, sources=sources,
             channels=self.channels.value, threads=int(self.threads.value) or "auto",
+            same_type=self.result_type.value == "same" or bool(getattr(layer, "rgb", False)),
         )
 
     def _result_file(self, sources: tuple[Path, ...],

@@ -56,6 +56,19 @@ def check_fits_in_memory(shape: tuple[int, ...]) -> None:
                          "kept in memory: choose a result file (.ome.zarr) on a disk with room for it")
 
 
+def in_type_of(out: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`out` rounded and clipped into the integer `dtype` (a float dtype: cast), in place of a
+    float32 copy 2-4x the size."""
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.integer):
+        return out.astype(dtype, copy=False)
+    info = np.iinfo(dtype)
+    result = np.empty(out.shape, dtype)
+    for index in range(out.shape[0]) if out.ndim > 2 else [Ellipsis]:  # a plane at a time: no float copy
+        result[index] = np.clip(np.rint(out[index]), info.min, info.max)
+    return result
+
+
 def contrast_limits(out) -> tuple[float, float]:
     """Display limits from a strided sample of `out` (a read of every chunk of a zarr result:
     run it in the worker, not on the GUI thread)."""

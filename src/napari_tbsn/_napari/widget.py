@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from qtpy.QtWidgets import (QFileDialog, QGridLayout, QLabel, QMessageBox, QProgressBar, QPushButton, QVBoxLayout,
                             QWidget)
 
@@ -30,7 +32,7 @@ from ..training import FitProgress
 from .form import JobSettings, SettingsForm
 from .loss_plot import LossPlot
 from .noise_plot import NoisePlot
-from .results import add_result_layer, contrast_limits, output_array, shown_plane
+from .results import add_result_layer, contrast_limits, in_type_of, output_array, shown_plane
 
 if TYPE_CHECKING:
     import napari
@@ -287,7 +289,9 @@ class DenoiseWidget(QWidget):
     def _denoiser_for_fit(self, settings: JobSettings) -> Denoiser:
         """A Denoiser that fine-tunes the current model where the settings allow, else a new one."""
         current = self.denoiser
+        channels = PlaneLayout.of(settings.data.shape, settings.axes).channels
         if (current is not None and current.preset == settings.preset and settings.pd in ("auto", current.pd)
+                and current.model.channels == channels
                 and settings.context in ("auto", current.context_planes)
                 and mode_allows(settings.channels, current.model.channel_mode)):
             return Denoiser.from_model(current.model, settings.options, device=settings.device,
@@ -398,6 +402,8 @@ class DenoiseWidget(QWidget):
                                              options=settings.options, cancel=cancel, threads=threads)
         if settings.result_file is not None:
             out = read_image(settings.result_file).data
+        elif settings.same_type and np.dtype(data.dtype) != out.dtype:
+            out = in_type_of(out, data.dtype)
         limits = contrast_limits(out), None if uncertainty is None else contrast_limits(uncertainty)
         return out, uncertainty, denoiser.quality, describe_model(denoiser.model, settings.options), limits
 
@@ -428,7 +434,8 @@ class DenoiseWidget(QWidget):
             add_result_layer(self.viewer, layer, uncertainty, f"{name} uncertainty", limits[1], translate,
                              colormap="magma", replace=replace)
         estimate = f"; {quality.describe()}" if quality is not None else ""
-        self._say(f"added '{name}'" + (" and its uncertainty (posterior SD)" if uncertainty is not None else "")
+        self._say(f"added '{name}' ({np.dtype(out.dtype).name})"
+                  + (" and its uncertainty (posterior SD)" if uncertainty is not None else "")
                   + f", denoised by {model}{estimate}")
 
     # -- preview -----------------------------------------------------------------------
