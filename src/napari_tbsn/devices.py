@@ -10,6 +10,17 @@ from collections.abc import Iterator
 import torch
 
 
+def out_of_memory_class(torch_module=torch) -> type[BaseException]:
+    """torch's out-of-memory error: `torch.OutOfMemoryError` from torch 2.5 on, which the CUDA,
+    MPS and CPU allocators raise; `torch.cuda.OutOfMemoryError` (the same class later) before."""
+    found = getattr(torch_module, "OutOfMemoryError", None)
+    return found if found is not None else torch_module.cuda.OutOfMemoryError
+
+
+# What every supported torch raises when a device runs out of memory (pyproject allows torch 2.4).
+OutOfMemory = out_of_memory_class()
+
+
 def available_devices() -> list[tuple[str, str]]:
     """(device string, human name) for every device torch can use here."""
     found = [("cpu", "CPU")]

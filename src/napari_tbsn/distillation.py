@@ -24,7 +24,7 @@ import torch
 
 from .axes import PlaneLayout
 from .config import FitConfig, PredictOptions
-from .devices import out_of_memory_error
+from .devices import OutOfMemory, out_of_memory_error
 from .network.unet import UNet, student_preset
 from .student import DistilSummary, Student, sample_crop
 from .patches import PatchSampler, check_finite, fitting_patch_size
@@ -104,7 +104,7 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
                                     start)
                 output = yield from _as_distil_progress(steps, number, len(picks))
                 break
-            except torch.OutOfMemoryError as error:
+            except OutOfMemory as error:
                 tile = smaller_tile(tile, device, error)
         stack[number, inputs:] = output[: model.channels]
         done += 1
@@ -155,7 +155,7 @@ def distil_model(model, options: PredictOptions, data, layout: PlaneLayout, iter
     left = None if time_budget is None else max(time_budget - target_seconds, 0.1 * time_budget)
     try:
         training = yield from trainer.run(iterations, left)
-    except torch.OutOfMemoryError as error:
+    except OutOfMemory as error:
         raise out_of_memory_error(device, "distilling") from error
     if cancel.is_set() or training.iterations == 0:
         raise FitCancelled("the distillation was stopped; the model is unchanged")

@@ -44,12 +44,12 @@ class MissingDependency(ImportError, ValueError):
 def is_user_error(error: BaseException) -> bool:
     """Whether `error` is the user's to fix (report its message) rather than a bug. An import
     that fails inside napari-tbsn itself is a bug; one of another package is the installation's."""
-    import torch
+    from .devices import OutOfMemory
 
     if isinstance(error, ImportError) and not isinstance(error, MissingDependency):
         return not (error.name or "").startswith("napari_tbsn")
     return isinstance(error, (ValueError, OSError, MemoryError, FloatingPointError, UserError,
-                              torch.OutOfMemoryError))
+                              OutOfMemory))
 
 
 def _missing_optional(error: ImportError) -> MissingDependency | None:

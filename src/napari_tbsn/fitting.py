@@ -23,7 +23,7 @@ from .axes import PlaneLayout
 from .channels import ChannelChoice, choose_channels
 from .config import FitConfig, network_preset
 from .ddp import world
-from .devices import out_of_memory_error
+from .devices import OutOfMemory, out_of_memory_error
 from .lattice import LATTICE_PATCHES, fit_lattice_filter
 from .model import FittedModel
 from .network import TBSN
@@ -158,7 +158,7 @@ def fit_model(
                       horizon=horizon)
     try:
         summary = yield from trainer.run(iterations, time_budget)
-    except torch.OutOfMemoryError as error:
+    except OutOfMemory as error:
         raise out_of_memory_error(device, "fitting") from error
     stopped = FitCancelled("the fit was stopped; the previous model is unchanged" if previous is not None else
                            "the fit was stopped before it reached any weights")

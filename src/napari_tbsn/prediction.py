@@ -22,7 +22,7 @@ import torch
 
 from .axes import PlaneLayout, Region
 from .config import MIN_TILE_SIZE, PredictOptions
-from .devices import TILE_MEMORY_SHARE, autocast_dtype, free_memory, out_of_memory_error, tile_for_memory
+from .devices import TILE_MEMORY_SHARE, OutOfMemory, autocast_dtype, free_memory, out_of_memory_error, tile_for_memory
 from .image_io import release_pages
 from .lattice import residual_weight
 from .model import FittedModel
@@ -107,10 +107,20 @@ def uses_posterior(model: FittedModel, options: PredictOptions) -> bool:
 def on_device(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """`network` in eval mode on `device`: itself where it is there, else a copy (the shared
     model is never moved)."""
-    held = next(network.parameters()).device
-    if held.type != device.type or device.index not in (None, held.index):
+    if needs_move(next(network.parameters()).device, device):
         network = copy.deepcopy(network).to(device)
     return network.eval()
+
+
+def needs_move(held: torch.device, device: torch.device) -> bool:
+    """Whether a network on `held` must be copied to run on `device`. A device without an
+    index ("cuda") means the current one, where the inputs go: a network on cuda:1 does not run
+    there when the current device is cuda:0."""
+    if held.type != device.type:
+        return True
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device.index is not None and device.index != held.index
 
 
 def prediction_autocast(model: FittedModel, device: torch.device) -> torch.dtype | None:
@@ -341,7 +351,7 @@ def predict_planes(
                 steps = runner.predict_iter(normalized, tile_size)
                 result = yield from plane_steps(steps, cancel, number, layout.plane_count, start)
                 break
-            except torch.OutOfMemoryError as error:
+            except OutOfMemory as error:
                 tile_size = smaller_tile(tile_size, device, error)
         denoised = model.normalizer.denormalize(result[:channels])
         layout.write_plane(out, plane, denoised)

@@ -18,12 +18,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import FitConfig, TrainingSummary, describe_plateau
-from .devices import autocast_dtype, out_of_memory_error
+from .devices import OutOfMemory, autocast_dtype, out_of_memory_error
 from .errors import UserError
 from .ddp import agree, mean, world
 from .noise import pd_down
 from .patches import PatchSampler
 from .progress import remaining_seconds
+
+MAX_SKIPPED_STEPS = 8  # float16 steps in a row whose loss may be non-finite before the fit counts as diverged
 
 # Validation may take at most this share of the fitting time. One validation patch costs about
 # a third of a training patch (a forward pass without the backward), so a stack with many held-out
@@ -206,7 +208,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             try:
                 output = self.forward(inputs)
-            except torch.OutOfMemoryError:
+            except OutOfMemory:
                 raise  # not a compile failure: the caller shrinks the batch
             except Exception:
                 if not self.compiled:
@@ -228,7 +230,7 @@ class Trainer:
                         chunk = self.validation[start : start + self.batch_size, :, : self.patch_size, : self.patch_size]
                         total += float(self._run(chunk)) * len(chunk)
                     return mean(total / len(self.validation), self.device)
-                except torch.OutOfMemoryError as error:
+                except OutOfMemory as error:
                     self._shrink(error)
         finally:
             self.network.train()
@@ -273,7 +275,7 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 return float(loss.detach())
-            except torch.OutOfMemoryError as error:
+            except OutOfMemory as error:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._shrink(error)
 
@@ -294,15 +296,18 @@ class Trainer:
             return max(iteration / iterations if iterations else 0.0,
                        (time.perf_counter() - start) / time_budget if time_budget else 0.0)
 
-        def progress(iteration: int, loss: float) -> tuple[float, bool, bool]:
+        def progress(iteration: int, diverged: bool) -> tuple[float, bool, bool]:
             # Under DDP the ranks agree on all three, so that they step, validate and stop together.
             stopping = self.cancel_token.is_set() or self.stop_training.is_set()
-            return agree(fraction_done(iteration), stopping, not math.isfinite(loss) and iteration > 0, self.device)
+            return agree(fraction_done(iteration), stopping, diverged, self.device)
 
-        iteration, validation, loss = 0, None, math.nan
+        # float16's loss scaler skips a step whose gradients overflowed and lowers its scale: a few
+        # non-finite steps in a row are its normal work, not a diverged fit.
+        tolerated = MAX_SKIPPED_STEPS if self.scaler.is_enabled() else 0
+        iteration, validation, loss, non_finite = 0, None, math.nan, 0
         self.network.train()
         while True:
-            done, stopping, diverged = progress(iteration, loss)
+            done, stopping, diverged = progress(iteration, non_finite > tolerated)
             if diverged:
                 raise FloatingPointError(f"the training loss became {loss} at iteration {iteration}; "
                                          "lower the learning rate or check the input for extreme values")
@@ -311,7 +316,8 @@ class Trainer:
             loss = self._step(self.config.learning_rate * learning_rate_factor(done, self.config))
             self._update_average(iteration)
             iteration += 1
-            if not math.isfinite(loss) and self.processes == 1:
+            non_finite = 0 if math.isfinite(loss) else non_finite + 1
+            if non_finite > tolerated and self.processes == 1:
                 raise FloatingPointError(f"the training loss became {loss} at iteration {iteration}; "
                                          "lower the learning rate or check the input for extreme values")
             validation = None

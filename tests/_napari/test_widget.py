@@ -684,3 +684,17 @@ def test_results_can_keep_the_inputs_type_and_rgb_images_always_do(viewer_and_wi
     result = viewer.layers["rgb (TBSN)"]
     assert result.rgb and result.data.dtype == np.uint8  # an RGB image keeps its type: never a white float RGB
     assert not np.all(result.thumbnail[..., :3] == 255)
+
+
+def test_the_loss_plot_has_a_legend_and_labels(viewer_and_widget, qtbot):
+    from napari_tbsn._napari.loss_plot import TRAINING_COLOUR, VALIDATION_COLOUR
+
+    viewer, widget = viewer_and_widget
+    plot = widget.loss_plot
+    plot.resize(400, 160)
+    for iteration in range(1, 20):
+        plot.add(iteration, 1.0 / iteration, 1.2 / iteration if iteration % 5 == 0 else None)
+    image = plot.grab().toImage()
+    legend = {_rgb(image.pixelColor(x, y)) for x in range(image.width() - 150, image.width() - 130)
+              for y in range(10, 30)}
+    assert _rgb(TRAINING_COLOUR) in legend and _rgb(VALIDATION_COLOUR) in legend  # the legend's two swatches

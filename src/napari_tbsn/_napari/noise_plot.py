@@ -74,8 +74,7 @@ class NoisePlot(QWidget):
         painter.drawText(2, height - 16, f"{low_y:.3g}")
         painter.drawText(2, (height - 14) // 2 + 4, "noise var.")
         painter.drawText(margin_left, height - 2,
-                         f"signal (image units, {low_x:.3g} to {high_x:.3g}); \u2022 measured on the data, "
-                         "\u2014 noise model")
+                         f"signal {low_x:.3g} to {high_x:.3g}: \u2022 measured, \u2014 noise model")
         for channel, (signal, variance, line) in enumerate(zip(signals, measured, lines)):
             colour = CHANNEL_COLOURS[channel % len(CHANNEL_COLOURS)]
             painter.setPen(QPen(colour.lighter(140), 1.5))

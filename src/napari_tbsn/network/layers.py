@@ -67,9 +67,11 @@ class BiasFreeLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - x.mean(dim=1, keepdim=True)
+        # The statistics in at least float32: squared float16 activations overflow past 256.
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        centred = wide - wide.mean(dim=1, keepdim=True)
         variance = (centred * centred).mean(dim=1, keepdim=True)
-        return x * torch.rsqrt(variance + self.eps) * self.weight.view(1, -1, 1, 1)
+        return (wide * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight.view(1, -1, 1, 1)
 
 
 class FeedForward(nn.Module):
