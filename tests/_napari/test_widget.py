@@ -35,6 +35,16 @@ def _wait_idle(qtbot, widget):
     qtbot.waitUntil(lambda: not widget.busy, timeout=WAIT_MS)
 
 
+def _fit_plain(viewer, widget, qtbot):
+    """A 64x64 layer "plain" and a model fitted on it for 2 iterations; returns the layer's data."""
+    _, noisy = noisy_image((64, 64))
+    viewer.add_image(noisy, name="plain")
+    widget.form.iterations.value = 2
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    return noisy
+
+
 def _event_loop_gaps():
     """Start timing the Qt event loop; the returned function stops and gives the longest gap (s)
     between two 20 ms timer ticks: how long napari could not answer the user."""
@@ -236,11 +246,7 @@ def test_bad_layers_give_one_line_and_leave_the_widget_usable(viewer_and_widget,
 
 def test_settings_are_read_on_the_gui_thread_and_never_stick_to_the_model(viewer_and_widget, qtbot):
     viewer, widget = viewer_and_widget
-    _, noisy = noisy_image((64, 64))
-    viewer.add_image(noisy, name="plain")
-    widget.form.iterations.value = 2
-    widget.fit_button.click()
-    _wait_idle(qtbot, widget)
+    noisy = _fit_plain(viewer, widget, qtbot)
     model = widget.denoiser.model
     # A denoise with the plain mean.
     widget.form.estimator.value = "blind_spot"
@@ -455,11 +461,7 @@ def test_a_large_result_goes_beside_the_result_file_never_to_the_temp_folder(vie
     from napari_tbsn._napari import results
 
     viewer, widget = viewer_and_widget
-    _, noisy = noisy_image((64, 64))
-    viewer.add_image(noisy, name="plain")
-    widget.form.iterations.value = 2
-    widget.fit_button.click()
-    _wait_idle(qtbot, widget)
+    noisy = _fit_plain(viewer, widget, qtbot)
     monkeypatch.setattr(results, "IN_MEMORY_LIMIT", 0)  # every result counts as large
     scratch = tmp_path / "tmp"
     scratch.mkdir()
