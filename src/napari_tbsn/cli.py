@@ -110,14 +110,15 @@ def _camera_noise(args: argparse.Namespace) -> NoiseModel | None:
     return NoiseModel.from_camera(args.gain, args.read_noise, args.baseline)
 
 
-def _inputs(args: argparse.Namespace) -> list[Path]:
-    return [getattr(args, name) for name in ("input", "model") if getattr(args, name, None) is not None]
+def _inputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The paths the command reads, by what they are: no output may touch them."""
+    return {name: getattr(args, name) for name in ("input", "model") if getattr(args, name, None) is not None}
 
 
 def _check_paths(args: argparse.Namespace) -> None:
     """No path the tool writes may be an input or another output; each must be writable. All
     checked before any work, so a mistake costs nothing."""
-    inputs = {name: getattr(args, name) for name in ("input", "model") if getattr(args, name, None) is not None}
+    inputs = _inputs(args)
     outputs = {name: getattr(args, name) for name in ("output", "save_model", "report", "uncertainty")
                if getattr(args, name, None) is not None}
     for name, path in outputs.items():
@@ -128,7 +129,7 @@ def _check_paths(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} {path} is also the {other.replace('_', ' ')} path; "
                                  "give each output its own new file name")
         if name in ("output", "uncertainty") and args.run in (command_predict, command_denoise):
-            check_output(path, inputs.values(), replace=args.overwrite, how_to_allow=", or add --overwrite to replace it")
+            check_output(path, inputs, replace=args.overwrite, how_to_allow=", or add --overwrite to replace it")
         else:
             check_writable_file(path)
     _check_cluster_options(args)

@@ -63,7 +63,7 @@ def _missing_optional(error: ImportError) -> MissingDependency | None:
 def one_line(error: BaseException) -> str:
     """The first line of an error's message (its type where it has none)."""
     text = str(error).strip()
-    if isinstance(error, ImportError) and not isinstance(error, MissingDependency):
+    if isinstance(error, ImportError):
         missing = _missing_optional(error)
         if missing is not None:
             return str(missing)

@@ -132,8 +132,9 @@ def _check_folder_creatable(folder: Path) -> None:
         raise ValueError(f"no permission to write in {existing}; choose another location")
 
 
-def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *, replace: bool = False,
-                 how_to_allow: str = "", role: str = "the output") -> None:
+def check_output(path: str | os.PathLike,
+                 inputs: Iterable[str | os.PathLike] | Mapping[str, str | os.PathLike] = (), *,
+                 replace: bool = False, how_to_allow: str = "", role: str = "the output") -> None:
     """Refuse `path` as an image output before any work: an input's path (or one inside or
     around it), an unwritable place, or (unless `replace`) an existing store that napari-tbsn
     did not write. `how_to_allow` ends that last message, e.g. "; or add --overwrite"."""
@@ -170,11 +171,6 @@ def _existing_folder(path: Path) -> Path:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return folder
-
-
-def check_free_space(path: str | os.PathLike, nbytes: int, what: str = "the output") -> None:
-    """Refuse to start work whose output (`nbytes`, uncompressed) cannot fit where it goes."""
-    check_room([(path, nbytes)], what)
 
 
 def check_room(outputs: Iterable[tuple[str | os.PathLike, int]], what: str | None = None) -> None:

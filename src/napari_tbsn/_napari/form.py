@@ -190,10 +190,10 @@ class SettingsForm(Container):
             iterations = FIT_PRESETS[preset].default_iterations
         sources = layer_sources(layer)
         result_file, replace = self._result_file(sources, confirm_replace) if writes_result else (None, False)
-        if result_file is not None:  # room for the result, and for a large uncertainty beside it
-            large = output_bytes(tuple(data.shape)) > results.IN_MEMORY_LIMIT and bool(self.uncertainty.value)
-            check_room([(result_file, output_bytes(tuple(data.shape)))]
-                       + ([(result_file.with_name(".uncertainty"), output_bytes(tuple(data.shape)))] if large else []))
+        if result_file is not None:  # room for the result, and for a large uncertainty map beside it
+            nbytes = output_bytes(tuple(data.shape))
+            mapped = nbytes > results.IN_MEMORY_LIMIT and bool(self.uncertainty.value)
+            check_room([(result_file, nbytes)] + ([(result_file.with_name(".uncertainty"), nbytes)] if mapped else []))
         elif writes_result:
             results.check_fits_in_memory(tuple(data.shape))
         return JobSettings(
@@ -222,7 +222,7 @@ class SettingsForm(Container):
         if not path.name.lower().endswith(".zarr"):
             raise ValueError(f"the result file {path.name} is not a zarr store: name it {path.stem}.ome.zarr")
         try:
-            check_output(path, sources, role="the result file")
+            check_output(path, role="the result file")  # the sources were checked above
         except ReplaceRefused:
             if confirm_replace is None or not confirm_replace(path):
                 raise

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from ..outputs import check_free_space, format_bytes, reserve
+from ..image_io import output_bytes
+from ..outputs import check_room, format_bytes, reserve
 
 IN_MEMORY_LIMIT = 2 * 1024**3  # larger results go to a memory-mapped file beside the result file
 
@@ -20,7 +21,7 @@ def memmap_in(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A float32 memory map in a hidden file in `folder` that nothing has to delete: the file is
     unlinked at once (its pages live as long as the mapping), or, where the system refuses that,
     at exit. Its space is reserved first: a full disk is an error now, not a SIGBUS later."""
-    check_free_space(folder / "result.npy", int(np.prod(shape, dtype=np.int64)) * 4, "the result")
+    check_room([(folder / "result.npy", output_bytes(shape))], "the result")
     file = folder / f".napari-tbsn-{secrets.token_hex(6)}.npy"
     array = np.lib.format.open_memmap(file, mode="w+", dtype=np.float32, shape=shape)
     try:
@@ -39,18 +40,17 @@ def memmap_in(folder: Path, shape: tuple[int, ...]) -> np.ndarray:
 def output_array(shape: tuple[int, ...], beside: Path | None = None) -> np.ndarray:
     """Memory for a result of `shape`: in RAM up to IN_MEMORY_LIMIT, else a memory map in the
     folder of the result file `beside` (never the temp folder, often RAM itself)."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
-    if nbytes <= IN_MEMORY_LIMIT:
-        return np.empty(shape, dtype=np.float32)
     if beside is None:
         check_fits_in_memory(shape)
+    if output_bytes(shape) <= IN_MEMORY_LIMIT:
+        return np.empty(shape, dtype=np.float32)
     beside.parent.mkdir(parents=True, exist_ok=True)
     return memmap_in(beside.parent, shape)
 
 
 def check_fits_in_memory(shape: tuple[int, ...]) -> None:
     """Refuse a result too large to keep in memory (the widget then needs a result file)."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+    nbytes = output_bytes(shape)
     if nbytes > IN_MEMORY_LIMIT:
         raise ValueError(f"the result needs {format_bytes(nbytes)}, more than the {format_bytes(IN_MEMORY_LIMIT)} "
                          "kept in memory: choose a result file (.ome.zarr) on a disk with room for it")

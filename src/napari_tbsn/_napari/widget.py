@@ -260,14 +260,12 @@ class DenoiseWidget(QWidget):
             self._activity.update(steps - self._activity_done)
             self._activity_done = steps
 
-    def _on_bug(self, error: BaseException) -> None:
+    def _on_bug(self, error: Exception) -> None:
         """An error no check foresaw: a notification that says it is a bug, and where (the
         whole traceback goes to the console)."""
-        import traceback
-
-        traceback.print_exception(type(error), error, error.__traceback__)
+        message = _reported(error)
         if not self._closed:
-            self._say(describe_bug(error, frames=1), error=True)
+            self._say(message, error=True)
 
     def _on_finished(self) -> None:
         self._worker = self._stops = None
@@ -456,9 +454,12 @@ class DenoiseWidget(QWidget):
             denoised, uncertainty, quality, model, limits = result
             return denoised[keep], None if uncertainty is None else uncertainty[keep], quality, model, limits
 
-        self._start(lambda stops, threads: (yield from self._predict_job(denoiser, quick, block, stops.cancel, threads)),
-                    "TBSN preview", lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
-                                                                    translate=translate), settings.threads)
+        def job(stops, threads):
+            return (yield from self._predict_job(denoiser, quick, block, stops.cancel, threads))
+
+        self._start(job, "TBSN preview",
+                    lambda result: self._add_result(layer, cut(result), name=f"{layer.name} (TBSN preview)",
+                                                    translate=translate), settings.threads)
 
     # -- model files -------------------------------------------------------------------
     def save_model(self, path: str | Path) -> Path:
