@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,50 @@ class Case:
     read_sigma: float
     correlated: bool
     region: tuple = ()  # what of the reference to take (numpy index), one per channel when it has several
+    camera: Camera | None = None  # sCMOS effects on top of the Poisson-Gaussian noise (see Camera)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A made-up sCMOS camera (gain 1 count per photon), for the developers' camera cases.
+
+    Each pixel has its own offset (Normal around `baseline`, `offset_sigma`) and its own read
+    noise (log-normal around `read_sigma`, `read_spread` in log units, with `noisy_fraction` of
+    the pixels at `noisy_sigma`: the heavy tail of real sCMOS read noise); `hot_fraction` of the
+    pixels are hot (a dark current of 20-200 counts per frame, with its own shot noise); every
+    row of every frame carries a common offset (Normal, `row_sigma`). The offsets, read noise
+    and hot pixels are the same in every frame: a fixed pattern. The clean reference includes
+    the baseline (a pixel that detected nothing reads `baseline`), so the output stays in the
+    input's units. The same camera without its effects (`Case.without_camera`) reads
+    baseline + Poisson(signal) + Normal(0, read_sigma^2): the clean Poisson-Gaussian twin.
+    """
+
+    baseline: float = 100.0
+    offset_sigma: float = 2.0
+    read_sigma: float = 1.4
+    read_spread: float = 0.35
+    noisy_fraction: float = 0.005
+    noisy_sigma: float = 8.0
+    hot_fraction: float = 0.001
+    hot_counts: tuple[float, float] = (20.0, 200.0)
+    row_sigma: float = 0.6
+    seed: int = 1  # the camera's own pattern; the per-frame noise uses the protocol's seed 0
+
+    def pattern(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offset, read sigma, hot dark current), each (height, width)."""
+        rng = np.random.default_rng(self.seed)
+        offset = self.baseline + rng.normal(0, self.offset_sigma, (height, width))
+        sigma = self.read_sigma * np.exp(self.read_spread * rng.standard_normal((height, width)))
+        sigma[rng.random((height, width)) < self.noisy_fraction] = self.noisy_sigma
+        hot = np.where(rng.random((height, width)) < self.hot_fraction,
+                       rng.uniform(*self.hot_counts, (height, width)), 0.0)
+        return offset, sigma, hot
+
+    def record(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Frames of `clean` photons (..., Y, X) as this camera reads them."""
+        offset, sigma, hot = self.pattern(*clean.shape[-2:])
+        rows = rng.normal(0, self.row_sigma, (*clean.shape[:-1], 1))
+        return rng.poisson(clean + hot) + offset + sigma * rng.standard_normal(clean.shape) + rows
 
 
 CASES = {
@@ -39,11 +83,16 @@ CASES = {
                (np.s_[128:384, 128:384], np.s_[30], np.s_[0, 128:384, 128:384])),
     # A small single 2D image (a 320x320 crop of D1's reference), where long fits used to lose.
     "D6": Case("D6", "img2d.tif", "YX", 20, 1, False, np.s_[96:416, 96:416]),
+    # The developers' sCMOS cases: D1's image and 32 planes of D2's through Camera() (read_sigma is the
+    # camera's typical read noise, for the Poisson-Gaussian twin).
+    "C1": Case("C1", "img2d.tif", "YX", 20, Camera.read_sigma, False, camera=Camera()),
+    "C2": Case("C2", "nuclei.tif", "ZYX", 10, Camera.read_sigma, False, np.s_[14:46], camera=Camera()),
 }
 
 
 def make_case(case: Case, data_dir: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
-    """(clean float64, noisy float32) in photon units."""
+    """(clean float64, noisy float32) in photon units (camera counts for a camera case, whose
+    clean reference includes the camera's baseline)."""
     import tifffile
 
     if isinstance(case.reference, str):
@@ -52,6 +101,8 @@ def make_case(case: Case, data_dir: Path = DATA) -> tuple[np.ndarray, np.ndarray
         clean = np.stack([_scaled(tifffile.imread(data_dir / reference)[region], peak)
                           for reference, region, peak in zip(case.reference, case.region, case.peak)])
     rng = np.random.default_rng(0)
+    if case.camera is not None:
+        return clean + case.camera.baseline, case.camera.record(clean, rng).astype(np.float32)
     if case.correlated:
         from scipy.ndimage import convolve
 
@@ -61,6 +112,16 @@ def make_case(case: Case, data_dir: Path = DATA) -> tuple[np.ndarray, np.ndarray
     else:
         noisy = rng.poisson(clean) + rng.normal(0, case.read_sigma, clean.shape)
     return clean, noisy.astype(np.float32)
+
+
+def without_camera(case: Case, data_dir: Path = DATA) -> tuple[np.ndarray, np.ndarray]:
+    """A camera case's clean Poisson-Gaussian twin: the same clean reference (baseline included),
+    noise baseline + Poisson(signal) + Normal(0, read_sigma^2), none of the camera's effects."""
+    assert case.camera is not None
+    clean, _ = make_case(replace(case, camera=None), data_dir)
+    rng = np.random.default_rng(0)
+    noisy = rng.poisson(clean) + rng.normal(0, case.read_sigma, clean.shape) + case.camera.baseline
+    return clean + case.camera.baseline, noisy.astype(np.float32)
 
 
 def _scaled(reference: np.ndarray, peak: float) -> np.ndarray:

@@ -68,6 +68,20 @@ def guess_axes(shape: tuple[int, ...], rgb: bool = False) -> str:
     return guesses[ndim]
 
 
+class PlaneSource:
+    """An array-like that reads its own planes (camera.CorrectedStack): what a plane holds can
+    depend on the plane it serves as context for. PlaneLayout's reads go through it."""
+
+    shape: tuple[int, ...]
+
+    def read_plane(self, plane: tuple[int, ...], region: Region | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_plane_with_context(self, plane: tuple[int, ...], planes_each_side: int,
+                                region: Region | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class PlaneLayout:
     """Where the Y, X and C axes of an array are, and how to walk its 2D planes."""
@@ -112,6 +126,10 @@ class PlaneLayout:
             return f"{named[0][0]} plane {named[0][1]}"
         return "the plane at " + ", ".join(f"{letter} {index}" for letter, index in named)
 
+    def flat_index(self, plane: tuple[int, ...]) -> int:
+        dims = [self.shape[i] for i in self.plane_axes]
+        return int(np.ravel_multi_index(plane, dims)) if dims else 0
+
     def plane_index(self, flat: int) -> tuple[int, ...]:
         dims = [self.shape[i] for i in self.plane_axes]
         return tuple(int(i) for i in np.unravel_index(flat, dims)) if dims else ()
@@ -129,7 +147,9 @@ class PlaneLayout:
 
     def read_plane(self, data, plane: tuple[int, ...], region: Region | None = None) -> np.ndarray:
         """One plane (or its (rows, columns) `region`) as float32 (C, Y, X), read through the
-        array's own slicing."""
+        array's own slicing (or by the PlaneSource itself)."""
+        if isinstance(data, PlaneSource):
+            return data.read_plane(plane, region)
         block = np.asarray(data[self._selection(plane, region)], dtype=np.float32)
         order = self._kept_order()
         if "C" not in order:
@@ -179,13 +199,18 @@ class PlaneLayout:
                                 region: Region | None = None) -> np.ndarray:
         """(C * (1 + 2k), Y, X): the plane, then its neighbours at -k..-1, +1..+k along the
         context axis (of the (rows, columns) `region` only, where one is given)."""
-        blocks = [self.read_plane(data, plane, region)]
-        if planes_each_side:
-            self.check_context(planes_each_side, "choose a smaller context")
-            letter = self.context_axis
-            offsets = [*range(-planes_each_side, 0), *range(1, planes_each_side + 1)]
-            blocks += [self.read_plane(data, self.neighbour(plane, letter, offset), region) for offset in offsets]
+        if isinstance(data, PlaneSource):
+            return data.read_plane_with_context(plane, planes_each_side, region)
+        blocks = [self.read_plane(data, each, region) for each in [plane, *self.context_planes(plane, planes_each_side)]]
         return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+    def context_planes(self, plane: tuple[int, ...], planes_each_side: int) -> list[tuple[int, ...]]:
+        """The neighbours at -k..-1, +1..+k along the context axis that `plane` reads."""
+        if not planes_each_side:
+            return []
+        self.check_context(planes_each_side, "choose a smaller context")
+        offsets = [*range(-planes_each_side, 0), *range(1, planes_each_side + 1)]
+        return [self.neighbour(plane, self.context_axis, offset) for offset in offsets]
 
     def evenly_spaced(self, count: int) -> list[tuple[int, ...]]:
         """Up to `count` plane indices spread evenly over the stack, first and last included."""

@@ -315,6 +315,7 @@ class TrainingSummary:
     channels: str | None = None  # how a multichannel image was fitted, and why
     plateau_iteration: int | None = None  # where validation stopped improving, when well before the end
     pass_limit: int | None = None  # the iterations the data's size allowed, where they bound the fit
+    camera: str | None = None  # what camera effects were found and taken out
 
     def headline(self) -> str:
         """What a user needs first: how long the fit took, and whether more time would help."""

@@ -25,7 +25,9 @@ from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkC
 from .devices import check_threads, choose_threads, resolve_device, torch_threads
 from .distillation import StudentPlan, distil_model, plan_student
 from .distributed import ClusterSummary
-from .fitting import FitSettings, context_for, fit_model
+from .camera import Calibration
+from .errors import BadInput
+from .fitting import FitSettings, camera_correction, context_for, fit_model
 from .model import FittedModel
 from .network import TBSN
 from .noise import NoiseModel
@@ -123,6 +125,7 @@ class Denoiser:
         noise_model: NoiseModel | None = None,
         channels: str = "auto",
         threads: int | str = "auto",
+        camera: str | Calibration = "auto",
     ) -> None:
         """`pd`: "auto" (measure the noise correlation at fit time), 1 for pixel-independent
         noise, 2-8 for spatially correlated noise. `context`: neighbouring planes on each side
@@ -136,16 +139,22 @@ class Denoiser:
         model; "auto" picks by how well the channels' structures correlate, and the fit's summary
         says which and why. `threads`: CPU threads for torch; "auto": the cores no other
         process is busy on, measured when a fit, distillation or prediction starts (each of
-        them also takes `threads=` for one call). `estimator`, `ensemble`, `refine` and the tile settings
+        them also takes `threads=` for one call). `camera`: "auto" finds a camera's fixed
+        pattern, hot pixels and row or column offsets in the data and takes them out before the
+        fit and every prediction (camera.py; the summary says what was found), "off" takes the
+        data as it is, and a Calibration (Calibration.from_dark) uses dark frames of the camera
+        instead. `estimator`, `ensemble`, `refine` and the tile settings
         are the default PredictOptions, which predict() can override per call."""
         _check_fit_settings(preset, pd, context, noise_model, seed, channels)
+        if not (camera in ("auto", "off") or isinstance(camera, Calibration)):
+            raise BadInput(f"camera must be 'auto', 'off' or a Calibration (Calibration.from_dark), got {camera!r}")
         fit_config = fit_config or FIT_PRESETS[preset]
         if not isinstance(fit_config, FitConfig):
             raise TypeError(f"fit_config must be a FitConfig, got {type(fit_config).__name__}")
         self._options = PredictOptions(estimator=estimator, ensemble=ensemble, refine=refine, lattice=bool(lattice),
                                        tile_size=tile_size, tile_overlap=tile_overlap, batch_size=predict_batch_size)
         self._settings = FitSettings(preset, pd, context, estimator == "posterior", bool(lattice), noise_model,
-                                     fit_config, seed, channels)
+                                     fit_config, seed, channels, camera)
         self._device = resolve_device(device)
         check_threads(threads)
         self._threads = threads
@@ -156,10 +165,13 @@ class Denoiser:
     @classmethod
     def from_model(cls, model: FittedModel, options: PredictOptions | None = None, device: str | torch.device = "auto",
                    fit_config: FitConfig | None = None, noise_model: NoiseModel | None | str = "keep",
-                   threads: int | str = "auto") -> Denoiser:
+                   threads: int | str = "auto", camera: str | Calibration | None = None) -> Denoiser:
         """A Denoiser holding `model`: it predicts with it, and fit() fine-tunes a copy of it
         with `fit_config` (default: the model's own) and `noise_model`: "keep" the model's
-        calibration (if it has one), a new NoiseModel, or None to estimate the noise."""
+        calibration (if it has one), a new NoiseModel, or None to estimate the noise. `camera`:
+        as the model was fitted ("off" stays off, else found in the data) unless given."""
+        if camera is None:
+            camera = "off" if model.camera.get("mode") == "off" else "auto"
         options = options or PredictOptions()
         if noise_model == "keep":
             noise_model = model.noise_model if model.noise_model is not None and model.noise_model.given else None
@@ -169,7 +181,7 @@ class Denoiser:
                        predict_batch_size=options.batch_size, ensemble=options.ensemble, refine=options.refine,
                        context=model.context_planes, lattice=options.lattice,
                        noise_model=noise_model, channels="auto" if model.channel_mode == "single" else model.channel_mode,
-                       threads=threads)
+                       threads=threads, camera=camera)
         # A fine-tune fits a lattice filter where the model has one (pd 1, not turned off).
         denoiser._settings = dataclasses.replace(denoiser._settings, lattice=model.lattice_filter is not None)
         denoiser._options = options  # all of them (the constructor's arguments name most)
@@ -188,6 +200,8 @@ class Denoiser:
     channels = property(lambda self: self._settings.channels, doc="How multichannel data are fitted: auto, joint, "
                         "independent (the fitted model's choice: model.config.channels_as_samples).")
     given_noise_model = property(lambda self: self._settings.noise_model)
+    camera = property(lambda self: self._settings.camera, doc="How the camera is handled: 'auto', 'off' or a "
+                      "Calibration.")
     estimator = property(lambda self: self._options.estimator)
     ensemble = property(lambda self: self._options.ensemble)
     refine = property(lambda self: self._options.refine)
@@ -458,7 +472,9 @@ class Denoiser:
         self._quality = None
         if out is None:
             out = np.empty(layout.shape, dtype=np.float32)
-        self._quality = yield from predict_planes(model, options, self._device, data, layout, out, uncertainty, token)
+        camera = camera_correction(self._settings.camera, data, layout)
+        self._quality = yield from predict_planes(model, options, self._device, data, layout, out, uncertainty, token,
+                                                  camera)
         return out
 
     # -- model files -------------------------------------------------------------------
@@ -475,6 +491,8 @@ class Denoiser:
         return self._model.save(path, self._options)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "auto", threads: int | str = "auto") -> Denoiser:
+    def load(cls, path: str | Path, device: str | torch.device = "auto", threads: int | str = "auto",
+             camera: str | Calibration | None = None) -> Denoiser:
+        """The model saved in `path`; `camera` as Denoiser.from_model."""
         model, defaults = FittedModel.load(path)
-        return cls.from_model(model, defaults, device=device, threads=threads)
+        return cls.from_model(model, defaults, device=device, threads=threads, camera=camera)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout
+from .camera import Calibration, CameraCorrection, CorrectedStack, camera_record, find_correction
 from .channels import ChannelChoice, choose_channels
 from .config import FitConfig, network_preset
 from .ddp import world
@@ -52,10 +53,13 @@ class FitSettings:
     fit_config: FitConfig
     seed: int
     channels: str = "auto"  # "auto", "joint" or "independent" (channels.py)
+    camera: str | Calibration = "auto"  # "auto": found in the data, "off", or a dark calibration
 
 
 @dataclass(frozen=True)
 class DataAnalysis:
+    data: object  # what the fit reads: the input, or a view of it with the camera taken out
+    camera: CameraCorrection | None
     normalizer: Normalizer
     measurement: NoiseMeasurement
     noise_model: NoiseModel
@@ -66,7 +70,11 @@ class DataAnalysis:
 
 def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedModel | None = None) -> DataAnalysis:
     """Normalisation, noise model and noise correlation of the data, and the pd and channel
-    handling they call for (a fine-tune keeps the previous model's: its network was fitted so)."""
+    handling they call for (a fine-tune keeps the previous model's: its network was fitted so).
+    The camera (camera.py) is found first, and everything after reads the data without it."""
+    camera = camera_correction(settings.camera, data, layout)
+    if camera is not None:
+        data = CorrectedStack(data, layout, camera)
     normalizer = Normalizer.from_data(data, layout)
     measurement = NoiseMeasurement.of(data, layout)
     if settings.noise_model is not None:
@@ -83,7 +91,15 @@ def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedMo
         channels = ChannelChoice(previous.channel_mode, reason="as the model was fitted")
     else:
         channels = choose_channels(settings.channels, data, layout, normalizer)
-    return DataAnalysis(normalizer, measurement, noise_model, correlation, pd, channels)
+    return DataAnalysis(data, camera, normalizer, measurement, noise_model, correlation, pd, channels)
+
+
+def camera_correction(setting: str | Calibration, data, layout: PlaneLayout) -> CameraCorrection | None:
+    """The camera correction of `data` the setting asks for (None: nothing to take out)."""
+    if setting == "off":
+        return None
+    correction = find_correction(data, layout, setting if isinstance(setting, Calibration) else None)
+    return correction if correction.active else None
 
 
 def _warn_on_mismatch(ratios: tuple[float, ...]) -> None:
@@ -145,7 +161,7 @@ def fit_model(
     config = settings.fit_config
     granularity = network.size_multiple * analysis.pd
     patch = fitting_patch_size(max(config.patch_size, granularity), layout.height, layout.width, granularity)
-    planes = load_training_planes(data, layout, analysis.normalizer, config.max_training_pixels,
+    planes = load_training_planes(analysis.data, layout, analysis.normalizer, config.max_training_pixels,
                                   network.config.context_planes)
     rng = np.random.default_rng(settings.seed)
     sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
@@ -167,15 +183,17 @@ def fit_model(
     if summary.iterations == 0 or (previous is not None and cancel.is_set()):
         raise stopped
     summary.channels = analysis.channels.describe() if layout.channels > 1 else None
+    summary.camera = analysis.camera.describe() if analysis.camera is not None else None
     model = FittedModel(
         network=network, normalizer=analysis.normalizer, pd=analysis.pd, preset=settings.preset, axes=layout.axes,
         noise_model=analysis.noise_model, noise_measurement=analysis.measurement,
         noise_correlation=analysis.correlation, summary=summary, variance_head_fitted=False, seed=settings.seed,
-        fit_config=config,
+        fit_config=config, camera=camera_record(settings.camera, analysis.camera),
     )
     try:
         model = _with_variance_head(model, sampler, rng, device, cancel)
-        if settings.lattice and model.pd == 1:
+        # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
+        if settings.lattice and model.pd == 1 and not (analysis.camera is not None and analysis.camera.lines):
             model = _with_lattice_filter(model, sampler, rng, device, cancel)
     except FitCancelled:
         if previous is not None:

@@ -50,6 +50,9 @@ class FittedModel:
     seed: int = 0
     fit_config: FitConfig = dataclasses.field(default_factory=FitConfig)
     student: Student | None = None  # the distilled UNet (Denoiser.distil), or None
+    # How the camera was handled ({"mode": "auto" | "off" | "dark frames", "found": [...]});
+    # older models took the data as it came ("off").
+    camera: dict = dataclasses.field(default_factory=lambda: {"mode": "off", "found": []})
 
     @property
     def config(self) -> NetworkConfig:
@@ -111,6 +114,7 @@ class FittedModel:
                        "ensemble": defaults.ensemble},
             "training": dataclasses.asdict(self.summary) if self.summary else None,
             "student": self.student.describe() if self.student else None,
+            "camera": self.camera,
             "package_version": __version__,
         }
 
@@ -159,6 +163,7 @@ class FittedModel:
                 seed=int(description.get("seed", 0)),
                 fit_config=FitConfig.from_dict(description.get("fit", {})),
                 student=_optional(lambda d: Student.from_description(d, student_state, sample), description, "student"),
+                camera=dict(description.get("camera") or {"mode": "off", "found": []}),
             )
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
             raise ModelFileError(f"{path} does not describe a usable TBSN model ({error}); save the model again") \

@@ -14,6 +14,7 @@ followed by the C log prior variances.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -45,8 +46,15 @@ class NoiseTerms:
 
         return cls(shaped(gain), shaped(offset), shaped(floor))
 
+    extra: torch.Tensor | None = None  # (B, C, H, W): each pixel's read variance above the typical one
+
     def variance(self, signal: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(self.gain * signal + self.offset, self.floor)
+        line = self.gain * signal + self.offset
+        return torch.maximum(line if self.extra is None else line + self.extra, self.floor)
+
+    def with_extra(self, extra: torch.Tensor) -> NoiseTerms:
+        """These terms with a per-pixel read variance added (a camera calibration's)."""
+        return dataclasses.replace(self, extra=extra)
 
 
 def posterior_weight(prior: torch.Tensor, noise_variance: torch.Tensor) -> torch.Tensor:
@@ -124,28 +132,37 @@ class Estimate:
     squared_error: torch.Tensor
 
 
-def posterior_estimate(mean: torch.Tensor, prior: torch.Tensor, noisy: torch.Tensor, noise: NoiseTerms) -> Estimate:
+def posterior_estimate(mean: torch.Tensor, prior: torch.Tensor, noisy: torch.Tensor, noise: NoiseTerms,
+                       unusable: torch.Tensor | None = None) -> Estimate:
     """The posterior mean and variance, and an unbiased estimate of the posterior's squared error.
 
     With w = v_prior / (v_prior + v_noise), the estimate is w * y + (1 - w) * mu. The blind spot
     makes mu and w independent of y's own noise, so E[(estimate - clean)^2] =
     w^2 v_noise + (1 - w)^2 E[(mu - clean)^2], and (y - mu)^2 - v_noise estimates the last term
-    without clean data (Noise2Self).
+    without clean data (Noise2Self). Where `unusable` is 1 (a hot pixel) y says nothing: the
+    estimate is mu, and its error the prior variance.
     """
     mean, noisy = mean.float(), noisy.float()
     noise_variance = noise.variance(mean)
     weight = posterior_weight(prior, noise_variance)
-    value = weight * noisy + (1 - weight) * mean
     blind_error = (noisy - mean) ** 2 - noise_variance
+    if unusable is not None:
+        weight = weight * (1 - unusable)
+        blind_error = torch.where(unusable > 0, prior, blind_error)
+    value = weight * noisy + (1 - weight) * mean
     squared_error = weight**2 * noise_variance + (1 - weight) ** 2 * blind_error
     return Estimate(value, weight * noise_variance, squared_error)
 
 
-def blind_spot_estimate(mean: torch.Tensor, noisy: torch.Tensor, noise: NoiseTerms | None) -> Estimate:
-    """The plain blind-spot mean; its squared error estimated as (y - mu)^2 - v_noise."""
+def blind_spot_estimate(mean: torch.Tensor, noisy: torch.Tensor, noise: NoiseTerms | None,
+                        unusable: torch.Tensor | None = None) -> Estimate:
+    """The plain blind-spot mean; its squared error estimated as (y - mu)^2 - v_noise (not
+    where `unusable` is 1: a hot pixel's y says nothing, so nothing is counted there)."""
     mean = mean.float()
     if noise is None:
         error = torch.full_like(mean, float("nan"))
     else:
         error = (noisy.float() - mean) ** 2 - noise.variance(mean)
+        if unusable is not None:
+            error = error * (1 - unusable)
     return Estimate(mean, None, error)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout, Region
+from .camera import CameraCorrection, CorrectedStack
 from .config import MIN_TILE_SIZE, PredictOptions
 from .devices import TILE_MEMORY_SHARE, OutOfMemory, autocast_dtype, free_memory, out_of_memory_error, tile_for_memory
 from .image_io import release_pages
@@ -136,8 +137,13 @@ class TileModel:
     the estimate, its posterior variance (zero for the plain mean) and its squared-error estimate."""
 
     def __init__(self, model: FittedModel, options: PredictOptions, device: torch.device, views: int,
-                 cancel: threading.Event | None = None) -> None:
+                 cancel: threading.Event | None = None, camera: CameraCorrection | None = None) -> None:
         self.model = model
+        # Per-pixel camera maps follow the network's input channels in every batch (pixel_maps).
+        self.camera = camera if camera is not None and camera.per_pixel else None
+        # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
+        self.lattice = (options.lattice and model.lattice_filter is not None and model.pd == 1
+                        and not (camera is not None and camera.lines))
         self.options = options
         self.device = device
         self.views = views
@@ -147,21 +153,35 @@ class TileModel:
         self.noise = model.noise_terms(device) if model.noise_model is not None else None
         self.autocast = prediction_autocast(model, device)
 
+    def pixel_maps(self) -> np.ndarray | None:
+        """(2C, H, W) normalised camera maps to append to every plane: where a pixel's value is
+        never used, and its read variance above the typical pixel's."""
+        if self.camera is None:
+            return None
+        maps = self.camera.pixel_maps(self.model.channels)
+        channels = self.model.channels
+        maps[channels:] /= self.model.normalizer.scale.reshape(-1, 1, 1) ** 2
+        return maps
+
     def __call__(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
         channels = self.model.channels
+        network_channels = self.model.config.in_channels + self.model.config.context_channels
+        batch, maps = batch[:, :network_channels], batch[:, network_channels:]
+        unusable, extra = maps.float().chunk(2, dim=1) if maps.shape[1] else (None, None)
         noisy = batch[:, :channels]  # then the context planes, if any
         mean, prior = self.averaged_output(batch)
-        noise = self.noise
-        if self.options.lattice and self.model.lattice_filter is not None and self.model.pd == 1:
-            # The lattice filter's lattice is pd 1's blind spot.
+        noise = self.noise.with_extra(extra) if self.noise is not None and extra is not None else self.noise
+        if self.lattice:  # the lattice filter's lattice is pd 1's blind spot
             weight = residual_weight(prior, noise.variance(mean) if noise is not None else None)
+            if unusable is not None:  # a hot pixel's residual would carry its replacement's lattice
+                weight = weight * (1 - unusable)
             mean = self.model.lattice_filter.apply(mean, noisy, weight, inside)
             prior = self.model.lattice_filter.scale_prior(prior) if prior is not None else None
         if self.posterior and prior is not None:
-            estimate = posterior_estimate(mean, prior, noisy, noise)
+            estimate = posterior_estimate(mean, prior, noisy, noise, unusable)
         else:
             # With correlated noise (pd > 1) the blind-spot residual says nothing about the error.
-            estimate = blind_spot_estimate(mean, noisy, noise if self.model.pd == 1 else None)
+            estimate = blind_spot_estimate(mean, noisy, noise if self.model.pd == 1 else None, unusable)
         variance = estimate.variance if estimate.variance is not None else torch.zeros_like(estimate.value)
         return torch.cat([estimate.value, variance, estimate.squared_error.nan_to_num(0.0)], dim=1)
 
@@ -265,11 +285,11 @@ class StudentModel:
 
 
 def make_runner(model: FittedModel, options: PredictOptions, device: torch.device, views: int,
-                cancel: threading.Event | None = None) -> TileModel | StudentModel:
+                cancel: threading.Event | None = None, camera: CameraCorrection | None = None) -> TileModel | StudentModel:
     """The student where there is one and options allow it, else the teacher with `views`."""
     if uses_student(model, options):
         return StudentModel(model, device, cancel)
-    return TileModel(model, options, device, views, cancel)
+    return TileModel(model, options, device, views, cancel, camera)
 
 
 def tiles_in_memory(tile: int, bytes_per_pixel: float, options: PredictOptions, device: torch.device) -> int:
@@ -331,11 +351,14 @@ class QualityTally:
 
 def predict_planes(
     model: FittedModel, options: PredictOptions, device: torch.device, data, layout: PlaneLayout, out,
-    uncertainty, cancel: threading.Event,
+    uncertainty, cancel: threading.Event, camera: CameraCorrection | None = None,
 ) -> Generator[PredictProgress, None, QualityEstimate | None]:
     """Denoise every plane of `data` into `out` (and `uncertainty`), yielding progress after
     every batch of tiles; returns the quality estimate (None where it cannot be estimated)."""
-    runner = make_runner(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
+    if camera is not None:
+        data = CorrectedStack(data, layout, camera)
+    runner = make_runner(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel, camera)
+    maps = runner.pixel_maps() if isinstance(runner, TileModel) else None
     tile_size = tile_side(runner, options, device)
     tally = QualityTally()
     channels = model.channels
@@ -346,6 +369,8 @@ def predict_planes(
         block = layout.read_plane_with_context(data, plane, model.context_planes)
         check_finite(block, f"{layout.describe_plane(plane)} of the input")
         normalized = model.normalizer.normalize(block)
+        if maps is not None:
+            normalized = np.concatenate([normalized, maps])
         while True:
             try:
                 steps = runner.predict_iter(normalized, tile_size)

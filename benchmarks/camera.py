@@ -1,0 +1,109 @@
+"""Real cameras: the developers' sCMOS cases (cases.Camera) against their clean Poisson-Gaussian
+twins and Noise2Void, at one fitting budget, one run per row, one after the other.
+
+Rows per case: napari-tbsn with the camera found in the data (the default), with 100 dark frames
+of the same camera (`--dark`), with the camera left in ("off", what earlier versions did), on
+the clean Poisson-Gaussian twin, and Noise2Void (CAREamics) when a Python with it is given.
+Hot pixels "survive" where the output exceeds the clean value by more than 3 noise sd
+(sqrt(signal + read_sigma^2)). Then which camera effects each benchmark case D1-D6 shows (none
+should: there the fit is exactly what it was).
+
+    python benchmarks/camera.py --cases C1 C2 --budget 120 --noise2void /work/n2v/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cases import CASES, make_case, psnr, without_camera  # noqa: E402
+
+DARK_FRAMES = 100
+
+
+def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, camera) -> tuple[np.ndarray, float, str]:
+    from napari_tbsn import Denoiser
+
+    start = time.perf_counter()
+    denoiser = Denoiser(preset=preset, camera=camera).fit(noisy, axes, time_budget=budget)
+    output = denoiser.predict(noisy, axes)
+    found = denoiser.summary.camera or "nothing found"
+    return output, time.perf_counter() - start, f"{denoiser.summary.iterations} it; {found}"
+
+
+def run_noise2void(python: str, noisy: np.ndarray, axes: str, budget: float) -> tuple[np.ndarray, float, str]:
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder) / "noisy.npy", Path(folder) / "denoised.npy"
+        np.save(source, noisy)
+        start = time.perf_counter()
+        done = subprocess.run([python, str(Path(__file__).with_name("noise2void.py")), str(source), axes, str(budget),
+                               str(target)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"Noise2Void failed: {done.stderr[-2000:]}")
+        return np.load(target), time.perf_counter() - start, done.stdout.strip().splitlines()[-1]
+
+
+def hot_survivors(output: np.ndarray, clean: np.ndarray, case) -> str:
+    _, _, hot = case.camera.pattern(*clean.shape[-2:])
+    hot = np.broadcast_to(hot > 0, clean.shape)
+    signal = clean - case.camera.baseline
+    survived = (output - clean > 3 * np.sqrt(np.maximum(signal, 0) + case.read_sigma**2)) & hot
+    return f"{survived.sum() / hot.sum():.1%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["C1", "C2"])
+    parser.add_argument("--budget", type=float, default=120.0)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--noise2void", help="a Python with careamics installed")
+    parser.add_argument("--skip-off", nargs="*", default=["C2"], help="cases without the camera 'off' row")
+    args = parser.parse_args()
+    from napari_tbsn.camera import Calibration
+
+    print(f"| case | run | PSNR (dB) | hot pixels surviving | seconds | notes |\n| --- | --- | --- | --- | --- | --- |")
+    for name in args.cases:
+        case = CASES[name]
+        clean, noisy = make_case(case)
+        twin_clean, twin = without_camera(case)
+        dark = case.camera.record(np.zeros((DARK_FRAMES, *clean.shape[-2:])), np.random.default_rng(7))
+        print(f"| {name} | noisy | {psnr(noisy, clean):.2f} | {hot_survivors(noisy, clean, case)} | | "
+              f"{'x'.join(map(str, noisy.shape))} {case.axes}, peak {case.peak} |")
+        runs = [("napari-tbsn, camera found in the data (default)", lambda: run_tbsn(noisy, case.axes, args.budget,
+                                                                                   args.preset, "auto")),
+                (f"napari-tbsn, {DARK_FRAMES} dark frames", lambda: run_tbsn(
+                    noisy, case.axes, args.budget, args.preset, Calibration.from_dark(dark)))]
+        if name not in args.skip_off:
+            runs.append(("napari-tbsn, camera left in (off)", lambda: run_tbsn(noisy, case.axes, args.budget,
+                                                                                args.preset, "off")))
+        runs.append(("napari-tbsn on the Poisson-Gaussian twin", lambda: run_tbsn(twin, case.axes, args.budget,
+                                                                                    args.preset, "auto")))
+        if args.noise2void:
+            runs.append(("Noise2Void (CAREamics)", lambda: run_noise2void(args.noise2void, noisy, case.axes,
+                                                                          args.budget)))
+        for label, run in runs:
+            output, seconds, notes = run()
+            twin_run = "twin" in label
+            reference = twin_clean if twin_run else clean
+            survivors = "" if twin_run else hot_survivors(output, clean, case)
+            print(f"| {name} | {label} | {psnr(output, reference):.2f} | {survivors} | {seconds:.0f} | {notes} |",
+                  flush=True)
+
+    from napari_tbsn.axes import PlaneLayout
+    from napari_tbsn.camera import find_correction
+
+    print("\n| case | camera effects found |\n| --- | --- |")
+    for name in ("D1", "D2", "D3", "D4", "D5", "D6"):
+        _, noisy = make_case(CASES[name])
+        print(f"| {name} | {find_correction(noisy, PlaneLayout.of(noisy.shape, CASES[name].axes)).describe()} |")
+
+
+if __name__ == "__main__":
+    main()
