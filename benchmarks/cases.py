@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,8 +42,10 @@ class Camera:
     row of every frame carries a common offset (Normal, `row_sigma`). The offsets, read noise
     and hot pixels are the same in every frame: a fixed pattern. The clean reference includes
     the baseline (a pixel that detected nothing reads `baseline`), so the output stays in the
-    input's units. The same camera without its effects (`Case.without_camera`) reads
-    baseline + Poisson(signal) + Normal(0, read_sigma^2): the clean Poisson-Gaussian twin.
+    input's units. The same camera without its effects (`without_camera`) reads
+    baseline + Poisson(signal) + Normal(0, s^2) with s the read noise of its ordinary pixels as
+    power (root mean square; `rms_read_sigma`): the clean Poisson-Gaussian twin, with the same
+    read-noise power but no pattern, tail, hot pixels or row offsets.
     """
 
     baseline: float = 100.0
@@ -55,6 +58,11 @@ class Camera:
     hot_counts: tuple[float, float] = (20.0, 200.0)
     row_sigma: float = 0.6
     seed: int = 1  # the camera's own pattern; the per-frame noise uses the protocol's seed 0
+
+    @property
+    def rms_read_sigma(self) -> float:
+        """The root-mean-square read noise of the ordinary (log-normal) pixels."""
+        return self.read_sigma * math.exp(self.read_spread**2)
 
     def pattern(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(offset, read sigma, hot dark current), each (height, width)."""
@@ -83,10 +91,10 @@ CASES = {
                (np.s_[128:384, 128:384], np.s_[30], np.s_[0, 128:384, 128:384])),
     # A small single 2D image (a 320x320 crop of D1's reference), where long fits used to lose.
     "D6": Case("D6", "img2d.tif", "YX", 20, 1, False, np.s_[96:416, 96:416]),
-    # The developers' sCMOS cases: D1's image and 32 planes of D2's through Camera() (read_sigma is the
+    # The developers' sCMOS cases: D1's image and 32 planes of D2's through Camera() (read_sigma: the
     # camera's typical read noise, for the Poisson-Gaussian twin).
-    "C1": Case("C1", "img2d.tif", "YX", 20, Camera.read_sigma, False, camera=Camera()),
-    "C2": Case("C2", "nuclei.tif", "ZYX", 10, Camera.read_sigma, False, np.s_[14:46], camera=Camera()),
+    "C1": Case("C1", "img2d.tif", "YX", 20, Camera().rms_read_sigma, False, camera=Camera()),
+    "C2": Case("C2", "nuclei.tif", "ZYX", 10, Camera().rms_read_sigma, False, np.s_[14:46], camera=Camera()),
 }
 
 

@@ -12,6 +12,7 @@ from .config import PredictOptions  # noqa: E402
 from .denoiser import Denoiser, FitProgress, PredictProgress  # noqa: E402
 from .model import FittedModel  # noqa: E402
 from .network import TBSN  # noqa: E402
+from .camera import Calibration  # noqa: E402
 from .noise import NoiseModel  # noqa: E402
 from .progress import Cancelled, FitCancelled, PredictionCancelled  # noqa: E402
 

@@ -27,10 +27,13 @@ lattice, whose line offsets did read y_p: it is not used where line offsets are 
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from scipy.ndimage import correlate
 
 from .axes import PlaneLayout, PlaneSource, Region
 from .errors import BadInput
@@ -47,6 +50,8 @@ LINE_SHARE = 0.3  # line offsets count as found when the two lattices of a line 
 LINE_PLANES = 8  # planes sampled to look for line offsets
 LINE_WINDOW = 4  # neighbouring lines on each side whose medians give a line's expected median
 LEVEL_BINS = 16
+PREDICTOR_REACH = 2  # a pattern pixel is told from structure by the 5x5 pixels around it
+PREDICTOR_PIXELS = 2**18
 _RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=bool)
 _LATTICES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
@@ -83,11 +88,79 @@ class Calibration:
 
 
 @dataclass
+class StackPattern:
+    """A fixed pattern measured on a stack's own planes, kept as sums over two halves (the
+    sampled planes of even and of odd flat index), so that a map without any given planes can
+    be made: plane z is corrected with the other half less its context planes, its context
+    planes with z's own half less z. The two maps share no plane, so the part of the pattern
+    left in each (the planes' noise averaged) differs between the plane and its context, and
+    the network cannot take it for structure the way it would a map common to all of them.
+
+    A plane's residual r is the plane (hot pixels replaced by their 8 neighbours' median) less
+    its prediction from the 24 pixels around (a least-squares kernel per half and channel):
+    smooth structure is predicted away, a white pattern is not."""
+
+    sums: np.ndarray  # (2, C, Y, X): each half's sum of r over its planes
+    planes: tuple[tuple[int, ...], tuple[int, ...]]  # the flat plane indices each half sums
+    kernels: np.ndarray  # (2, C, 5, 5)
+    biases: np.ndarray  # (2, C)
+    weights: np.ndarray  # (C,): the share of a map taken out (how much of it the halves agree on)
+    usable: np.ndarray  # (C, Y, X) bool: not hot
+
+    def residual(self, half: int, block: np.ndarray) -> np.ndarray:
+        """r of a raw (C, Y, X) plane, with `half`'s kernels."""
+        result = np.empty(block.shape)
+        for channel, image in enumerate(block.astype(np.float64)):
+            image = np.where(self.usable[channel], image, ring_median(image))
+            result[channel] = image - correlate(image, self.kernels[half, channel], mode="mirror") - \
+                self.biases[half, channel]
+        return result
+
+    def map_without(self, half: int, left_out: list[np.ndarray]) -> np.ndarray:
+        """`half`'s map less the planes whose residuals are `left_out`: about its mean (the output
+        keeps the input's baseline), weighted."""
+        count = len(self.planes[half]) - len(left_out)
+        mean = (self.sums[half] - sum(left_out, np.zeros_like(self.sums[half]))) / count
+        result = np.empty(mean.shape, dtype=np.float32)
+        for channel, image in enumerate(mean):
+            result[channel] = self.weights[channel] * (image - image[self.usable[channel]].mean())
+        return result
+
+    def maps_for(self, target: int, context: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(the target plane's map, its context planes' map) for predicting plane `target` with
+        the raw `context` planes (flat index -> (C, Y, X)) and the raw target in context[target]."""
+        own, other = target % 2, 1 - target % 2
+        around = [self.residual(other, block) for flat, block in context.items()
+                  if flat != target and flat in self.planes[other]]
+        itself = [self.residual(own, context[target])] if target in self.planes[own] else []
+        return self.map_without(other, around), self.map_without(own, itself)
+
+    def whole(self) -> np.ndarray:
+        """The map from every sampled plane (for reads that predict nothing)."""
+        return (self.map_without(0, []) + self.map_without(1, [])) / 2
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"pattern_sums": self.sums, "pattern_kernels": self.kernels, "pattern_biases": self.biases,
+                "pattern_weights": self.weights, "pattern_usable": self.usable,
+                "pattern_even": np.asarray(self.planes[0], dtype=np.int64),
+                "pattern_odd": np.asarray(self.planes[1], dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> StackPattern | None:
+        if "pattern_sums" not in arrays:
+            return None
+        planes = (tuple(int(v) for v in arrays["pattern_even"]), tuple(int(v) for v in arrays["pattern_odd"]))
+        return cls(arrays["pattern_sums"], planes, arrays["pattern_kernels"], arrays["pattern_biases"],
+                   arrays["pattern_weights"], arrays["pattern_usable"])
+
+
+@dataclass
 class CameraCorrection:
     """What is taken out of this data's planes (maps per channel, (C, Y, X), input units)."""
 
     source: str  # "dark frames" or "detected"
-    halves: tuple[np.ndarray, np.ndarray] | None = None  # offset maps without odd / even planes
+    offset: np.ndarray | None = None  # fixed offsets from dark frames (not from the data)
+    pattern: StackPattern | None = None  # fixed offsets measured on the stack itself
     hot: np.ndarray | None = None  # bool: pixels whose value is never used
     extra_variance: np.ndarray | None = None  # read variance above the typical pixel's
     lines: tuple[str, ...] = ()  # "rows", "columns"
@@ -101,7 +174,8 @@ class CameraCorrection:
 
     @property
     def active(self) -> bool:
-        return self.halves is not None or self.hot is not None or bool(self.lines) or self.extra_variance is not None
+        return (self.offset is not None or self.pattern is not None or self.hot is not None or bool(self.lines)
+                or self.extra_variance is not None)
 
     def describe(self) -> str:
         return "; ".join(self.found) if self.found else "no camera pattern found"
@@ -110,17 +184,49 @@ class CameraCorrection:
         return {"source": self.source, "found": list(self.found), "lines": list(self.lines),
                 "hot_pixels": int(self.hot.sum()) if self.hot is not None else 0}
 
-    def offset_for(self, flat_plane: int | None) -> np.ndarray | None:
-        """The offset map that plane `flat_plane` (None: any read) and its context subtract: the
-        half without that plane (both halves averaged for reads that predict nothing)."""
-        if self.halves is None:
-            return None
-        if flat_plane is None:
-            return (self.halves[0] + self.halves[1]) / 2
-        return self.halves[flat_plane % 2]
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {name: value for name, value in (("offset", self.offset), ("hot", self.hot),
+                                                   ("extra_variance", self.extra_variance)) if value is not None}
+        return {**arrays, **(self.pattern.arrays() if self.pattern is not None else {})}
+
+    def _description(self) -> dict:
+        return {"source": self.source, "lines": list(self.lines), "line_weight": self.line_weight,
+                "found": self.found}
+
+    def digest(self) -> str:
+        """A fingerprint of the maps and decisions (a cluster job redoes its blocks when it changes)."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps(self._description(), sort_keys=True).encode())
+        for name, array in sorted(self._arrays().items()):
+            digest.update(name.encode() + np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+    def save(self, path: Path) -> None:
+        """Maps and decisions as .npz (plain arrays and a JSON text: nothing unpickles),
+        written beside and renamed into place."""
+        import json
+        import os
+
+        partial = path.with_name(f".{path.name}.partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, description=np.array(json.dumps(self._description())), **self._arrays())
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: Path) -> CameraCorrection:
+        import json
+
+        with np.load(path, allow_pickle=False) as stored:
+            described = json.loads(str(stored["description"]))
+            arrays = {name: stored[name] for name in stored.files if name != "description"}
+        return cls(described["source"], arrays.get("offset"), StackPattern.from_arrays(arrays), arrays.get("hot"),
+                   arrays.get("extra_variance"), tuple(described["lines"]), described["line_weight"],
+                   described["found"])
 
     def correct(self, block: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
-        """A whole (C, Y, X) plane with the camera taken out."""
+        """A whole (C, Y, X) plane with the camera taken out (`offset`: the fixed offsets for it)."""
         block = block.astype(np.float32, copy=True)
         if offset is not None:
             block -= offset
@@ -131,6 +237,10 @@ class CameraCorrection:
             for channel in range(len(block)):
                 remove_line_offsets(block[channel], direction, self.line_weight[direction])
         return block
+
+    def any_offset(self) -> np.ndarray | None:
+        """The fixed offsets for a read that predicts nothing (analysis, line detection)."""
+        return self.offset if self.pattern is None else self.pattern.whole()
 
     def pixel_maps(self, channels: int, region: Region | None = None) -> np.ndarray:
         """(2C, Y, X) float32 for the tile model: 1 where a pixel's value is never used, then
@@ -146,25 +256,31 @@ class CameraCorrection:
 
 
 class CorrectedStack(PlaneSource):
-    """`data` read plane by plane with the camera taken out (a read-only view)."""
+    """`data` read plane by plane with the camera taken out (a read-only view). Whole planes
+    are read (line offsets need whole lines), and a region cut from them."""
 
     def __init__(self, data, layout: PlaneLayout, correction: CameraCorrection) -> None:
         self.source, self.layout, self.correction = data, layout, correction
         self.shape, self.dtype, self.ndim = tuple(data.shape), np.dtype(np.float32), len(data.shape)
 
-    def _plane(self, plane: tuple[int, ...], region: Region | None, flat_target: int | None) -> np.ndarray:
-        whole = self.layout.read_plane(self.source, plane)  # line offsets need whole lines
-        corrected = self.correction.correct(whole, self.correction.offset_for(flat_target))
+    def _cut(self, block: np.ndarray, offset: np.ndarray | None, region: Region | None) -> np.ndarray:
+        corrected = self.correction.correct(block, offset)
         return corrected if region is None else np.ascontiguousarray(corrected[(slice(None), *region)])
 
     def read_plane(self, plane: tuple[int, ...], region: Region | None = None) -> np.ndarray:
-        return self._plane(plane, region, None)
+        return self._cut(self.layout.read_plane(self.source, plane), self.correction.any_offset(), region)
 
     def read_plane_with_context(self, plane: tuple[int, ...], planes_each_side: int,
                                 region: Region | None = None) -> np.ndarray:
-        target = self.layout.flat_index(plane)
         planes = [plane, *self.layout.context_planes(plane, planes_each_side)]
-        blocks = [self._plane(each, region, target) for each in planes]
+        raw = {self.layout.flat_index(each): self.layout.read_plane(self.source, each) for each in planes}
+        target = self.layout.flat_index(plane)
+        if self.correction.pattern is not None:
+            target_offset, context_offset = self.correction.pattern.maps_for(target, raw)
+        else:
+            target_offset = context_offset = self.correction.offset
+        blocks = [self._cut(raw[target], target_offset, region)]
+        blocks += [self._cut(raw[self.layout.flat_index(each)], context_offset, region) for each in planes[1:]]
         return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
 
 
@@ -262,8 +378,8 @@ def from_calibration(calibration: Calibration, layout: PlaneLayout) -> CameraCor
     typical one: hot pixels' dark current, the read noise's far tail)."""
     calibration.check_fits(layout)
     offset = (calibration.offset - calibration.offset.mean()).astype(np.float32)[np.newaxis]
-    correction = CameraCorrection("dark frames", halves=(offset, offset))  # not from the data: no halves needed
-    correction.found.append(f"fixed offsets from {calibration.frames} dark frame(s) (sd {offset.std():.3g})")
+    correction = CameraCorrection("dark frames", offset=offset)
+    correction.found.append(f"fixed offsets from {calibration.frames} dark frame(s) (sd {_robust_sigma(offset):.3g})")
     if calibration.variance is not None:
         typical = float(np.median(calibration.variance))
         hot = calibration.variance > NOISY_VARIANCE * typical
@@ -275,29 +391,18 @@ def from_calibration(calibration: Calibration, layout: PlaneLayout) -> CameraCor
 
 
 def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
-    """Fixed offsets, hot and very noisy pixels of a stack, from up to PATTERN_PLANES planes:
-    each pixel's difference r to the median of its 8 neighbours, over the planes. Its mean is
-    the pattern plus what structure stays in place; halves of the stack agree on the pattern
-    and on static structure, not on the noise, so the share they agree on weights the map."""
-    sums = np.zeros((2, 2, layout.channels, layout.height, layout.width))  # parity, (r, r^2)
-    level = np.zeros((layout.channels, layout.height, layout.width))
-    counts = [0, 0]
-    for plane in layout.evenly_spaced(PATTERN_PLANES):
-        block = layout.read_plane(data, plane).astype(np.float64)
-        parity = layout.flat_index(plane) % 2
-        for channel, image in enumerate(block):
-            neighbours = ring_median(image)
-            residual = image - neighbours
-            sums[parity, 0, channel] += residual
-            sums[parity, 1, channel] += residual**2
-            level[channel] += neighbours
-        counts[parity] += 1
-    if min(counts) < PATTERN_MIN_PLANES // 2:  # halves this thin give no estimate
+    """Fixed offsets, hot and very noisy pixels of a stack, from up to PATTERN_PLANES planes.
+    Hot: a pixel far above its 8 neighbours' median on average over the planes, or whose
+    difference to them varies far more than other pixels' at its level. The offsets: see
+    StackPattern. Halves of the stack agree on the pattern (and on whatever structure the
+    prediction from around leaves), not on the noise: the share they agree on decides and
+    weights the map."""
+    sums, level, planes = _residual_sums(data, layout)
+    if min(len(half) for half in planes) < PATTERN_MIN_PLANES // 2:  # halves this thin give no estimate
         return detect_hot_pixels(data, layout)
-    total = sum(counts)
+    total = len(planes[0]) + len(planes[1])
     mean = sums[:, 0].sum(axis=0) / total
     variance = np.maximum(sums[:, 1].sum(axis=0) / total - mean**2, 0)
-    level /= total
     correction = CameraCorrection("detected")
     hot = np.zeros(mean.shape, dtype=bool)
     for channel in range(layout.channels):
@@ -312,19 +417,102 @@ def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
         correction.hot = hot
         correction.found.append(f"{int(hot.sum())} hot or very noisy pixel(s) (the same in every plane): replaced "
                                 "by their neighbours' median and never used as data")
-    halves = [sums[parity, 0] / max(counts[parity], 1) for parity in (1, 0)]  # without even, without odd planes
     usable = ~hot if hot is not None else np.ones(mean.shape, dtype=bool)
-    for half in halves:  # offsets about the baseline: the output keeps the input's level
-        for channel in range(layout.channels):
-            half[channel] -= half[channel][usable[channel]].mean()
+    pattern = _stack_pattern(sums, planes, usable, None)
+    halves = [pattern.map_without(half, []) for half in (0, 1)]
     shares = [_agreement(halves[0][c][usable[c]], halves[1][c][usable[c]]) for c in range(layout.channels)]
-    share = min(shares)
-    if share > PATTERN_SHARE:
-        weights = np.asarray(shares, dtype=np.float32).reshape(-1, 1, 1)
-        correction.halves = tuple((weights * half).astype(np.float32) for half in halves)
-        correction.found.append(f"fixed offsets (the same in every plane; sd {float(np.std(mean[usable])):.3g}, "
-                                f"{share:.0%} of them repeat between halves of the stack): taken out")
+    if min(shares) > PATTERN_SHARE:
+        correction.pattern = dataclasses.replace(pattern, weights=np.asarray(shares))
+        # What stays of the pattern in a plane is the other half's noise, averaged: the halves'
+        # difference has twice its variance. The quality estimate and the lattice filter's
+        # weights count it as noise of the pixel.
+        weights = np.asarray(shares).reshape(-1, 1, 1)
+        disagreement = np.stack([_binned(level[c], (halves[0][c] - halves[1][c]) ** 2, np.mean)
+                                 for c in range(layout.channels)])
+        correction.extra_variance = (weights**2 * disagreement / 2).astype(np.float32)
+        correction.found.append(f"fixed offsets (the same in every plane; sd {_robust_sigma(halves[0]):.3g}, "
+                                f"{min(shares):.0%} of them repeat between halves of the stack): taken out; the "
+                                "output is the blind-spot mean, as a pixel's own offset is known only to the planes' "
+                                "noise averaged (dark frames give the posterior back)")
     return correction
+
+
+def _residual_sums(data, layout: PlaneLayout) -> tuple[np.ndarray, np.ndarray, tuple[tuple, tuple]]:
+    """Over up to PATTERN_PLANES planes, by the parity of the plane's flat index: sums of each
+    pixel's difference d to the median of its 8 neighbours, of d^2 and of the pixel itself
+    ((2, 3, C, Y, X)); the mean neighbour median (C, Y, X); the flat indices of each parity."""
+    sums = np.zeros((2, 3, layout.channels, layout.height, layout.width))
+    level = np.zeros((layout.channels, layout.height, layout.width))
+    planes: tuple[list[int], list[int]] = ([], [])
+    for plane in layout.evenly_spaced(PATTERN_PLANES):
+        block = layout.read_plane(data, plane).astype(np.float64)
+        flat = layout.flat_index(plane)
+        parity = flat % 2
+        for channel, image in enumerate(block):
+            neighbours = ring_median(image)
+            difference = image - neighbours
+            sums[parity, 0, channel] += difference
+            sums[parity, 1, channel] += difference**2
+            sums[parity, 2, channel] += image
+            level[channel] += neighbours
+        planes[parity].append(flat)
+    return sums, level / max(len(planes[0]) + len(planes[1]), 1), (tuple(planes[0]), tuple(planes[1]))
+
+
+def _stack_pattern(sums: np.ndarray, planes: tuple[tuple, tuple], usable: np.ndarray,
+                   fitted: StackPattern | None) -> StackPattern:
+    """The StackPattern of these sums: each half's residual sums (its planes with hot pixels
+    replaced, less their prediction from around), with the prediction kernels fitted on the
+    half's mean, or `fitted`'s (a remeasurement keeps its decisions)."""
+    channels = usable.shape[0]
+    residual_sums = np.empty((2, *usable.shape))
+    kernels = np.empty((2, channels, 2 * PREDICTOR_REACH + 1, 2 * PREDICTOR_REACH + 1))
+    biases = np.empty((2, channels))
+    for half in (0, 1):
+        count = len(planes[half])
+        # A hot pixel's sum of values less its sum of differences is its sum of neighbour medians.
+        replaced = np.where(usable, sums[half, 2], sums[half, 2] - sums[half, 0])
+        for channel in range(channels):
+            if fitted is None:
+                kernels[half, channel], biases[half, channel] = _neighbour_predictor(replaced[channel] / count,
+                                                                                     usable[channel])
+            else:
+                kernels[half, channel], biases[half, channel] = fitted.kernels[half, channel], fitted.biases[half, channel]
+            predicted = correlate(replaced[channel], kernels[half, channel], mode="mirror")
+            residual_sums[half, channel] = replaced[channel] - predicted - count * biases[half, channel]
+    weights = fitted.weights if fitted is not None else np.ones(channels)
+    return StackPattern(residual_sums, planes, kernels, biases, weights, usable)
+
+
+def _neighbour_predictor(image: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, float]:
+    """The (2R+1)^2 kernel (centre 0) and bias that best predict each pixel from the pixels
+    around it (least squares over up to PREDICTOR_PIXELS usable pixels away from the edges)."""
+    reach = PREDICTOR_REACH
+    offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx]
+    inner = (slice(reach, image.shape[0] - reach), slice(reach, image.shape[1] - reach))
+    step = max(1, int(np.sqrt(image[inner].size / PREDICTOR_PIXELS)))
+    picked = (slice(reach, image.shape[0] - reach, step), slice(reach, image.shape[1] - reach, step))
+    keep = usable[picked].ravel()
+    features = [image[picked[0].start + dy : picked[0].stop + dy : step,
+                      picked[1].start + dx : picked[1].stop + dx : step].ravel()[keep] for dy, dx in offsets]
+    design = np.stack([*features, np.ones(int(keep.sum()))], axis=1)
+    weights = np.linalg.lstsq(design, image[picked].ravel()[keep], rcond=None)[0]
+    kernel = np.zeros((2 * reach + 1, 2 * reach + 1))
+    for (dy, dx), weight in zip(offsets, weights[:-1]):
+        kernel[reach + dy, reach + dx] = weight
+    return kernel, float(weights[-1])
+
+
+def remeasured(correction: CameraCorrection, data, layout: PlaneLayout) -> CameraCorrection:
+    """`correction` with its fixed pattern summed again over `data`'s planes, its decisions
+    (hot pixels, weights, prediction kernels, line offsets) kept: what a blindness test
+    perturbs. The decisions are statistics of the whole stack, like the normalisation; every
+    per-pixel value is exactly blind."""
+    if correction.pattern is None:
+        return correction
+    sums, _, planes = _residual_sums(data, layout)
+    pattern = _stack_pattern(sums, planes, correction.pattern.usable, correction.pattern)
+    return dataclasses.replace(correction, pattern=pattern)
 
 
 def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
@@ -375,7 +563,7 @@ def _find_lines(data, layout: PlaneLayout, correction: CameraCorrection) -> None
     for direction in ("rows", "columns"):
         shares = []
         for plane in layout.evenly_spaced(LINE_PLANES):
-            block = correction.correct(layout.read_plane(data, plane), correction.offset_for(None))
+            block = correction.correct(layout.read_plane(data, plane), correction.any_offset())
             for image in block.astype(np.float64):
                 image = image if direction == "rows" else image.T
                 half = image.shape[1] // 2

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import __version__
 from .axes import guess_axes, parse_axes
+from .camera import Calibration
 from .channels import CHANNEL_MODES
 from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
 from .ddp import start_from_environment, world
@@ -110,9 +111,18 @@ def _camera_noise(args: argparse.Namespace) -> NoiseModel | None:
     return NoiseModel.from_camera(args.gain, args.read_noise, args.baseline)
 
 
+def _camera(args: argparse.Namespace) -> str | Calibration | None:
+    """--camera / --dark: how the camera is handled (None: as the model was fitted)."""
+    if args.dark is not None:
+        if args.camera == "off":
+            raise ValueError("--dark gives the camera's dark frames, --camera off leaves the camera in: give one")
+        return Calibration.from_dark(read_image(args.dark).data)
+    return args.camera
+
+
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
     """The paths the command reads, by what they are: no output may touch them."""
-    return {name: getattr(args, name) for name in ("input", "model") if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in ("input", "model", "dark") if getattr(args, name, None) is not None}
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -171,7 +181,7 @@ def _new_denoiser(args: argparse.Namespace, options: PredictOptions | None = Non
                     tile_overlap=options.tile_overlap, predict_batch_size=options.batch_size,
                     ensemble=options.ensemble, refine=options.refine,
                     fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
-                    noise_model=_camera_noise(args), threads=args.threads)
+                    noise_model=_camera_noise(args), threads=args.threads, camera=_camera(args))
 
 
 def _fit(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
@@ -366,7 +376,7 @@ def command_fit(args: argparse.Namespace) -> None:
 
 
 def command_predict(args: argparse.Namespace) -> None:
-    denoiser = Denoiser.load(args.model, device=args.device, threads=args.threads)
+    denoiser = Denoiser.load(args.model, device=args.device, threads=args.threads, camera=_camera(args))
     options = _prediction_options(args, denoiser.options)
     image = read_image(args.input)
     _check_room(args, image)
@@ -439,6 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--threads", type=_auto_or_whole, default="auto",
                          help="CPU threads for torch: auto (the cores no other program is busy on; default) or N")
 
+    def camera(sub: argparse.ArgumentParser, default: str | None) -> None:
+        group = sub.add_argument_group("camera", "sCMOS fixed pattern, hot pixels and row or column offsets")
+        group.add_argument("--camera", choices=("auto", "off"), default=default,
+                           help="auto: find the camera's fixed pattern, hot pixels and line offsets in the data and "
+                           "take them out before the network sees it; off: take the data as it is (default: "
+                           + ("auto)" if default else "as the model was fitted)"))
+        group.add_argument("--dark", type=Path,
+                           help="dark frames of the same camera (shutter closed; .tif, .npy or .zarr, frames x Y x "
+                           "X): per-pixel offsets and read noise from them instead of from the data")
+
     def fitting(sub: argparse.ArgumentParser) -> None:
         hints = "; ".join(PRESET_HINTS[name] for name in ("tiny", "small", "paper"))
         sub.add_argument("--preset", default="small", choices=sorted(NETWORK_PRESETS), help=hints)
@@ -502,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     denoise = commands.add_parser("denoise", help="fit on the input itself, then denoise it")
     common(denoise)
+    camera(denoise, "auto")
     fitting(denoise)
     tiling(denoise)
     estimator(denoise)
@@ -511,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a model on the input and save it")
     common(fit)
+    camera(fit, "auto")
     fitting(fit)
     estimator(fit)
     fit.add_argument("-o", "--output", type=Path, required=True, help="model file (.safetensors)")
@@ -518,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="denoise with a saved model")
     common(predict)
+    camera(predict, None)
     tiling(predict)
     estimator(predict)
     predict.add_argument("--model", type=Path, required=True, help="model file written by tbsn fit")

@@ -343,5 +343,6 @@ class TrainingSummary:
             "; the fit ended where its crops had covered the image's pixels many times over: more time would fit " \
             "the noise"
         channels = f"; {self.channels}" if self.channels else ""
+        camera = f"; camera: {self.camera}" if self.camera else ""
         return (f"{self.iterations} iterations in {format_seconds(self.seconds)}{stopped}, {best}{plateau}{limit}"
-                f"{channels}")
+                f"{channels}{camera}")

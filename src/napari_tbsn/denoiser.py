@@ -25,7 +25,7 @@ from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkC
 from .devices import check_threads, choose_threads, resolve_device, torch_threads
 from .distillation import StudentPlan, distil_model, plan_student
 from .distributed import ClusterSummary
-from .camera import Calibration
+from .camera import Calibration, CorrectedStack
 from .errors import BadInput
 from .fitting import FitSettings, camera_correction, context_for, fit_model
 from .model import FittedModel
@@ -340,6 +340,9 @@ class Denoiser:
                                                             token, stop_training))
 
     def _distil_steps(self, model, options, data, layout, iterations, time_budget, token, stop_training):
+        camera = camera_correction(self._settings.camera, data, layout)
+        if camera is not None:  # the student learns, and later predicts, on the data without the camera
+            data = CorrectedStack(data, layout, camera)
         self._model = yield from distil_model(model, options, data, layout, iterations, time_budget, self._device,
                                               token, stop_training)
         return self
@@ -463,10 +466,11 @@ class Denoiser:
         # The teacher's tiles decide its output: every task tiles as this process would.
         tile_size = tile_side(make_runner(model, options, self._device, views), options, self._device)
         self._quality = None
+        camera = camera_correction(self._settings.camera, data, layout)  # found once, here, for every task
         # Each worker takes its own device ("auto": its GPU where it has one).
         return predict_on_cluster(client, model, self._options, options, data, layout, out, tile_size=tile_size,
                                   views=views, record=None if record is None else Path(record), cancel=cancel,
-                                  on_submit=on_submit)
+                                  on_submit=on_submit, camera=camera)
 
     def _predict_steps(self, model, options, data, layout, out, uncertainty, token):
         self._quality = None

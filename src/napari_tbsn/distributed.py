@@ -35,12 +35,13 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout, Region
+from .camera import CameraCorrection, CorrectedStack
 from .errors import UserError
 from .config import PredictOptions
 from .devices import resolve_device
 from .model import FittedModel
 from .patches import check_finite
-from .prediction import make_runner
+from .prediction import TileModel, make_runner
 from .progress import PredictionCancelled, drive
 
 # A block grows by whole chunks along Y and X until it is at least this long (or the whole side).
@@ -50,6 +51,7 @@ MIN_BLOCK_SIDE = 1024
 RECORD_FOLDER = ".tbsn-progress"
 JOB_FILE = "job.json"
 MODEL_FILE = "model.safetensors"
+CAMERA_FILE = "camera.npz"
 DONE_FOLDER = "done"
 
 
@@ -129,6 +131,7 @@ class Job:
     token: str  # the job's identity, written into its block records
     device: str
     threads_per_host: dict[str, int]
+    camera_file: str | None = None  # the camera correction found on the client (CameraCorrection.save)
 
 
 _MODELS: dict[tuple, FittedModel] = {}
@@ -162,15 +165,20 @@ class PlaneReader:
     """One plane of a stack with its context planes, normalised, read by region: `shape` is
     (C * (1 + 2k), H, W) and [:, rows, columns] reads only that block of each plane."""
 
-    def __init__(self, model: FittedModel, layout: PlaneLayout, data, plane: tuple[int, ...]) -> None:
-        self.model, self.layout, self.data, self.plane = model, layout, data, plane
-        self.shape = (model.channels * (1 + 2 * model.context_planes), layout.height, layout.width)
+    def __init__(self, model: FittedModel, layout: PlaneLayout, data, plane: tuple[int, ...],
+                 pixel_maps: np.ndarray | None = None) -> None:
+        self.model, self.layout, self.data, self.plane, self.pixel_maps = model, layout, data, plane, pixel_maps
+        maps = 0 if pixel_maps is None else len(pixel_maps)
+        self.shape = (model.channels * (1 + 2 * model.context_planes) + maps, layout.height, layout.width)
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         _, rows, columns = key
         block = self.layout.read_plane_with_context(self.data, self.plane, self.model.context_planes, (rows, columns))
         check_finite(block, f"{self.layout.describe_plane(self.plane)} of the input")
-        return self.model.normalizer.normalize(block)
+        normalized = self.model.normalizer.normalize(block)
+        if self.pixel_maps is None:
+            return normalized
+        return np.concatenate([normalized, self.pixel_maps[:, rows, columns]])
 
 
 def predict_block(job: Job, block: Block) -> str:
@@ -183,9 +191,14 @@ def predict_block(job: Job, block: Block) -> str:
     options = PredictOptions.from_dict(job.options)
     source, target = open_array(job.source, "r"), open_array(job.target, "r+")
     layout = PlaneLayout.of(source.shape, job.axes)
-    runner = make_runner(model, options, resolve_device(job.device), job.views)
+    camera = CameraCorrection.load(Path(job.camera_file)) if job.camera_file else None
+    if camera is not None:
+        source = CorrectedStack(source, layout, camera)
+    runner = make_runner(model, options, resolve_device(job.device), job.views, camera=camera)
+    maps = runner.pixel_maps() if isinstance(runner, TileModel) else None
     for plane in block.plane_indices():
-        result = drive(runner.predict_iter(PlaneReader(model, layout, source, plane), job.tile_size, block.region))
+        reader = PlaneReader(model, layout, source, plane, maps)
+        result = drive(runner.predict_iter(reader, job.tile_size, block.region))
         layout.write_plane(target, plane, model.normalizer.denormalize(result[: model.channels]), block.region)
     done.write_text(job.token)  # the job's token: a late task of an earlier job cannot mark this one's blocks
     return block.name
@@ -257,7 +270,8 @@ def predict_on_cluster(client, model: FittedModel, defaults: PredictOptions, opt
                        layout: PlaneLayout, out, *, tile_size: int, views: int, device: str = "auto",
                        record: Path | None = None, min_side: int = MIN_BLOCK_SIDE,
                        cancel: threading.Event | None = None,
-                       on_submit: Callable[[list], None] | None = None) -> ClusterSummary:
+                       on_submit: Callable[[list], None] | None = None,
+                       camera: CameraCorrection | None = None) -> ClusterSummary:
     """Predict `data` (a zarr array) into `out` (a zarr array of the same shape) on the
     cluster `client` talks to. `tile_size` and `views` are resolved for the whole stack by
     the caller, so every task tiles as a single-process prediction would. `record` (default:
@@ -271,13 +285,17 @@ def predict_on_cluster(client, model: FittedModel, defaults: PredictOptions, opt
     record = Path(record) if record is not None else Path(target[0]) / RECORD_FOLDER / (target[1] or "_")
     identity = {"source": list(source), "target": list(target), "axes": layout.axes, "shape": list(layout.shape),
                 "chunks": list(out.chunks), "options": options.to_dict(), "tile_size": tile_size, "views": views,
-                "min_side": min_side}
+                "min_side": min_side, "camera": camera.digest() if camera is not None else None}
     token, finished = prepare_record(record, model, defaults, identity)
+    camera_file = None
+    if camera is not None:  # every task reads the client's correction: one per job, beside its model
+        camera_file = str(record / CAMERA_FILE)
+        camera.save(Path(camera_file))
     # Sharded zarr v3 arrays are written shard by shard: a block must hold whole shards.
     blocks = split_blocks(layout, tuple(getattr(out, "shards", None) or out.chunks), min_side)
     todo = [block for block in blocks if block.name not in finished]
     job = Job(str(record / MODEL_FILE), source, target, layout.axes, options.to_dict(), tile_size, views,
-              str(record), token, device, threads_per_host(client))
+              str(record), token, device, threads_per_host(client), camera_file)
     # Fresh keys every run: the scheduler must not hand back an earlier run's failed results.
     run = secrets.token_hex(6)
     futures = client.map(predict_block, [job] * len(todo), todo, key=[f"tbsn-{run}-{b.name}" for b in todo],

@@ -116,13 +116,17 @@ def _warn_on_mismatch(ratios: tuple[float, ...]) -> None:
 
 
 def context_for(settings: FitSettings, layout: PlaneLayout, previous: FittedModel | None = None) -> int:
-    """Neighbouring planes on each side the fitted network will read."""
+    """Neighbouring planes on each side the fitted network will read. (A fixed pattern measured
+    on the stack keeps its context: its maps for a plane and for the plane's context share no
+    plane (camera.StackPattern); measured on C2, 300 iterations, context 1 gave 24.88 dB and
+    context 0 23.92.)"""
     if previous is not None:
         return previous.context_planes
     if settings.context == "auto":
         # Measured at 300 s: +0.9 dB on a nuclei Z-stack, none on a time-lapse whose frames move.
         return 1 if layout.context_axis == "Z" and layout.context_length() >= 2 else 0
     return int(settings.context)
+
 
 
 def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previous: FittedModel | None,
@@ -184,6 +188,7 @@ def fit_model(
         raise stopped
     summary.channels = analysis.channels.describe() if layout.channels > 1 else None
     summary.camera = analysis.camera.describe() if analysis.camera is not None else None
+
     model = FittedModel(
         network=network, normalizer=analysis.normalizer, pd=analysis.pd, preset=settings.preset, axes=layout.axes,
         noise_model=analysis.noise_model, noise_measurement=analysis.measurement,

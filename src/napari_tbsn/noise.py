@@ -240,6 +240,7 @@ class NoiseCorrelation:
     """Excess noise correlation (above white noise) of the high-pass residual, by lag."""
 
     by_lag: tuple[float, ...]  # lag 1, 2, ... along Y and X (the larger of the two)
+    lag_one: tuple[float, float] | None = None  # lag 1 along Y (down a column) and along X (along a row)
 
     @property
     def correlated(self) -> bool:
@@ -257,10 +258,18 @@ class NoiseCorrelation:
 
     def describe(self) -> str:
         kind = "spatially correlated" if self.correlated else "pixel-independent"
-        return f"noise looks {kind} (lag-1 correlation {self.by_lag[0]:.2f}), which suggests pd {self.pd}"
+        directions = "" if self.lag_one is None else \
+            f": {self.lag_one[0]:.2f} down columns, {self.lag_one[1]:.2f} along rows"
+        return f"noise looks {kind} (lag-1 correlation {self.by_lag[0]:.2f}{directions}), which suggests pd {self.pd}"
 
     def to_dict(self) -> dict:
-        return {"by_lag": list(self.by_lag)}
+        return {"by_lag": list(self.by_lag), "lag_one": None if self.lag_one is None else list(self.lag_one)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> NoiseCorrelation:
+        lag_one = values.get("lag_one")
+        return cls(tuple(float(v) for v in values["by_lag"]), None if lag_one is None else
+                   (float(lag_one[0]), float(lag_one[1])))
 
 
 def measure_correlation(data, layout: PlaneLayout) -> NoiseCorrelation:
@@ -277,7 +286,8 @@ def measure_correlation(data, layout: PlaneLayout) -> NoiseCorrelation:
     )
     excess = measured - reference
     lags = range(1, MAX_AUTO_PD)
-    return NoiseCorrelation(tuple(float(max(excess[k, 0], excess[0, k])) for k in lags))
+    return NoiseCorrelation(tuple(float(max(excess[k, 0], excess[0, k])) for k in lags),
+                            (float(excess[1, 0]), float(excess[0, 1])))
 
 
 def _autocorrelation(residual: np.ndarray) -> np.ndarray:

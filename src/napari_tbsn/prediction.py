@@ -22,6 +22,7 @@ import torch
 
 from .axes import PlaneLayout, Region
 from .camera import CameraCorrection, CorrectedStack
+from .errors import BadInput
 from .config import MIN_TILE_SIZE, PredictOptions
 from .devices import TILE_MEMORY_SHARE, OutOfMemory, autocast_dtype, free_memory, out_of_memory_error, tile_for_memory
 from .image_io import release_pages
@@ -101,8 +102,12 @@ def uses_student(model: FittedModel, options: PredictOptions) -> bool:
     return options.student and model.student is not None
 
 
-def uses_posterior(model: FittedModel, options: PredictOptions) -> bool:
-    return options.estimator == "posterior" and model.predicts_posterior and not uses_student(model, options)
+def uses_posterior(model: FittedModel, options: PredictOptions, camera: CameraCorrection | None = None) -> bool:
+    """Whether the output is the posterior: asked for, fitted, not the student's, and not on
+    data whose fixed pattern was measured on the data itself (camera.py: the posterior would
+    trust each pixel's own value, whose offset is then known only to the planes' noise)."""
+    return (options.estimator == "posterior" and model.predicts_posterior and not uses_student(model, options)
+            and not (camera is not None and camera.pattern is not None))
 
 
 def on_device(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -149,7 +154,7 @@ class TileModel:
         self.views = views
         self.cancel = cancel  # checked before every network pass: a stop waits for one pass at most
         self.network = on_device(model.network, device)
-        self.posterior = uses_posterior(model, options)
+        self.posterior = uses_posterior(model, options, camera)
         self.noise = model.noise_terms(device) if model.noise_model is not None else None
         self.autocast = prediction_autocast(model, device)
 
@@ -356,6 +361,9 @@ def predict_planes(
     """Denoise every plane of `data` into `out` (and `uncertainty`), yielding progress after
     every batch of tiles; returns the quality estimate (None where it cannot be estimated)."""
     if camera is not None:
+        if uncertainty is not None and camera.pattern is not None:
+            raise BadInput("an uncertainty map needs the posterior, which a fixed pattern measured on the stack itself "
+                           "rules out: give dark frames of the camera, or leave out the uncertainty map")
         data = CorrectedStack(data, layout, camera)
     runner = make_runner(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel, camera)
     maps = runner.pixel_maps() if isinstance(runner, TileModel) else None

@@ -700,3 +700,36 @@ def test_the_loss_plot_has_a_legend_and_labels(viewer_and_widget, qtbot):
     legend = {_rgb(image.pixelColor(x, y)) for x in range(image.width() - 150, image.width() - 130)
               for y in range(10, 30)}
     assert _rgb(TRAINING_COLOUR) in legend and _rgb(VALIDATION_COLOUR) in legend  # the legend's two swatches
+
+
+def test_dark_frames_and_the_camera_choice_reach_the_fit_and_the_details(viewer_and_widget, qtbot, tmp_path):
+    """A hot-pixel stack: the fit says what it found; dark frames of another size are one line
+    in the status and leave the widget usable; with dark frames the fit says it used them; the
+    camera set to off keeps the data as it is."""
+    import tifffile
+
+    viewer, widget = viewer_and_widget
+    _, noisy = noisy_image((64, 64))
+    noisy[20, 30] += 200  # a hot pixel
+    viewer.add_image(noisy, name="camera")
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert "1 hot pixel" in widget.details.text() and widget.denoiser.model.camera["mode"] == "auto"
+    tifffile.imwrite(tmp_path / "small.tif", np.zeros((4, 32, 32), np.float32))
+    widget.form.dark_frames.value = tmp_path / "small.tif"
+    widget.fit_button.click()
+    assert "dark frames are 32x32 pixels but the image is 64x64" in widget.status.text()
+    assert not widget.busy
+    dark = np.random.default_rng(0).normal(0, 1, (8, 64, 64)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "dark.tif", dark)
+    widget.form.dark_frames.value = tmp_path / "dark.tif"
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert "8 dark frame(s)" in widget.details.text() and widget.denoiser.model.camera["mode"] == "dark frames"
+    widget.form.dark_frames.value = ""
+    widget.form.camera.value = "off"
+    widget.fit_button.click()
+    _wait_idle(qtbot, widget)
+    assert widget.denoiser.model.camera["mode"] == "off" and "camera:" not in widget.details.text()

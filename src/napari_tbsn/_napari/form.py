@@ -18,7 +18,8 @@ from ..axes import AXIS_LETTERS, guess_axes, parse_axes
 from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
 from ..devices import available_devices
 from ..noise import NoiseModel
-from ..image_io import output_bytes
+from ..camera import Calibration
+from ..image_io import output_bytes, read_image
 from ..outputs import ReplaceRefused, check_not_input, check_output, check_room, source_paths
 from . import results
 
@@ -75,6 +76,7 @@ class JobSettings:
     channels: str = "auto"  # multichannel images: "auto", "joint" or "independent"
     threads: int | str = "auto"  # torch's CPU threads; "auto": the free cores less one for the viewer
     same_type: bool = False  # give the result the input's type (rounded, clipped) instead of float32
+    camera: str | Calibration = "auto"  # "auto", "off", or dark frames' calibration (camera.py)
 
 
 class SettingsForm(Container):
@@ -153,11 +155,19 @@ class SettingsForm(Container):
                                        tooltip="calibrated noise model: read-noise standard deviation in image units")
         self.baseline = FloatSpinBox(label="camera baseline", min=-1e9, max=1e9, step=1, value=0,
                                      tooltip="calibrated noise model: the value of a pixel that detected nothing")
+        self.camera = ComboBox(
+            label="camera", choices=[("auto (find and take out)", "auto"), ("off (data as it is)", "off")],
+            value="auto", tooltip="auto: find an sCMOS camera's fixed pattern, hot pixels and row or column offsets "
+            "in the data and take them out before fitting and denoising; off: take the data as it is")
+        self.dark_frames = FileEdit(
+            label="dark frames", mode="r", filter="*.tif *.tiff *.npy *.zarr", value="",
+            tooltip="optional: frames of the same camera with the shutter closed (frames x Y x X): per-pixel "
+            "offsets and read noise from them instead of from the data")
         self.threads = SpinBox(label="CPU threads", min=0, max=1024, value=0,
                                tooltip="threads the fit and denoise use on the CPU; 0 (auto): the cores no other "
                                "program is busy on, less one that keeps napari responsive")
-        return [self.pd, self.patch_size, self.tile_size, self.camera_gain, self.read_noise, self.baseline,
-                self.threads]
+        return [self.pd, self.patch_size, self.tile_size, self.camera, self.dark_frames, self.camera_gain,
+                self.read_noise, self.baseline, self.threads]
 
     def _on_layer_changed(self, layer) -> None:
         if layer is not None:
@@ -173,6 +183,16 @@ class SettingsForm(Container):
         if gain == 0 and read_noise == 0:
             return None
         return NoiseModel.from_camera(gain, read_noise, float(self.baseline.value))
+
+    def camera_setting(self, sources: tuple[Path, ...]) -> str | Calibration:
+        """The camera field, or the dark frames' calibration where a file is given."""
+        text = str(self.dark_frames.value or "").strip()
+        if text in ("", "."):
+            return self.camera.value
+        if self.camera.value == "off":
+            raise ValueError("dark frames are given but the camera is set to off: choose auto, or clear the dark "
+                             "frames field")
+        return Calibration.from_dark(read_image(Path(text).expanduser()).data)
 
     def read(self, confirm_replace: Callable[[Path], bool] | None = None, writes_result: bool = True) -> JobSettings:
         """A snapshot of the form, checked; raises ValueError (with the fix) on bad settings.
@@ -208,6 +228,7 @@ class SettingsForm(Container):
             result_file=result_file, replace_result=replace, sources=sources,
             channels=self.channels.value, threads=int(self.threads.value) or "auto",
             same_type=self.result_type.value == "same" or bool(getattr(layer, "rgb", False)),
+            camera=self.camera_setting(sources),
         )
 
     def _result_file(self, sources: tuple[Path, ...],

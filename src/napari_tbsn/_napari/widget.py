@@ -293,10 +293,11 @@ class DenoiseWidget(QWidget):
                 and settings.context in ("auto", current.context_planes)
                 and mode_allows(settings.channels, current.model.channel_mode)):
             return Denoiser.from_model(current.model, settings.options, device=settings.device,
-                                       fit_config=settings.fit_config, noise_model=settings.noise_model)
+                                       fit_config=settings.fit_config, noise_model=settings.noise_model,
+                                       camera=settings.camera)
         return Denoiser(preset=settings.preset, pd=settings.pd, device=settings.device, context=settings.context,
                         channels=settings.channels, estimator=settings.options.estimator, fit_config=settings.fit_config,
-                        noise_model=settings.noise_model, tile_size=settings.options.tile_size)
+                        noise_model=settings.noise_model, tile_size=settings.options.tile_size, camera=settings.camera)
 
     def _read_settings(self, writes_result: bool = True) -> JobSettings | None:
         """The form, checked (a question first where the result file would replace a store

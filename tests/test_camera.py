@@ -1,0 +1,234 @@
+"""Camera effects (camera.py): found where they are and not where they are not, taken out
+exactly blind through the whole predict path."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from napari_tbsn import Calibration, Denoiser, PredictOptions
+from napari_tbsn.axes import PlaneLayout
+from napari_tbsn.camera import CorrectedStack, find_correction, remeasured, remove_line_offsets, replace_hot
+from napari_tbsn.errors import BadInput
+from napari_tbsn.progress import drive
+
+from .conftest import noisy_image
+
+HOT = [(10, 12), (30, 41), (47, 20), (52, 52)]
+PERTURBATION = 40.0
+
+
+def camera_stack(planes: int = 12, shape=(64, 64), rows: float = 1.0, offsets: float = 2.0, hot: float = 80.0,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(clean, recorded): moving synthetic cells through a camera with per-pixel offsets, hot
+    pixels at HOT and per-frame row offsets (all in photons, baseline 100)."""
+    clean = np.stack([noisy_image(shape, seed=seed + plane)[0] for plane in range(planes)]) + 100
+    rng = np.random.default_rng(seed)
+    pattern = rng.normal(0, offsets, shape)
+    for y, x in HOT:
+        pattern[y, x] += hot
+    recorded = (rng.poisson(clean - 100) + 100 + pattern + rng.normal(0, 1, clean.shape)
+                + rng.normal(0, rows, (planes, shape[0], 1)))
+    return clean, recorded.astype(np.float32)
+
+
+def test_a_stacks_fixed_pattern_hot_pixels_and_row_offsets_are_found():
+    _, stack = camera_stack()
+    correction = find_correction(stack, PlaneLayout.of(stack.shape, "ZYX"))
+    assert correction.pattern is not None, correction.describe()
+    assert all(correction.hot[0][y, x] for y, x in HOT), correction.describe()
+    assert correction.hot.sum() <= 3 * len(HOT)
+    assert correction.lines == ("rows",), correction.describe()
+    assert "hot" in correction.describe() and "rows" in correction.describe()
+
+
+def test_a_single_images_hot_pixels_are_found():
+    _, stack = camera_stack(planes=1, rows=0.0)
+    correction = find_correction(stack[0], PlaneLayout.of(stack.shape[1:], "YX"))
+    assert correction.pattern is None  # one frame shows no pattern: it is noise there
+    assert sorted(zip(*np.nonzero(correction.hot[0]))) == HOT
+    assert not correction.lines
+
+
+@pytest.mark.parametrize("axes", ["YX", "ZYX"])
+def test_nothing_is_found_in_poisson_gaussian_data(axes):
+    shape = (64, 96) if axes == "YX" else (12, 64, 96)
+    noisy = np.stack([noisy_image(shape[-2:], seed=s)[1] for s in range(shape[0])]) if axes == "ZYX" else \
+        noisy_image(shape)[1]
+    correction = find_correction(noisy, PlaneLayout.of(noisy.shape, axes))
+    assert not correction.active, correction.describe()
+
+
+def test_taking_the_camera_out_brings_the_data_close_to_its_clean_version():
+    clean, stack = camera_stack()
+    layout = PlaneLayout.of(stack.shape, "ZYX")
+    view = CorrectedStack(stack, layout, find_correction(stack, layout))
+    corrected = np.stack([layout.read_plane(view, (z,))[0] for z in range(len(stack))])
+    assert np.mean((corrected - clean) ** 2) < 0.5 * np.mean((stack - clean) ** 2)
+    assert abs(np.mean(corrected - clean)) < 0.2  # the baseline stays
+
+
+def test_dark_frames_give_offsets_read_variance_and_unusable_pixels():
+    rng = np.random.default_rng(3)
+    offsets = 100 + rng.normal(0, 2, (64, 64))
+    sigma = np.full((64, 64), 1.5)
+    sigma[5, 7] = 12.0  # a very noisy pixel
+    dark = offsets + sigma * rng.standard_normal((40, 64, 64))
+    calibration = Calibration.from_dark(dark)
+    assert np.abs(calibration.offset - offsets)[sigma < 2].max() < 1.5  # 6 sd of a 40-frame mean
+    layout = PlaneLayout.of((3, 64, 64), "ZYX")
+    correction = find_correction(np.zeros((3, 64, 64), np.float32) + offsets.astype(np.float32), layout, calibration)
+    assert correction.hot[0, 5, 7] and correction.hot.sum() == 1
+    assert abs(float(np.median(correction.extra_variance))) < 0.3
+    with pytest.raises(BadInput, match="dark frames are 64x64 pixels but the image is 32x64"):
+        find_correction(np.zeros((3, 32, 64), np.float32), PlaneLayout.of((3, 32, 64), "ZYX"), calibration)
+    with pytest.raises(BadInput, match="frames, Y, X"):
+        Calibration.from_dark(np.zeros((2, 2, 8, 8)))
+
+
+def _other_lattice_pixels(shape, y, x):
+    """A mask of the pixels off (y, x)'s lattice: the ones a blind network at (y, x) sees."""
+    mask = np.ones(shape, dtype=bool)
+    mask[y % 2 :: 2, x % 2 :: 2] = False
+    return mask
+
+
+@pytest.mark.parametrize("offset", [(0, 2), (2, 2), (0, 1), (1, 1), (2, 0)])
+def test_hot_pixels_are_replaced_from_their_own_lattice_only(offset):
+    _, stack = camera_stack(planes=1)
+    image = stack[0].astype(np.float64)
+    hot = np.zeros(image.shape, dtype=bool)
+    hot[30, 41] = True
+    y, x = 30 + offset[0], 41 + offset[1]
+    before, after = image.copy(), image.copy()
+    after[y, x] += PERTURBATION
+    replace_hot(before, hot)
+    replace_hot(after, hot)
+    seen = _other_lattice_pixels(image.shape, y, x)
+    assert np.array_equal(before[seen], after[seen])
+
+
+@pytest.mark.parametrize("direction", ["rows", "columns"])
+def test_line_offsets_are_measured_on_each_pixels_own_lattice(direction):
+    _, stack = camera_stack(planes=1)
+    image = stack[0].astype(np.float64)
+    for y, x in [(20, 20), (21, 33), (0, 1)]:
+        before, after = image.copy(), image.copy()
+        after[y, x] += PERTURBATION
+        remove_line_offsets(before, direction, 0.8)
+        remove_line_offsets(after, direction, 0.8)
+        seen = _other_lattice_pixels(image.shape, y, x)
+        assert np.array_equal(before[seen], after[seen]), (y, x)
+        assert not np.array_equal(before, after)
+
+
+def _camera_model(context: int):
+    """A tiny model with random weights, a variance head, a noise model and a lattice filter."""
+    from napari_tbsn import TBSN
+    from napari_tbsn.config import network_preset
+    from napari_tbsn.lattice import LatticeFilter
+    from napari_tbsn.model import FittedModel
+    from napari_tbsn.noise import NoiseModel
+    from napari_tbsn.normalization import Normalizer
+
+    torch.manual_seed(0)
+    network = TBSN(network_preset("tiny", 1, variance_head=True, context_channels=2 * context)).eval()
+    with torch.no_grad():
+        for param in network.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.2, -0.1, 0.1, -0.05, 0.05),), prior_scale=(0.8,))
+    return FittedModel(network, Normalizer((100.0,), (120.0,)), pd=1, preset="tiny",
+                       noise_model=NoiseModel.from_camera(1.0, 2.0, 100.0), lattice_filter=lattice,
+                       camera={"mode": "auto", "found": []})
+
+
+def _predict(model, options, data, layout, correction):
+    from napari_tbsn.prediction import predict_planes
+
+    out = np.zeros(layout.shape, dtype=np.float32)
+    spread = np.zeros(layout.shape, dtype=np.float32) if options.estimator == "posterior" else None
+    drive(predict_planes(model, options, torch.device("cpu"), data, layout, out, spread, threading.Event(),
+                         correction))
+    return out, spread
+
+
+def _own_outputs_that_moved(stack, layout, correction, estimator, probes, remeasure=True):
+    """Perturb y_p at each probe (z, y, x) alone and predict again (with the correction's
+    decisions kept, its maps measured again): the probes whose own output moved. A hot pixel's
+    value must change nothing at all; elsewhere the perturbation must be seen around p. The
+    posterior folds y_p back in on purpose: there its standard deviation must not move, and
+    its estimate must move by less than the perturbation."""
+    model = _camera_model(context=1)
+    options = PredictOptions(estimator=estimator, ensemble=1, tile_size=64)
+    before, before_spread = _predict(model, options, stack, layout, correction)
+    leaks = []
+    for z, y, x in probes:
+        changed = stack.copy()
+        changed[z, y, x] += PERTURBATION
+        again = remeasured(correction, changed, layout) if remeasure else correction
+        after, after_spread = _predict(model, options, changed, layout, again)
+        if correction.hot is not None and correction.hot[0, y, x]:
+            assert np.array_equal(after, before), (z, y, x)
+            continue
+        assert np.abs(after - before).max() > 1e-3, "the perturbation must be seen around it"
+        if estimator == "posterior":
+            moved = (after[z, y, x] - before[z, y, x]) / PERTURBATION
+            if after_spread[z, y, x] != before_spread[z, y, x] or not 0 < moved < 1:
+                leaks.append(((z, y, x), float(moved)))
+        elif after[z, y, x] != before[z, y, x]:
+            leaks.append(((z, y, x), float(after[z, y, x] - before[z, y, x])))
+    return leaks
+
+
+# Next to a hot pixel (30, 41) at odd and even offsets, two hot pixels themselves, and elsewhere.
+PROBES = [(3, 30 + dy, 41 + dx) for dy, dx in [(0, 1), (0, 2), (1, 1), (2, 2), (2, 0)]] + \
+    [(4, 10, 12), (4, 52, 52), (2, 20, 33), (5, 47, 21)]
+
+
+@pytest.mark.parametrize("rows", [1.0, 0.0])  # with row offsets the lattice filter is off
+def test_the_camera_correction_is_exactly_blind_through_the_whole_prediction(rows):
+    """A fixed pattern, hot pixels and row offsets found in the stack: perturbing y_p at plane z
+    never moves output p at plane z (the blind-spot mean: the output where a pattern is
+    measured on the stack)."""
+    _, stack = camera_stack(planes=8, rows=rows)
+    layout = PlaneLayout.of(stack.shape, "ZYX")
+    correction = find_correction(stack, layout)
+    assert correction.pattern is not None and correction.hot is not None
+    assert bool(correction.lines) == (rows > 0), correction.describe()
+    leaks = _own_outputs_that_moved(stack, layout, correction, "blind_spot", PROBES)
+    assert not leaks, f"pixels whose own output moved with their own value: {leaks}"
+
+
+@pytest.mark.parametrize("rows, estimator", [(1.0, "blind_spot"), (1.0, "posterior"), (0.0, "posterior")])
+def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):
+    """Dark-frame maps (offsets, per-pixel read variance, unusable pixels), with row offsets
+    found in the data or none, through the whole path, the posterior included."""
+    _, stack = camera_stack(planes=6, rows=rows)
+    rng = np.random.default_rng(5)
+    dark = 100 + rng.normal(0, 2, (1, 64, 64)) + rng.normal(0, 1.5, (30, 64, 64))
+    for y, x in HOT:
+        dark[:, y, x] += rng.normal(0, 15, 30)  # hot pixels: their dark current's shot noise
+    layout = PlaneLayout.of(stack.shape, "ZYX")
+    correction = find_correction(stack, layout, Calibration.from_dark(dark))
+    assert all(correction.hot[0][y, x] for y, x in HOT) and bool(correction.lines) == (rows > 0)
+    leaks = _own_outputs_that_moved(stack, layout, correction, estimator, PROBES, remeasure=False)
+    assert not leaks, f"pixels whose own output moved with their own value: {leaks}"
+
+
+def test_fit_and_predict_say_what_was_found_and_files_keep_it(tmp_path):
+    _, stack = camera_stack(planes=8, shape=(64, 64))
+    denoiser = Denoiser(preset="tiny", device="cpu").fit(stack, "ZYX", iterations=3)
+    assert "hot" in denoiser.summary.camera and "rows" in denoiser.summary.describe()
+    assert denoiser.lattice_filter is None  # row offsets: the lattice filter would read y_p
+    path = denoiser.save(tmp_path / "model.safetensors")
+    loaded = Denoiser.load(path, device="cpu")
+    assert loaded.camera == "auto" and loaded.model.camera["mode"] == "auto"
+    assert np.array_equal(loaded.predict(stack, "ZYX"), denoiser.predict(stack, "ZYX"))
+    off = Denoiser(preset="tiny", device="cpu", camera="off").fit(stack, "ZYX", iterations=3)
+    assert off.summary.camera is None
+    assert Denoiser.load(off.save(tmp_path / "off.safetensors"), device="cpu").camera == "off"
+    with pytest.raises(BadInput, match="camera must be"):
+        Denoiser(camera="dark")
