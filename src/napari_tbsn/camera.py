@@ -9,7 +9,7 @@ other pixels. So the camera is corrected before the fit and the prediction read 
 dark calibration where there is one (`Calibration`) or from the data itself (`detect`):
 
 - fixed offsets: the dark frames' mean; or, in a stack, each pixel's mean difference to the
-  median of its 8 neighbours over the planes (structure moves from plane to plane, the pattern
+  median of its 8 lattice neighbours over the planes (structure moves from plane to plane, the pattern
   does not), weighted by the share of it that two halves of the stack agree on;
 - hot and very noisy pixels: replaced by the median of their own lattice neighbours; their
   value is never used (the posterior gives the blind-spot mean there, the lattice filter skips
@@ -52,7 +52,11 @@ LINE_WINDOW = 4  # neighbouring lines on each side whose medians give a line's e
 LEVEL_BINS = 16
 PREDICTOR_REACH = 2  # a pattern pixel is told from structure by the 5x5 pixels around it
 PREDICTOR_PIXELS = 2**18
-_RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], dtype=bool)
+# A pixel's 8 lattice neighbours, 2 pixels away: the only neighbours a decision about the pixel
+# may read (the network at p sees the pixels off p's lattice; their corrections must not read p).
+_LATTICE_RING = np.zeros((5, 5), dtype=bool)
+_LATTICE_RING[::2, ::2] = True
+_LATTICE_RING[2, 2] = False
 _LATTICES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
@@ -68,18 +72,25 @@ class Calibration:
     def from_dark(cls, dark, axes: str | None = None) -> Calibration:
         """From a dark stack: frames taken with the shutter closed, (frames, Y, X) or one (Y, X)
         frame (which gives offsets but no read variance)."""
-        dark = np.asarray(dark, dtype=np.float64)
-        if axes is not None and len(axes) != dark.ndim:
-            raise BadInput(f"the dark stack has {dark.ndim} dimensions but axes {axes!r}; give one letter per axis")
-        if dark.ndim == 2:
-            dark = dark[np.newaxis]
-        if dark.ndim != 3:
-            raise BadInput(f"a dark stack is (frames, Y, X) or one (Y, X) frame, got shape {dark.shape}; "
+        dark = dark if hasattr(dark, "shape") else np.asarray(dark)
+        shape = tuple(dark.shape)
+        if axes is not None and len(axes) != len(shape):
+            raise BadInput(f"the dark stack has {len(shape)} dimensions but axes {axes!r}; give one letter per axis")
+        if len(shape) not in (2, 3):
+            raise BadInput(f"a dark stack is (frames, Y, X) or one (Y, X) frame, got shape {shape}; "
                            "give the dark frames of one camera, one channel")
-        if not np.isfinite(dark).all():
-            raise BadInput("the dark stack holds NaN or infinite values; give the camera's raw dark frames")
-        variance = dark.var(axis=0, ddof=1) if len(dark) > 1 else None
-        return cls(dark.mean(axis=0), variance, len(dark))
+
+        def frames():  # frame by frame: a long dark stack need not fit in memory
+            for index in range(1 if len(shape) == 2 else shape[0]):
+                frame = np.asarray(dark if len(shape) == 2 else dark[index], dtype=np.float64)
+                if not np.isfinite(frame).all():
+                    raise BadInput("the dark stack holds NaN or infinite values; give the camera's raw dark frames")
+                yield frame
+
+        count = 1 if len(shape) == 2 else shape[0]
+        mean = sum(frames()) / count
+        variance = sum((frame - mean) ** 2 for frame in frames()) / (count - 1) if count > 1 else None
+        return cls(mean, variance, count)
 
     def check_fits(self, layout: PlaneLayout) -> None:
         if self.offset.shape != (layout.height, layout.width):
@@ -96,7 +107,7 @@ class StackPattern:
     left in each (the planes' noise averaged) differs between the plane and its context, and
     the network cannot take it for structure the way it would a map common to all of them.
 
-    A plane's residual r is the plane (hot pixels replaced by their 8 neighbours' median) less
+    A plane's residual r is the plane (hot pixels replaced by their 8 lattice neighbours' median) less
     its prediction from the 24 pixels around (a least-squares kernel per half and channel):
     smooth structure is predicted away, a white pattern is not."""
 
@@ -111,7 +122,7 @@ class StackPattern:
         """r of a raw (C, Y, X) plane, with `half`'s kernels."""
         result = np.empty(block.shape)
         for channel, image in enumerate(block.astype(np.float64)):
-            image = np.where(self.usable[channel], image, ring_median(image))
+            image = np.where(self.usable[channel], image, lattice_median(image))
             result[channel] = image - correlate(image, self.kernels[half, channel], mode="mirror") - \
                 self.biases[half, channel]
         return result
@@ -120,6 +131,8 @@ class StackPattern:
         """`half`'s map less the planes whose residuals are `left_out`: about its mean (the output
         keeps the input's baseline), weighted."""
         count = len(self.planes[half]) - len(left_out)
+        if count < 1:  # a small stack whose context takes every plane of the half: no map to take out
+            return np.zeros(self.sums[half].shape, dtype=np.float32)
         mean = (self.sums[half] - sum(left_out, np.zeros_like(self.sums[half]))) / count
         result = np.empty(mean.shape, dtype=np.float32)
         for channel, image in enumerate(mean):
@@ -238,6 +251,16 @@ class CameraCorrection:
                 remove_line_offsets(block[channel], direction, self.line_weight[direction])
         return block
 
+    def for_pd(self, pd: int) -> CameraCorrection:
+        """This correction for a network of pixel-shuffle factor `pd`: beyond 1 its blind
+        spot is p + 2 pd Z^2, which no longer holds the lattice neighbours that hot-pixel
+        values and line offsets are taken from, so those are left in (said in `found`)."""
+        if pd == 1 or (self.hot is None and not self.lines):
+            return self
+        return dataclasses.replace(self, hot=None, lines=(), line_weight={}, found=[*self.found, (
+            f"with pd {pd} (spatially correlated noise) hot pixels and line offsets stay in: taking them out "
+            "would show each pixel its own value through its neighbours")])
+
     def any_offset(self) -> np.ndarray | None:
         """The fixed offsets for a read that predicts nothing (analysis, line detection)."""
         return self.offset if self.pattern is None else self.pattern.whole()
@@ -261,6 +284,7 @@ class CorrectedStack(PlaneSource):
 
     def __init__(self, data, layout: PlaneLayout, correction: CameraCorrection) -> None:
         self.source, self.layout, self.correction = data, layout, correction
+        self.base = data  # image_io.release_pages follows it to a memory-mapped input
         self.shape, self.dtype, self.ndim = tuple(data.shape), np.dtype(np.float32), len(data.shape)
 
     def _cut(self, block: np.ndarray, offset: np.ndarray | None, region: Region | None) -> np.ndarray:
@@ -338,11 +362,12 @@ def remove_line_offsets(image: np.ndarray, direction: str, weight: float) -> Non
         lattice -= (weight * profiles[a, b, : lattice.shape[0]])[:, None].astype(np.float32)
 
 
-def ring_median(image: np.ndarray) -> np.ndarray:
-    """The median of each pixel's 8 neighbours (mirrored at the edges)."""
+def lattice_median(image: np.ndarray) -> np.ndarray:
+    """The median of each pixel's 8 lattice neighbours, 2 pixels away (mirrored at the edges,
+    which keeps the lattice)."""
     from scipy.ndimage import median_filter
 
-    return median_filter(image, footprint=_RING, mode="mirror")
+    return median_filter(image, footprint=_LATTICE_RING, mode="mirror")
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -392,7 +417,7 @@ def from_calibration(calibration: Calibration, layout: PlaneLayout) -> CameraCor
 
 def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
     """Fixed offsets, hot and very noisy pixels of a stack, from up to PATTERN_PLANES planes.
-    Hot: a pixel far above its 8 neighbours' median on average over the planes, or whose
+    Hot: a pixel far above its 8 lattice neighbours' median on average over the planes, or whose
     difference to them varies far more than other pixels' at its level. The offsets: see
     StackPattern. Halves of the stack agree on the pattern (and on whatever structure the
     prediction from around leaves), not on the noise: the share they agree on decides and
@@ -439,17 +464,17 @@ def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
 
 def _residual_sums(data, layout: PlaneLayout) -> tuple[np.ndarray, np.ndarray, tuple[tuple, tuple]]:
     """Over up to PATTERN_PLANES planes, by the parity of the plane's flat index: sums of each
-    pixel's difference d to the median of its 8 neighbours, of d^2 and of the pixel itself
+    pixel's difference d to the median of its 8 lattice neighbours (2 pixels away), of d^2 and of the pixel itself
     ((2, 3, C, Y, X)); the mean neighbour median (C, Y, X); the flat indices of each parity."""
     sums = np.zeros((2, 3, layout.channels, layout.height, layout.width))
     level = np.zeros((layout.channels, layout.height, layout.width))
     planes: tuple[list[int], list[int]] = ([], [])
-    for plane in layout.evenly_spaced(PATTERN_PLANES):
+    for flat in _sampled_planes(layout.plane_count):
+        plane = layout.plane_index(flat)
         block = layout.read_plane(data, plane).astype(np.float64)
-        flat = layout.flat_index(plane)
         parity = flat % 2
         for channel, image in enumerate(block):
-            neighbours = ring_median(image)
+            neighbours = lattice_median(image)
             difference = image - neighbours
             sums[parity, 0, channel] += difference
             sums[parity, 1, channel] += difference**2
@@ -457,6 +482,17 @@ def _residual_sums(data, layout: PlaneLayout) -> tuple[np.ndarray, np.ndarray, t
             level[channel] += neighbours
         planes[parity].append(flat)
     return sums, level / max(len(planes[0]) + len(planes[1]), 1), (tuple(planes[0]), tuple(planes[1]))
+
+
+def _sampled_planes(count: int) -> list[int]:
+    """Up to PATTERN_PLANES flat plane indices, half of them even and half odd, each half
+    spread evenly over the stack."""
+    picks = []
+    for parity in (0, 1):
+        candidates = np.arange(parity, count, 2)
+        chosen = np.linspace(0, len(candidates) - 1, min(len(candidates), PATTERN_PLANES // 2)).round().astype(int)
+        picks += [int(candidates[i]) for i in np.unique(chosen)] if len(candidates) else []
+    return sorted(picks)
 
 
 def _stack_pattern(sums: np.ndarray, planes: tuple[tuple, tuple], usable: np.ndarray,
@@ -526,9 +562,9 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
         for channel, image in enumerate(block):
             from scipy.ndimage import maximum_filter
 
-            neighbours = ring_median(image)
+            neighbours = lattice_median(image)
             sigma = _binned(neighbours, image - neighbours, _robust_sigma)
-            found[channel] = image - maximum_filter(image, footprint=_RING, mode="mirror") > HOT_SIGMAS * sigma
+            found[channel] = image - maximum_filter(image, footprint=_LATTICE_RING, mode="mirror") > HOT_SIGMAS * sigma
         hot = found if hot is None else hot & found
     hot = _unless_too_many(hot, correction)
     if hot is not None:

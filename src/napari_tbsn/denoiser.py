@@ -12,6 +12,7 @@ import dataclasses
 import math
 import numbers
 import threading
+import warnings
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkC
 from .devices import check_threads, choose_threads, resolve_device, torch_threads
 from .distillation import StudentPlan, distil_model, plan_student
 from .distributed import ClusterSummary
-from .camera import Calibration, CorrectedStack
+from .camera import Calibration
 from .errors import BadInput
 from .fitting import FitSettings, camera_correction, context_for, fit_model
 from .model import FittedModel
@@ -172,6 +173,10 @@ class Denoiser:
         as the model was fitted ("off" stays off, else found in the data) unless given."""
         if camera is None:
             camera = "off" if model.camera.get("mode") == "off" else "auto"
+            if model.camera.get("mode") == "dark frames":
+                warnings.warn("this model was fitted with dark frames of the camera, and none are given now: the "
+                              "camera is found in the data instead (give camera=Calibration.from_dark(...), or "
+                              "--dark)", stacklevel=2)
         options = options or PredictOptions()
         if noise_model == "keep":
             noise_model = model.noise_model if model.noise_model is not None and model.noise_model.given else None
@@ -340,11 +345,9 @@ class Denoiser:
                                                             token, stop_training))
 
     def _distil_steps(self, model, options, data, layout, iterations, time_budget, token, stop_training):
-        camera = camera_correction(self._settings.camera, data, layout)
-        if camera is not None:  # the student learns, and later predicts, on the data without the camera
-            data = CorrectedStack(data, layout, camera)
+        camera = camera_correction(self._settings.camera, data, layout, model.pd)
         self._model = yield from distil_model(model, options, data, layout, iterations, time_budget, self._device,
-                                              token, stop_training)
+                                              token, stop_training, camera)
         return self
 
     def plan_student(self, choice: str, data, axes: str, time_budget: float | None = None) -> StudentPlan:
@@ -466,7 +469,7 @@ class Denoiser:
         # The teacher's tiles decide its output: every task tiles as this process would.
         tile_size = tile_side(make_runner(model, options, self._device, views), options, self._device)
         self._quality = None
-        camera = camera_correction(self._settings.camera, data, layout)  # found once, here, for every task
+        camera = camera_correction(self._settings.camera, data, layout, model.pd)  # found once, here, for every task
         # Each worker takes its own device ("auto": its GPU where it has one).
         return predict_on_cluster(client, model, self._options, options, data, layout, out, tile_size=tile_size,
                                   views=views, record=None if record is None else Path(record), cancel=cancel,
@@ -476,7 +479,7 @@ class Denoiser:
         self._quality = None
         if out is None:
             out = np.empty(layout.shape, dtype=np.float32)
-        camera = camera_correction(self._settings.camera, data, layout)
+        camera = camera_correction(self._settings.camera, data, layout, model.pd)
         self._quality = yield from predict_planes(model, options, self._device, data, layout, out, uncertainty, token,
                                                   camera)
         return out

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .camera import CameraCorrection, CorrectedStack
 from .axes import PlaneLayout
 from .config import FitConfig, PredictOptions
 from .devices import OutOfMemory, out_of_memory_error
@@ -81,12 +82,13 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 
 def teacher_targets(model, options: PredictOptions, device: torch.device, data, layout: PlaneLayout,
                     cancel: threading.Event, time_budget: float | None = None,
-                    ) -> Generator[DistilProgress, None, np.ndarray]:
+                    camera: CameraCorrection | None = None) -> Generator[DistilProgress, None, np.ndarray]:
     """(N, C * (1 + 2k) + C, H, W): the normalised input blocks of evenly spaced planes, each
     followed by the teacher's normalised output for it. With a time budget, no new plane is
     started after half of it (one plane at least)."""
     picks = target_planes(layout)
-    tiles = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel)
+    tiles = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel, camera)
+    maps = tiles.pixel_maps()  # the teacher's output as a prediction gives it (hot pixels, read variance)
     tile = tile_side(tiles, options, device)
     inputs = layout.channels * (1 + 2 * model.context_planes)
     stack = np.empty((len(picks), inputs + model.channels, layout.height, layout.width), dtype=np.float32)
@@ -100,8 +102,9 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
         stack[number, :inputs] = model.normalizer.normalize(block)
         while True:
             try:
-                steps = plane_steps(tiles.predict_iter(stack[number, :inputs], tile), cancel, number, len(picks),
-                                    start)
+                teacher_input = stack[number, :inputs] if maps is None else \
+                    np.concatenate([stack[number, :inputs], maps])
+                steps = plane_steps(tiles.predict_iter(teacher_input, tile), cancel, number, len(picks), start)
                 output = yield from _as_distil_progress(steps, number, len(picks))
                 break
             except OutOfMemory as error:
@@ -129,15 +132,17 @@ def l1_objective(inputs: int):
 
 def distil_model(model, options: PredictOptions, data, layout: PlaneLayout, iterations: int | None,
                  time_budget: float | None, device: torch.device, cancel: threading.Event,
-                 stop_training: threading.Event | None = None):
+                 stop_training: threading.Event | None = None, camera: CameraCorrection | None = None):
     """Distil `model`'s teacher into a new student, yielding DistilProgress while the teacher
     predicts its target planes and FitProgress while the student trains; returns the model with
     the student. A time budget covers both phases. Cancelling raises FitCancelled (the model
     the caller holds is unchanged); stop_training ends the training with the best weights."""
     start = time.perf_counter()
     data = CancellableArray(data, cancel)
+    if camera is not None:  # the student learns, and later predicts, on the data without the camera
+        data = CorrectedStack(data, layout, camera)
     try:
-        stack = yield from teacher_targets(model, options, device, data, layout, cancel, time_budget)
+        stack = yield from teacher_targets(model, options, device, data, layout, cancel, time_budget, camera)
     except PredictionCancelled:
         raise FitCancelled("the distillation was stopped; the model is unchanged") from None
     sample = sample_crop(layout.read_plane_with_context(data, target_planes(layout)[0], model.context_planes))

@@ -84,6 +84,10 @@ def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedMo
         noise_model = NoiseModel.fit(measurement)
     correlation = measure_correlation(data, layout)
     pd = previous.pd if previous is not None else correlation.pd if settings.pd == "auto" else int(settings.pd)
+    if camera is not None and pd != 1:  # lattice corrections assume pd 1's blind spot (camera.py)
+        camera = camera.for_pd(pd)
+        data = CorrectedStack(data.source, layout, camera) if camera.active else data.source
+        camera = camera if camera.active else None
     if pd == 1 and correlation.correlated:
         warnings.warn(f"the {correlation.describe()}; with pd=1 the network learns to copy correlated noise: "
                       "use pd='auto' (or the suggested pd)", stacklevel=2)
@@ -94,11 +98,12 @@ def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedMo
     return DataAnalysis(data, camera, normalizer, measurement, noise_model, correlation, pd, channels)
 
 
-def camera_correction(setting: str | Calibration, data, layout: PlaneLayout) -> CameraCorrection | None:
-    """The camera correction of `data` the setting asks for (None: nothing to take out)."""
+def camera_correction(setting: str | Calibration, data, layout: PlaneLayout, pd: int = 1) -> CameraCorrection | None:
+    """The camera correction of `data` the setting asks for, for a model of pixel-shuffle
+    factor `pd` (None: nothing to take out)."""
     if setting == "off":
         return None
-    correction = find_correction(data, layout, setting if isinstance(setting, Calibration) else None)
+    correction = find_correction(data, layout, setting if isinstance(setting, Calibration) else None).for_pd(pd)
     return correction if correction.active else None
 
 

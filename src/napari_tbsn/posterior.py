@@ -151,7 +151,8 @@ def posterior_estimate(mean: torch.Tensor, prior: torch.Tensor, noisy: torch.Ten
         blind_error = torch.where(unusable > 0, prior, blind_error)
     value = weight * noisy + (1 - weight) * mean
     squared_error = weight**2 * noise_variance + (1 - weight) ** 2 * blind_error
-    return Estimate(value, weight * noise_variance, squared_error)
+    variance = weight * noise_variance if unusable is None else torch.where(unusable > 0, prior, weight * noise_variance)
+    return Estimate(value, variance, squared_error)
 
 
 def blind_spot_estimate(mean: torch.Tensor, noisy: torch.Tensor, noise: NoiseTerms | None,

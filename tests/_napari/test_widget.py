@@ -720,6 +720,7 @@ def test_dark_frames_and_the_camera_choice_reach_the_fit_and_the_details(viewer_
     tifffile.imwrite(tmp_path / "small.tif", np.zeros((4, 32, 32), np.float32))
     widget.form.dark_frames.value = tmp_path / "small.tif"
     widget.fit_button.click()
+    _wait_idle(qtbot, widget)
     assert "dark frames are 32x32 pixels but the image is 64x64" in widget.status.text()
     assert not widget.busy
     dark = np.random.default_rng(0).normal(0, 1, (8, 64, 64)).astype(np.float32)

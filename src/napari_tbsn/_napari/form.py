@@ -184,7 +184,7 @@ class SettingsForm(Container):
             return None
         return NoiseModel.from_camera(gain, read_noise, float(self.baseline.value))
 
-    def camera_setting(self, sources: tuple[Path, ...]) -> str | Calibration:
+    def camera_setting(self) -> str | Calibration:
         """The camera field, or the dark frames' calibration where a file is given."""
         text = str(self.dark_frames.value or "").strip()
         if text in ("", "."):
@@ -192,7 +192,10 @@ class SettingsForm(Container):
         if self.camera.value == "off":
             raise ValueError("dark frames are given but the camera is set to off: choose auto, or clear the dark "
                              "frames field")
-        return Calibration.from_dark(read_image(Path(text).expanduser()).data)
+        path = Path(text).expanduser()
+        if not path.exists():
+            raise ValueError(f"the dark frames file {path} does not exist: pick the camera's dark frames again")
+        return Calibration.from_dark(read_image(path).data)
 
     def read(self, confirm_replace: Callable[[Path], bool] | None = None, writes_result: bool = True) -> JobSettings:
         """A snapshot of the form, checked; raises ValueError (with the fix) on bad settings.
@@ -209,6 +212,9 @@ class SettingsForm(Container):
         if iterations is None and budget is None:
             iterations = FIT_PRESETS[preset].default_iterations
         sources = layer_sources(layer)
+        dark = str(self.dark_frames.value or "").strip()
+        if dark not in ("", "."):  # the dark frames are read too: no result may replace them
+            sources = (*sources, Path(dark).expanduser().absolute())
         result_file, replace = self._result_file(sources, confirm_replace) if writes_result else (None, False)
         if result_file is not None:  # room for the result, and for a large uncertainty map beside it
             nbytes = output_bytes(tuple(data.shape))
@@ -228,7 +234,7 @@ class SettingsForm(Container):
             result_file=result_file, replace_result=replace, sources=sources,
             channels=self.channels.value, threads=int(self.threads.value) or "auto",
             same_type=self.result_type.value == "same" or bool(getattr(layer, "rgb", False)),
-            camera=self.camera_setting(sources),
+            camera=self.camera_setting(),
         )
 
     def _result_file(self, sources: tuple[Path, ...],
