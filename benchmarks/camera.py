@@ -76,12 +76,12 @@ def main() -> None:
         dark = case.camera.record(np.zeros((DARK_FRAMES, *clean.shape[-2:])), np.random.default_rng(7))
         print(f"| {name} | noisy | {psnr(noisy, clean):.2f} | {hot_survivors(noisy, clean, case)} | | "
               f"{'x'.join(map(str, noisy.shape))} {case.axes}, peak {case.peak} |")
-        runs = [("napari-tbsn, camera found in the data (default)", lambda: run_tbsn(noisy, case.axes, args.budget,
+        runs = [("napari-tbsn, camera found in the data (camera='auto')", lambda: run_tbsn(noisy, case.axes, args.budget,
                                                                                    args.preset, "auto")),
                 (f"napari-tbsn, {DARK_FRAMES} dark frames", lambda: run_tbsn(
                     noisy, case.axes, args.budget, args.preset, Calibration.from_dark(dark)))]
         if name not in args.skip_off:
-            runs.append(("napari-tbsn, camera left in (off)", lambda: run_tbsn(noisy, case.axes, args.budget,
+            runs.append(("napari-tbsn, camera left in (off, the default)", lambda: run_tbsn(noisy, case.axes, args.budget,
                                                                                 args.preset, "off")))
         runs.append(("napari-tbsn on the Poisson-Gaussian twin", lambda: run_tbsn(twin, case.axes, args.budget,
                                                                                     args.preset, "auto")))

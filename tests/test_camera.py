@@ -21,7 +21,7 @@ HOT = [(10, 12), (30, 41), (47, 20), (52, 52)]
 PERTURBATION = 40.0
 
 
-def camera_stack(planes: int = 12, shape=(64, 64), rows: float = 1.0, offsets: float = 2.0, hot: float = 80.0,
+def camera_stack(planes: int = 12, shape=(64, 256), rows: float = 1.0, offsets: float = 2.0, hot: float = 80.0,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(clean, recorded): moving synthetic cells through a camera with per-pixel offsets, hot
     pixels at HOT and per-frame row offsets (all in photons, baseline 100)."""
@@ -212,7 +212,7 @@ def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):
     found in the data or none, through the whole path, the posterior included."""
     _, stack = camera_stack(planes=6, rows=rows)
     rng = np.random.default_rng(5)
-    dark = 100 + rng.normal(0, 2, (1, 64, 64)) + rng.normal(0, 1.5, (30, 64, 64))
+    dark = 100 + rng.normal(0, 2, (1, 64, 256)) + rng.normal(0, 1.5, (30, 64, 256))
     for y, x in HOT:
         dark[:, y, x] += rng.normal(0, 15, 30)  # hot pixels: their dark current's shot noise
     layout = PlaneLayout.of(stack.shape, "ZYX")
@@ -223,8 +223,9 @@ def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):
 
 
 def test_fit_and_predict_say_what_was_found_and_files_keep_it(tmp_path):
-    _, stack = camera_stack(planes=8, shape=(64, 64))
-    denoiser = Denoiser(preset="tiny", device="cpu").fit(stack, "ZYX", iterations=3)
+    _, stack = camera_stack(planes=8)
+    assert Denoiser().camera == "off"  # opt-in while decisions still read the data they correct
+    denoiser = Denoiser(preset="tiny", device="cpu", camera="auto").fit(stack, "ZYX", iterations=3)
     assert "hot" in denoiser.summary.camera and "rows" in denoiser.summary.describe()
     assert denoiser.lattice_filter is None  # row offsets: the lattice filter would read y_p
     path = denoiser.save(tmp_path / "model.safetensors")
@@ -263,7 +264,7 @@ def test_with_pd_above_1_hot_pixels_and_line_offsets_stay_in():
 
 def test_a_student_is_distilled_on_the_data_without_the_camera(tmp_path):
     _, stack = camera_stack(planes=8)
-    denoiser = Denoiser(preset="tiny", device="cpu").fit(stack, "ZYX", iterations=2)
+    denoiser = Denoiser(preset="tiny", device="cpu", camera="auto").fit(stack, "ZYX", iterations=2)
     denoiser.distil(stack, "ZYX", iterations=2)
     assert denoiser.model.student is not None
     assert np.isfinite(denoiser.predict(stack, "ZYX")).all()

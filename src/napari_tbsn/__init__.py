@@ -16,8 +16,8 @@ from .camera import Calibration  # noqa: E402
 from .noise import NoiseModel  # noqa: E402
 from .progress import Cancelled, FitCancelled, PredictionCancelled  # noqa: E402
 
-__all__ = ["TBSN", "Cancelled", "Denoiser", "DenoiseWidget", "FitCancelled", "FitProgress", "FittedModel",
-           "NoiseModel", "PredictOptions", "PredictProgress", "PredictionCancelled", "__version__"]
+__all__ = ["TBSN", "Calibration", "Cancelled", "Denoiser", "DenoiseWidget", "FitCancelled", "FitProgress",
+           "FittedModel", "NoiseModel", "PredictOptions", "PredictProgress", "PredictionCancelled", "__version__"]
 
 
 def __getattr__(name: str):

@@ -37,8 +37,10 @@ from scipy.ndimage import correlate
 
 from .axes import PlaneLayout, PlaneSource, Region
 from .errors import BadInput
+from .patches import check_finite
 
 MAD_TO_SIGMA = 1.4826
+MEAN_DEVIATION_TO_SIGMA = 1.2533  # a Gaussian's sd over its mean absolute deviation
 HOT_SIGMAS = 8.0  # a pixel this many noise sd above every neighbour (or its plane's pattern) is hot
 NOISY_VARIANCE = 9.0  # a pixel whose noise variance is this many times the typical one is unusable
 HOT_FRAME_SIGMAS = 3.0  # and this many sd of one frame's noise above the neighbours, on average
@@ -48,6 +50,8 @@ PATTERN_MIN_PLANES = 8  # fewer planes give no estimate of a fixed pattern
 PATTERN_SHARE = 0.3  # fixed offsets count as found when the halves agree on this share of the map
 LINE_SHARE = 0.3  # line offsets count as found when the two lattices of a line agree on this share
 LINE_PLANES = 8  # planes sampled to look for line offsets
+LINE_MIN_LENGTH = 256  # pixels along a line: half a line on one lattice is then 64 pixels
+LINE_DIRECTIONALITY = 2.0  # and at least this many times the share found across the other direction
 LINE_WINDOW = 4  # neighbouring lines on each side whose medians give a line's expected median
 LEVEL_BINS = 16
 PREDICTOR_REACH = 2  # a pattern pixel is told from structure by the 5x5 pixels around it
@@ -371,8 +375,14 @@ def lattice_median(image: np.ndarray) -> np.ndarray:
 
 
 def _robust_sigma(values: np.ndarray) -> float:
+    """MAD-based sd; where counts are so low that most values tie (MAD 0), the mean absolute
+    deviation's instead (a sd of 0 would make every small excess 'hot')."""
     values = values[np.isfinite(values)]
-    return MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values)))) if values.size else 0.0
+    if not values.size:
+        return 0.0
+    deviation = np.abs(values - np.median(values))
+    mad = float(np.median(deviation))
+    return MAD_TO_SIGMA * mad if mad > 0 else MEAN_DEVIATION_TO_SIGMA * float(deviation.mean())
 
 
 def _binned(level: np.ndarray, values: np.ndarray, statistic) -> np.ndarray:
@@ -471,7 +481,9 @@ def _residual_sums(data, layout: PlaneLayout) -> tuple[np.ndarray, np.ndarray, t
     planes: tuple[list[int], list[int]] = ([], [])
     for flat in _sampled_planes(layout.plane_count):
         plane = layout.plane_index(flat)
-        block = layout.read_plane(data, plane).astype(np.float64)
+        block = layout.read_plane(data, plane)
+        check_finite(block, f"{layout.describe_plane(plane)} of the input")
+        block = block.astype(np.float64)
         parity = flat % 2
         for channel, image in enumerate(block):
             neighbours = lattice_median(image)
@@ -557,7 +569,9 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
     correction = CameraCorrection("detected")
     hot = None
     for plane in layout.evenly_spaced(4):
-        block = layout.read_plane(data, plane).astype(np.float64)
+        block = layout.read_plane(data, plane)
+        check_finite(block, f"{layout.describe_plane(plane)} of the input")
+        block = block.astype(np.float64)
         found = np.zeros(block.shape, dtype=bool)
         for channel, image in enumerate(block):
             from scipy.ndimage import maximum_filter
@@ -596,17 +610,25 @@ def _find_lines(data, layout: PlaneLayout, correction: CameraCorrection) -> None
     share its offset, not its noise (even spatially correlated noise) nor, mostly, its
     structure: the share of their line profiles they agree on is the offsets'. A line's offset
     is then taken out in proportion to its share of the whole line's profile (Wiener)."""
+    measured = {"rows": 0.0, "columns": 0.0}
     for direction in ("rows", "columns"):
+        if (layout.width if direction == "rows" else layout.height) < LINE_MIN_LENGTH:
+            continue  # short lines: structure spanning both halves agrees as offsets would
         shares = []
         for plane in layout.evenly_spaced(LINE_PLANES):
-            block = correction.correct(layout.read_plane(data, plane), correction.any_offset())
-            for image in block.astype(np.float64):
+            block = layout.read_plane(data, plane)
+            check_finite(block, f"{layout.describe_plane(plane)} of the input")
+            for image in correction.correct(block, correction.any_offset()).astype(np.float64):
                 image = image if direction == "rows" else image.T
                 half = image.shape[1] // 2
                 left, right = (line_profile(part, "rows") for part in (image[:, :half], image[:, half:]))
                 shares += [_agreement(left[a, b], right[a, b]) for a, b in _LATTICES]
-        share = float(np.median(shares))
-        if share > LINE_SHARE:
+        measured[direction] = float(np.median(shares))
+    for direction, other in (("rows", "columns"), ("columns", "rows")):
+        share = measured[direction]
+        # Structure that spans both halves of a line agrees too, but in both directions alike;
+        # offsets belong to one direction.
+        if share > LINE_SHARE and share > LINE_DIRECTIONALITY * max(measured[other], 0.0):
             correction.lines += (direction,)
             # A half line's profile has twice the noise variance of the whole line's.
             correction.line_weight[direction] = min(share / (share + (1 - share) / 2), 1.0)

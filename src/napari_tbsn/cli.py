@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--camera", choices=("auto", "off"), default=default,
                            help="auto: find the camera's fixed pattern, hot pixels and line offsets in the data and "
                            "take them out before the network sees it; off: take the data as it is (default: "
-                           + ("auto)" if default else "as the model was fitted)"))
+                           + ("off)" if default else "as the model was fitted)"))
         group.add_argument("--dark", type=Path,
                            help="dark frames of the same camera (shutter closed; .tif, .npy or .zarr, frames x Y x "
                            "X): per-pixel offsets and read noise from them instead of from the data")
@@ -522,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     denoise = commands.add_parser("denoise", help="fit on the input itself, then denoise it")
     common(denoise)
-    camera(denoise, "auto")
+    camera(denoise, "off")
     fitting(denoise)
     tiling(denoise)
     estimator(denoise)
@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a model on the input and save it")
     common(fit)
-    camera(fit, "auto")
+    camera(fit, "off")
     fitting(fit)
     estimator(fit)
     fit.add_argument("-o", "--output", type=Path, required=True, help="model file (.safetensors)")

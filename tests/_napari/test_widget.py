@@ -714,6 +714,8 @@ def test_dark_frames_and_the_camera_choice_reach_the_fit_and_the_details(viewer_
     viewer.add_image(noisy, name="camera")
     widget.form.iterations.value = 2
     widget.form.time_budget.value = 0
+    assert widget.form.camera.value == "off"  # opt-in
+    widget.form.camera.value = "auto"
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert "1 hot pixel" in widget.details.text() and widget.denoiser.model.camera["mode"] == "auto"
@@ -729,8 +731,9 @@ def test_dark_frames_and_the_camera_choice_reach_the_fit_and_the_details(viewer_
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert "8 dark frame(s)" in widget.details.text() and widget.denoiser.model.camera["mode"] == "dark frames"
-    widget.form.dark_frames.value = ""
+    widget.form.dark_frames.line_edit.value = ""
     widget.form.camera.value = "off"
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
-    assert widget.denoiser.model.camera["mode"] == "off" and "camera:" not in widget.details.text()
+    assert widget.denoiser.model.camera["mode"] == "off", widget.status.text()
+    assert "camera:" not in widget.details.text()
