@@ -1,8 +1,8 @@
 """Real cameras: the developers' sCMOS cases (cases.Camera) against their clean Poisson-Gaussian
 twins and Noise2Void, at one fitting budget, one run per row, one after the other.
 
-Rows per case: napari-tbsn with the camera found in the data (the default), with 100 dark frames
-of the same camera (`--dark`), with the camera left in ("off", what earlier versions did), on
+Rows per case: napari-tbsn with the camera found in the data (camera="auto"), with 100 dark frames
+of the same camera (`--dark`), with the camera left in ("off", the default), on
 the clean Poisson-Gaussian twin, and Noise2Void (CAREamics) when a Python with it is given.
 Hot pixels "survive" where the output exceeds the clean value by more than 3 noise sd
 (sqrt(signal + read_sigma^2)). Then which camera effects each benchmark case D1-D6 shows (none
