@@ -117,6 +117,8 @@ def _camera(args: argparse.Namespace) -> str | Calibration | None:
         if args.camera == "off":
             raise ValueError("--dark gives the camera's dark frames, --camera off leaves the camera in: give one")
         return Calibration.from_dark(read_image(args.dark).data)
+    if args.camera is None and args.command != "predict":  # predict: as the model was fitted
+        return "off"
     return args.camera
 
 
@@ -449,12 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--threads", type=_auto_or_whole, default="auto",
                          help="CPU threads for torch: auto (the cores no other program is busy on; default) or N")
 
-    def camera(sub: argparse.ArgumentParser, default: str | None) -> None:
+    def camera(sub: argparse.ArgumentParser, predicting: bool = False) -> None:
         group = sub.add_argument_group("camera", "sCMOS fixed pattern, hot pixels and row or column offsets")
-        group.add_argument("--camera", choices=("auto", "off"), default=default,
+        group.add_argument("--camera", choices=("auto", "off"),
                            help="auto: find the camera's fixed pattern, hot pixels and line offsets in the data and "
                            "take them out before the network sees it; off: take the data as it is (default: "
-                           + ("off)" if default else "as the model was fitted)"))
+                           + ("as the model was fitted)" if predicting else "off)"))
         group.add_argument("--dark", type=Path,
                            help="dark frames of the same camera (shutter closed; .tif, .npy or .zarr, frames x Y x "
                            "X): per-pixel offsets and read noise from them instead of from the data")
@@ -522,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     denoise = commands.add_parser("denoise", help="fit on the input itself, then denoise it")
     common(denoise)
-    camera(denoise, "off")
+    camera(denoise, None)
     fitting(denoise)
     tiling(denoise)
     estimator(denoise)
@@ -532,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a model on the input and save it")
     common(fit)
-    camera(fit, "off")
+    camera(fit, None)
     fitting(fit)
     estimator(fit)
     fit.add_argument("-o", "--output", type=Path, required=True, help="model file (.safetensors)")
@@ -540,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="denoise with a saved model")
     common(predict)
-    camera(predict, None)
+    camera(predict, predicting=True)
     tiling(predict)
     estimator(predict)
     predict.add_argument("--model", type=Path, required=True, help="model file written by tbsn fit")
