@@ -142,6 +142,38 @@ def test_torchrun_fits_on_two_processes_with_ddp_and_rank_zero_writes_a_model_th
     assert "fitting on 2 processes with DistributedDataParallel" in finished.stderr
     denoiser = Denoiser.load(tmp_path / "model.safetensors", device="cpu")
     assert (denoiser.summary.processes, denoiser.summary.iterations) == (2, 6)
+    assert denoiser.model.variance_head_fitted and denoiser.model.lattice_filter is not None  # rank 0's closing fits
     out = denoiser.predict(noisy, "ZYX")
     assert out.shape == noisy.shape and np.all(np.isfinite(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif", "model.safetensors"]
+
+
+def test_under_torchrun_sigterm_is_a_ctrl_c_and_its_echo_the_same_stop(monkeypatch):
+    """torchrun hands a Ctrl-C to its ranks as SIGTERM (and the terminal's SIGINT reaches them
+    too, moments apart): the first ends the training, its echo changes nothing, a later one aborts."""
+    import os
+    import signal
+    import time
+
+    from napari_tbsn import cli
+
+    def deliver(number):
+        os.kill(os.getpid(), number)
+        time.sleep(0.05)  # Python runs the handler in the main thread, between instructions
+
+    with cli._interrupts(processes=2) as stops:
+        stops.training = True
+        deliver(signal.SIGTERM)
+        deliver(signal.SIGINT)
+        assert stops.stop_training.is_set() and not stops.cancel.is_set()
+        monkeypatch.setattr(cli, "SAME_STOP_SECONDS", 0.0)
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)
+    before = signal.getsignal(signal.SIGTERM)
+    with cli._interrupts(processes=1):  # one process: SIGTERM stays the program's abort
+        assert signal.getsignal(signal.SIGTERM) is before
+    with cli._interrupts(processes=2):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+

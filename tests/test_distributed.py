@@ -141,3 +141,93 @@ def test_r3_refinement_gives_the_single_process_result_block_by_block(client, tm
     assert predict_on_cluster(**run).blocks == 8
     expected = denoiser.predict(stack, "ZYX", tile_size=128, ensemble=1)
     np.testing.assert_allclose(out[:], expected, atol=1e-4)  # batches of other sizes round differently (1e-5)
+
+
+# -- GPU workers: their logic, run on the CPU with stand-ins for the GPUs ----------------------
+
+
+def test_workers_spread_over_a_hosts_gpus_unless_their_launcher_chose():
+    from napari_tbsn.distributed import spread_over_gpus
+
+    cuda = torch.device("cuda")
+    assert [spread_over_gpus(cuda, name, 2, {}) for name in (0, 1, 2, "3")] == \
+        [torch.device("cuda", index) for index in (0, 1, 0, 1)]
+    assert spread_over_gpus(cuda, 1, 1, {}) == cuda  # one GPU: the current one
+    assert spread_over_gpus(cuda, 1, 4, {"CUDA_VISIBLE_DEVICES": "1,2,3,0"}) == cuda  # dask-cuda's own choice
+    assert spread_over_gpus(torch.device("cuda", 3), 1, 4, {}) == torch.device("cuda", 3)  # asked for: kept
+    assert spread_over_gpus(cuda, "tcp-worker", 4, {}) == cuda
+    assert spread_over_gpus(torch.device("cpu"), 1, 4, {}) == torch.device("cpu")
+
+
+def test_tiles_are_sized_from_the_worker_with_the_least_free_memory(model_with_student):
+    from napari_tbsn.distributed import smallest_worker_memory
+    from napari_tbsn.prediction import make_runner, tile_side
+
+    class FakeClient:  # a login node without a GPU, one large GPU and one small one
+        def run(self, function, requested):
+            assert function.__name__ == "worker_memory" and requested == "auto"
+            return {"tcp://a:1": ("cuda:0", 80 * 2**30), "tcp://b:1": ("cuda:0", 8 * 2**30)}
+
+    device, free = smallest_worker_memory(FakeClient(), "auto")
+    assert (device, free) == ("cuda:0", 8 * 2**30)
+    denoiser, _ = model_with_student
+    options = denoiser.options.replace(student=False)
+    runner = make_runner(denoiser.model, options, torch.device("cpu"), 1)
+    small, large = (tile_side(runner, options, torch.device(device), free=f) for f in (free, 80 * 2**30))
+    assert small < large  # the small GPU's tile, not the large one's (nor the client's host memory)
+
+    class NoWorkers:
+        def run(self, function, requested):
+            return {}
+
+    with pytest.raises(Exception, match="no workers"):
+        smallest_worker_memory(NoWorkers(), "auto")
+
+
+def test_a_block_out_of_memory_is_predicted_again_with_smaller_tiles(model_with_student, tmp_path, monkeypatch):
+    from napari_tbsn.devices import OutOfMemory
+    from napari_tbsn.distributed import Job, prepare_record, predict_block, store_address
+    from napari_tbsn.prediction import TileModel
+
+    denoiser, stack = model_with_student
+    source, out = zarr_pair(tmp_path, stack)
+    options = denoiser.options.replace(student=False, tile_size=128)
+    layout = PlaneLayout.of(source.shape, "ZYX")
+    token, _ = prepare_record(tmp_path / "record", denoiser.model, denoiser.options, {"job": 1})
+    job = Job(str(tmp_path / "record" / "model.safetensors"), store_address(source, "input"),
+              store_address(out, "output"), "ZYX", options.to_dict(), 128, 1, str(tmp_path / "record"), token, "cpu",
+              {})
+    tiles = []
+    real = TileModel.predict_iter
+
+    def runs_out_above_64(self, normalized, tile_size, region=None):
+        tiles.append(tile_size)
+        if tile_size > 64:
+            raise OutOfMemory("CUDA out of memory (simulated)")
+        return real(self, normalized, tile_size, region)
+
+    monkeypatch.setattr(TileModel, "predict_iter", runs_out_above_64)
+    block = split_blocks(layout, CHUNKS)[0]
+    with pytest.warns(UserWarning, match="ran out of memory with 128-pixel tiles"):
+        assert predict_block(job, block) == block.name
+    assert tiles[:2] == [128, 64] and set(tiles[2:]) == {64}  # smaller from then on, for every plane
+    monkeypatch.setattr(TileModel, "predict_iter", real)
+    expected = denoiser.predict(stack, "ZYX", student=False, tile_size=64, ensemble=1)
+    planes, rows, columns = block.planes[0], block.rows, block.columns
+    np.testing.assert_allclose(out[slice(*planes), slice(*rows), slice(*columns)],
+                               expected[slice(*planes), slice(*rows), slice(*columns)], atol=1e-5)
+
+
+def test_a_worker_loads_the_model_onto_its_device_once(model_with_student, tmp_path):
+    from napari_tbsn.distributed import _worker_model
+
+    denoiser, _ = model_with_student
+    path = tmp_path / "model.safetensors"
+    denoiser.save(path)
+    first = _worker_model(str(path), torch.device("cpu"))
+    assert _worker_model(str(path), torch.device("cpu")) is first  # cached: no copy per block
+    assert not first.network.training and not first.student.network.training
+    from napari_tbsn.prediction import make_runner
+
+    runner = make_runner(first, denoiser.options.replace(student=False), torch.device("cpu"), 1)
+    assert runner.network is first.network  # on its device already: the block uses it as it is

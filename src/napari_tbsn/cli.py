@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -80,26 +81,43 @@ def _input_axes(image: ImageFile, given: str | None) -> str:
     return guess_axes(tuple(image.data.shape))
 
 
+# Under torchrun a Ctrl-C reaches each rank twice within moments (from the terminal, then as the
+# launcher's SIGTERM or SIGINT): signals this soon after the first are the same Stop. The launcher
+# kills the ranks 30 s after its signal, which the closing fits and the model file must beat.
+SAME_STOP_SECONDS = 5.0
+
+
 @contextlib.contextmanager
-def _interrupts() -> Iterator[Stops]:
-    """The first Ctrl-C in the block is a Stop (Stops.stop); a second one aborts."""
+def _interrupts(processes: int = 1) -> Iterator[Stops]:
+    """The first Ctrl-C in the block is a Stop (Stops.stop); a second one aborts. Under DDP
+    (`processes` > 1) SIGTERM, which torchrun sends its ranks, counts as a Ctrl-C too."""
     stops = Stops()
+    numbers = (signal.SIGINT, signal.SIGTERM) if processes > 1 else (signal.SIGINT,)
+    first: list[float] = []
 
     def stop(signum, frame):
+        if first:
+            if processes > 1 and time.monotonic() - first[0] < SAME_STOP_SECONDS:
+                return
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            raise KeyboardInterrupt
+        first.append(time.monotonic())
         if stops.stop() == "training":
             sys.stderr.write("\nending the training; the fit completes with the best weights (Ctrl-C again to abort)\n")
         else:
             sys.stderr.write("\nstopping (Ctrl-C again to abort)\n")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield stops
         return
-    previous = signal.signal(signal.SIGINT, stop)
+    previous = {number: signal.signal(number, stop) for number in numbers}
     try:
         yield stops
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _camera_noise(args: argparse.Namespace) -> NoiseModel | None:
@@ -204,7 +222,7 @@ def _fit(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: s
         bar.update(progress.fraction, f"it {progress.iteration} loss {progress.loss:.5f}{validation}", progress.eta)
 
     try:
-        with _interrupts() as stops:
+        with _interrupts(world()[1]) as stops:
             denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=time_budget,
                          callback=on_progress, cancel=stops.cancel, stop_training=stops.stop_training)
     finally:

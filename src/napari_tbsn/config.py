@@ -203,7 +203,7 @@ class FitConfig:
     mixed_precision: bool = True  # bfloat16 autocast where the device has fast bf16 (CUDA, AMX CPUs)
     default_iterations: int = 2000
     max_training_pixels: int = 2**26
-    compile: str = "auto"  # "auto" (CUDA only), "always" or "never"
+    compile: str = "auto"  # "auto" (CUDA, fits of COMPILE_MIN_SECONDS or more), "always" or "never"
     # The fit ends once its crops have covered the training pixels this many times (0: no limit),
     # however much time is left: more would fit the noise of a small image (training.pass_horizon).
     max_passes: float = 300.0
@@ -316,6 +316,7 @@ class TrainingSummary:
     plateau_iteration: int | None = None  # where validation stopped improving, when well before the end
     pass_limit: int | None = None  # the iterations the data's size allowed, where they bound the fit
     camera: str | None = None  # what camera effects were found and taken out
+    compile_seconds: float = 0.0  # torch.compile's time before the fit, outside `seconds` and the budget
 
     def headline(self) -> str:
         """What a user needs first: how long the fit took, and whether more time would help."""
@@ -344,5 +345,6 @@ class TrainingSummary:
             "the noise"
         channels = f"; {self.channels}" if self.channels else ""
         camera = f"; camera: {self.camera}" if self.camera else ""
-        return (f"{self.iterations} iterations in {format_seconds(self.seconds)}{stopped}, {best}{plateau}{limit}"
-                f"{channels}{camera}")
+        compiled = f" (after {format_seconds(self.compile_seconds)} compiling the network)" if self.compile_seconds else ""
+        return (f"{self.iterations} iterations in {format_seconds(self.seconds)}{compiled}{stopped}, {best}{plateau}"
+                f"{limit}{channels}{camera}")

@@ -6,8 +6,10 @@ torchrun starts one process per GPU and sets RANK, WORLD_SIZE and LOCAL_RANK. Ev
 reads the data and runs the same fit; the Trainer wraps the network in DDP, so each step
 averages the gradients of every process's own patches (each rank samples with its own
 generator), and the ranks agree after every iteration on how far the fit has come and whether
-to stop, so that they step and validate together. The validation set is the same on every rank
-and its loss is averaged, so all ranks keep the same best weights. Rank 0 writes the model.
+to stop, so that they step and validate together. Each rank validates its share of the same
+validation set and the losses are summed, so all ranks keep the same best weights. Rank 0 alone
+runs the closing fits (posterior head, lattice filter) and writes the model; under torchrun a
+Ctrl-C (which reaches the ranks as SIGINT and SIGTERM) ends the training as it does alone.
 """
 
 from __future__ import annotations
@@ -58,13 +60,13 @@ def agree(fraction: float, stopping: bool, failing: bool, device: torch.device) 
     return float(state[0]), bool(state[1] > 0), bool(state[2] > 0)
 
 
-def mean(value: float, device: torch.device) -> float:
-    """The mean of `value` over the ranks."""
+def sum_over_ranks(value: float, device: torch.device) -> float:
+    """The sum of `value` over the ranks (each rank validates its own share of the patches)."""
     if world()[1] == 1:
         return value
     state = torch.tensor([value], dtype=torch.float64, device=_comm_device(device))
     dist.all_reduce(state)
-    return float(state[0]) / world()[1]
+    return float(state[0])
 
 
 def _comm_device(device: torch.device) -> torch.device:

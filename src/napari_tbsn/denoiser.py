@@ -157,6 +157,8 @@ class Denoiser:
         self._settings = FitSettings(preset, pd, context, estimator == "posterior", bool(lattice), noise_model,
                                      fit_config, seed, channels, camera)
         self._device = resolve_device(device)
+        # What a cluster's workers resolve for themselves ("auto": each its own GPU where it has one).
+        self._worker_device = str(device).strip().lower()
         check_threads(threads)
         self._threads = threads
         self._model: FittedModel | None = None
@@ -460,20 +462,22 @@ class Denoiser:
         """predict(..., client=client), returning what the cluster did (blocks, and those an
         earlier run had finished). `record`: the folder that keeps the finished blocks (default:
         inside the output's store); `on_submit` gets the tasks' futures (e.g. for a progress bar)."""
-        from .distributed import predict_on_cluster
+        from .distributed import predict_on_cluster, smallest_worker_memory
 
         if out is None:
             raise ValueError("with a client, give out=: a zarr array of the input's shape that every worker can write")
         model, options, layout = self._checked_prediction(data, axes, out, None, options, ensemble, changes)
         views = ensemble_size(model.pd, options, layout.shape)
-        # The teacher's tiles decide its output: every task tiles as this process would.
-        tile_size = tile_side(make_runner(model, options, self._device, views), options, self._device)
+        # The teacher's tiles decide its output, so every task tiles alike: sized from the worker
+        # device with the least free memory, not from this process's.
+        device, free = smallest_worker_memory(client, self._worker_device)
+        runner = make_runner(model, options, self._device, views)
+        tile_size = tile_side(runner, options, torch.device(device), free=free)
         self._quality = None
         camera = camera_correction(self._settings.camera, data, layout, model.pd)  # found once, here, for every task
-        # Each worker takes its own device ("auto": its GPU where it has one).
         return predict_on_cluster(client, model, self._options, options, data, layout, out, tile_size=tile_size,
-                                  views=views, record=None if record is None else Path(record), cancel=cancel,
-                                  on_submit=on_submit, camera=camera)
+                                  views=views, device=self._worker_device, record=None if record is None else
+                                  Path(record), cancel=cancel, on_submit=on_submit, camera=camera)
 
     def _predict_steps(self, model, options, data, layout, out, uncertainty, token):
         self._quality = None

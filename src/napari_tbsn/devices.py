@@ -99,11 +99,13 @@ def free_memory(device: torch.device) -> int:
     return 4 * 2**30
 
 
-def tile_for_memory(bytes_per_pixel: float, device: torch.device, minimum: int, maximum: int = 4096) -> int:
+def tile_for_memory(bytes_per_pixel: float, device: torch.device, minimum: int, maximum: int = 4096,
+                    free: int | None = None) -> int:
     """The largest square tile side (a multiple of 256, so that small changes in free memory do
-    not change the tiling) whose pass fits TILE_MEMORY_SHARE of the free memory, from `minimum`
-    to `maximum` pixels."""
-    side = int((TILE_MEMORY_SHARE * free_memory(device) / bytes_per_pixel) ** 0.5) // 256 * 256
+    not change the tiling) whose pass fits TILE_MEMORY_SHARE of the free memory (`free` bytes,
+    default: what `device` has free now), from `minimum` to `maximum` pixels."""
+    free = free_memory(device) if free is None else free
+    side = int((TILE_MEMORY_SHARE * free / bytes_per_pixel) ** 0.5) // 256 * 256
     return max(minimum, min(side, maximum))
 
 

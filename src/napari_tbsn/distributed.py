@@ -38,10 +38,10 @@ from .axes import PlaneLayout, Region
 from .camera import CameraCorrection, CorrectedStack
 from .errors import UserError
 from .config import PredictOptions
-from .devices import resolve_device
+from .devices import OutOfMemory, free_memory, resolve_device
 from .model import FittedModel
 from .patches import check_finite
-from .prediction import TileModel, make_runner
+from .prediction import TileModel, make_runner, smaller_tile
 from .progress import PredictionCancelled, drive
 
 # A block grows by whole chunks along Y and X until it is at least this long (or the whole side).
@@ -138,15 +138,61 @@ _MODELS: dict[tuple, FittedModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
-def _worker_model(path: str) -> FittedModel:
-    """The model file's model, loaded once per worker process (and again if the file changes)."""
+def _worker_model(path: str, device: torch.device) -> FittedModel:
+    """The model file's model with its networks on `device`, loaded once per worker process (and
+    again if the file or the device changes): no block copies the network to the GPU again."""
     status = os.stat(path)
-    key = (path, status.st_mtime_ns, status.st_size)
+    key = (path, status.st_mtime_ns, status.st_size, str(device))
     with _MODELS_LOCK:
         if key not in _MODELS:
             _MODELS.clear()
-            _MODELS[key] = FittedModel.load(path)[0]
+            model = FittedModel.load(path)[0]
+            for network in (model.network, model.student.network if model.student is not None else None):
+                if network is not None:
+                    network.to(device).eval()
+            _MODELS[key] = model
         return _MODELS[key]
+
+
+def _worker_name() -> object:
+    try:
+        from distributed import get_worker
+
+        return get_worker().name
+    except (ImportError, ValueError):  # not in a worker (a test calling a task directly)
+        return None
+
+
+def worker_device(requested: str) -> torch.device:
+    """The device this worker predicts on: `requested` as resolve_device takes it, spread over
+    the host's GPUs (spread_over_gpus)."""
+    return spread_over_gpus(resolve_device(requested), _worker_name(), torch.cuda.device_count(), os.environ)
+
+
+def spread_over_gpus(device: torch.device, name: object, gpus: int, environment) -> torch.device:
+    """A CUDA device without an index ("auto" or "cuda" resolved) for the worker called `name`
+    on a host with `gpus` GPUs: LocalCluster's workers are named 0, 1, ..., and worker n takes
+    cuda:(n mod gpus) instead of every worker taking cuda:0. Where CUDA_VISIBLE_DEVICES is set,
+    the worker's launcher chose its GPU (dask-cuda lists each worker's own first): cuda:0 then."""
+    if (device.type == "cuda" and device.index is None and gpus > 1 and str(name).isdigit()
+            and "CUDA_VISIBLE_DEVICES" not in environment):
+        return torch.device("cuda", int(name) % gpus)
+    return device
+
+
+def worker_memory(requested: str) -> tuple[str, int]:
+    """(device, bytes free on it) of the worker this runs on (client.run sends it to each)."""
+    device = worker_device(requested)
+    return str(device), free_memory(device)
+
+
+def smallest_worker_memory(client, requested: str) -> tuple[str, int]:
+    """The worker device with the least free memory, which sizes every task's tiles: a login node
+    without a GPU must not size the tiles that workers' GPUs run (nor a big GPU a small one's)."""
+    reports = client.run(worker_memory, requested)
+    if not reports:
+        raise UserError("the cluster has no workers: start some, or give --workers N")
+    return min(reports.values(), key=lambda report: report[1])
 
 
 def _torch_threads(job: Job) -> int:
@@ -182,23 +228,31 @@ class PlaneReader:
 
 
 def predict_block(job: Job, block: Block) -> str:
-    """Predict one block into the output store and record it; returns the block's name."""
+    """Predict one block into the output store and record it; returns the block's name. Out of
+    memory, the block is predicted again with smaller tiles (as predict_planes does)."""
     done = Path(job.record) / DONE_FOLDER / block.name
     if _recorded(done, job.token):
         return block.name
     torch.set_num_threads(_torch_threads(job))
-    model = _worker_model(job.model_file)
+    device = worker_device(job.device)
+    model = _worker_model(job.model_file, device)
     options = PredictOptions.from_dict(job.options)
     source, target = open_array(job.source, "r"), open_array(job.target, "r+")
     layout = PlaneLayout.of(source.shape, job.axes)
     camera = CameraCorrection.load(Path(job.camera_file)) if job.camera_file else None
     if camera is not None:
         source = CorrectedStack(source, layout, camera)
-    runner = make_runner(model, options, resolve_device(job.device), job.views, camera=camera)
+    runner = make_runner(model, options, device, job.views, camera=camera)
     maps = runner.pixel_maps() if isinstance(runner, TileModel) else None
+    tile_size = job.tile_size
     for plane in block.plane_indices():
         reader = PlaneReader(model, layout, source, plane, maps)
-        result = drive(runner.predict_iter(reader, job.tile_size, block.region))
+        while True:
+            try:
+                result = drive(runner.predict_iter(reader, tile_size, block.region))
+                break
+            except OutOfMemory as error:
+                tile_size = smaller_tile(tile_size, device, error)
         layout.write_plane(target, plane, model.normalizer.denormalize(result[: model.channels]), block.region)
     done.write_text(job.token)  # the job's token: a late task of an earlier job cannot mark this one's blocks
     return block.name

@@ -200,6 +200,8 @@ def fit_model(
         noise_correlation=analysis.correlation, summary=summary, variance_head_fitted=False, seed=settings.seed,
         fit_config=config, camera=camera_record(settings.camera, analysis.camera),
     )
+    if world()[0] > 0:  # under DDP only rank 0 completes (and writes) the model: the others' would be the same
+        return model
     try:
         model = _with_variance_head(model, sampler, rng, device, cancel)
         # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).

@@ -306,12 +306,14 @@ def tiles_in_memory(tile: int, bytes_per_pixel: float, options: PredictOptions, 
     return max(1, min(options.batch_size, fits))
 
 
-def tile_side(runner: TileModel | StudentModel, options: PredictOptions, device: torch.device) -> int:
-    """options.tile_size, or for "auto" the largest tile a quarter of the free memory holds (for
-    the student: the pixels a window keeps, inside its margins)."""
+def tile_side(runner: TileModel | StudentModel, options: PredictOptions, device: torch.device,
+              free: int | None = None) -> int:
+    """options.tile_size, or for "auto" the largest tile a quarter of the free memory (`free`
+    bytes, default: what `device` has free now) holds (for the student: the pixels a window
+    keeps, inside its margins)."""
     if options.tile_size != "auto":
         return int(options.tile_size)
-    side = tile_for_memory(runner.bytes_per_pixel, device, MIN_TILE_SIZE)
+    side = tile_for_memory(runner.bytes_per_pixel, device, MIN_TILE_SIZE, free=free)
     if isinstance(runner, StudentModel):
         return max(MIN_TILE_SIZE, side - 2 * runner.network.config.margin)
     return side

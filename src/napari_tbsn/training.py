@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import FitConfig, TrainingSummary, describe_plateau
 from .devices import OutOfMemory, autocast_dtype, out_of_memory_error
-from .errors import UserError
-from .ddp import agree, mean, world
+from .errors import UserError, one_line
+from .ddp import agree, sum_over_ranks, world
 from .noise import pd_down
 from .patches import PatchSampler
 from .progress import remaining_seconds
@@ -35,6 +35,11 @@ VALIDATION_SHARE = 0.05
 # share of the iterations run so far: fitting longer would then not help.
 PLATEAU_ITERATIONS = 200
 PLATEAU_SHARE = 0.25
+# compile="auto" compiles (on CUDA) only a fit planned for at least this long: compiling the
+# training, backward and validation graphs takes tens of seconds, which a 30-120 s widget fit
+# would spend waiting, while a long fit earns it back. The clock of the budget starts after it.
+COMPILE_MIN_SECONDS = 300.0
+COMPILE_MIN_ITERATIONS = 3000  # a fit given iterations instead: ~5 minutes at 10 it/s
 
 
 def plateau_since(best_iteration: int, iteration: int) -> int | None:
@@ -93,6 +98,18 @@ def pass_horizon(training_pixels: int, config: FitConfig, patch_size: int, proce
     return max(1, math.ceil(config.max_passes * training_pixels / per_iteration))
 
 
+def should_compile(config: FitConfig, device: torch.device, iterations: int | None, time_budget: float | None) -> bool:
+    """Whether a fit compiles its network: compile="always", or "auto" on CUDA for a fit long
+    enough to earn the compile time back (COMPILE_MIN_SECONDS, COMPILE_MIN_ITERATIONS)."""
+    if config.compile == "never" or not hasattr(torch, "compile"):
+        return False
+    if config.compile == "always":
+        return True
+    long_enough = (time_budget >= COMPILE_MIN_SECONDS if time_budget is not None
+                   else (iterations or config.default_iterations) >= COMPILE_MIN_ITERATIONS)
+    return device.type == "cuda" and long_enough
+
+
 def validation_interval(validation_patches: int, config: FitConfig) -> int:
     """Iterations between validations: config.validation_every, or more where validating that
     often would take more than VALIDATION_SHARE of the time. It depends on sizes only, not on
@@ -143,14 +160,18 @@ class Trainer:
         self.autocast = autocast_dtype(device) if config.mixed_precision else None
         # float16 needs its gradients scaled so that small ones do not underflow; bfloat16 does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
-        self.forward = forward or self._maybe_compile(network)
-        self.compiled = forward is None and self.forward is not network
+        self.forward = forward or network
+        self.compiled = False  # run() compiles, where it pays, before its clock starts
+        self.may_compile = forward is None
         if self.processes > 1:
             if forward is not None:
                 raise UserError("distillation runs in one process: run it without torchrun")
             # DDP averages every step's gradients over the ranks (and starts them from rank 0's weights).
-            self.forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
-            self.compiled = False
+            # broadcast_buffers=False: the network's buffers are constants (masks, indices), the same
+            # on every rank, so sending rank 0's before every forward pass is pure overhead.
+            self.forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None,
+                                                   broadcast_buffers=False)
+            self.may_compile = False
         self.objective = objective or self._blind_spot_objective
         self.horizon = horizon
         self.inputs = inputs
@@ -186,14 +207,37 @@ class Trainer:
             with torch.no_grad():
                 torch._foreach_copy_(self.parameters, current)
 
-    def _maybe_compile(self, network: nn.Module) -> Callable:
-        wanted = self.config.compile == "always" or (self.config.compile == "auto" and self.device.type == "cuda")
-        if not wanted or not hasattr(torch, "compile"):
-            return network
+    def compile(self) -> float:
+        """Compile the network, and run its training graph (forward and backward) and its
+        validation graph once on a batch of zeros, so that the compile time is spent here and not
+        in the first steps (run() starts its clock after this). Any failure leaves the fit eager,
+        with a warning. Returns the seconds spent."""
+        start = time.perf_counter()
         try:
-            return torch.compile(network, dynamic=False)
-        except Exception:  # compilation is an optimisation: never a reason to fail a fit
-            return network
+            compiled = torch.compile(self.network, dynamic=False)
+            channels = self.validation.shape[1]
+            batch = torch.zeros((self.batch_size, channels, self.patch_size, self.patch_size))
+            self._run(batch, compiled).backward()
+            self.network.eval()
+            with torch.no_grad():
+                self._run(batch, compiled)
+            self.forward, self.compiled = compiled, True
+        except Exception as error:  # an optimisation: never a reason to fail a fit
+            warnings.warn(f"torch.compile failed ({one_line(error)}); fitting without it", stacklevel=2)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.network.train()
+        return time.perf_counter() - start
+
+    def _without_compile(self, error: Exception) -> None:
+        """After the compiled network failed (a recompile for a new shape, say): go on eager."""
+        if not self.compiled or isinstance(error, OutOfMemory):
+            raise error
+        warnings.warn(f"the compiled network failed ({one_line(error)}); fitting on without it", stacklevel=3)
+        self.forward, self.compiled = self.network, False
+        self.optimizer.zero_grad(set_to_none=True)
 
     def cancel(self) -> None:
         self.cancel_token.set()
@@ -202,19 +246,11 @@ class Trainer:
         blind = self.network.blind_inputs(batch)  # the rest of the batch is context planes
         return blind_spot_loss(output[:, :blind], batch[:, :blind])
 
-    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+    def _run(self, batch: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         batch = pd_down(batch.to(self.device, non_blocking=True), self.pd)
         inputs = batch[:, : self.inputs]
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            try:
-                output = self.forward(inputs)
-            except OutOfMemory:
-                raise  # not a compile failure: the caller shrinks the batch
-            except Exception:
-                if not self.compiled:
-                    raise
-                self.forward, self.compiled = self.network, False  # a compile failure shows at the first call
-                output = self.network(inputs)
+            output = (forward or self.forward)(inputs)
         return self.objective(output, batch)
 
     @torch.no_grad()
@@ -226,12 +262,18 @@ class Trainer:
             while True:
                 try:
                     total = 0.0
-                    for start in range(0, len(self.validation), self.batch_size):
-                        chunk = self.validation[start : start + self.batch_size, :, : self.patch_size, : self.patch_size]
-                        total += float(self._run(chunk)) * len(chunk)
-                    return mean(total / len(self.validation), self.device)
+                    share = self.validation[self.rank :: self.processes]  # under DDP each rank validates its share
+                    for start in range(0, len(share), self.batch_size):
+                        chunk = share[start : start + self.batch_size, :, : self.patch_size, : self.patch_size]
+                        # A shorter last chunk runs eager (compiled, it would compile anew); under DDP
+                        # the plain network, since the ranks run different numbers of chunks.
+                        eager = len(chunk) != self.batch_size or self.processes > 1
+                        total += float(self._run(chunk, self.network if eager else None)) * len(chunk)
+                    return sum_over_ranks(total, self.device) / len(self.validation)
                 except OutOfMemory as error:
                     self._shrink(error)
+                except Exception as error:
+                    self._without_compile(error)
         finally:
             self.network.train()
 
@@ -278,6 +320,8 @@ class Trainer:
             except OutOfMemory as error:
                 self.optimizer.zero_grad(set_to_none=True)
                 self._shrink(error)
+            except Exception as error:  # a compiled network's failure is retried eager (a bug is raised)
+                self._without_compile(error)
 
     def run(self, iterations: int | None, time_budget: float | None) -> Generator[FitProgress, None, TrainingSummary]:
         """Train until `iterations` or `time_budget` seconds (whichever comes first) or cancel,
@@ -290,6 +334,8 @@ class Trainer:
             # The data's own limit: the schedule completes there, whatever time is left.
             iterations, summary.pass_limit = self.horizon, self.horizon
         best = _Best(copy.deepcopy(self.network.state_dict()))
+        if self.may_compile and should_compile(self.config, self.device, iterations, time_budget):
+            summary.compile_seconds = self.compile()  # before the clock: compiling is not fitting time
         start = time.perf_counter()
 
         def fraction_done(iteration: int) -> float:
