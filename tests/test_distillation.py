@@ -236,3 +236,13 @@ def test_cli_export_refuses_a_teacher_and_writes_a_package_for_a_student(distill
     assert main(["export", str(tmp_path / "student.safetensors"), "-o", str(tmp_path / "s.bioimageio.zip"),
                  "--author", "A. Biologist", "--quiet"]) == 0
     assert (tmp_path / "s.bioimageio.zip").stat().st_size > 0
+
+
+def test_the_plan_times_passes_a_gpu_is_not_launch_bound_on():
+    from napari_tbsn.distillation import timing_side
+
+    big, small = PlaneLayout.of((40, 2048, 2048), "ZYX"), PlaneLayout.of((40, 300, 500), "ZYX")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert timing_side(16, big, cpu) == timing_side(16, small, cpu) == 256
+    assert timing_side(16, big, cuda) == 1024
+    assert timing_side(16, small, cuda) == 288  # the plane's own side, on the network's grid

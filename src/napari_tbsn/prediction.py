@@ -230,16 +230,17 @@ class TileModel:
         channels = denoised.shape[1]
         noisy, context = noisy[:, :channels], noisy[:, channels:]
         rounds = self.options.refine
-        masks = torch.stack([self._r3_masks(tile, rounds) for tile in noisy], dim=1).to(noisy.device)
+        host = noisy.detach().float().cpu().numpy()  # one copy for the batch's seeds, not one per tile
+        masks = torch.stack([self._r3_masks(tile, rounds) for tile in host], dim=1).to(noisy.device)
         total = torch.zeros_like(denoised)
         for keep_noisy in masks:
             mixed = torch.cat([torch.where(keep_noisy, noisy, denoised), context], dim=1)
             total += self.forward(mixed, 1)[:, :channels]
         return total / rounds
 
-    def _r3_masks(self, tile: torch.Tensor, rounds: int) -> torch.Tensor:
+    def _r3_masks(self, tile: np.ndarray, rounds: int) -> torch.Tensor:
         """(rounds, C, h, w) bool: where each R3 round puts the noisy pixels of `tile` back."""
-        digest = hashlib.blake2b(tile.detach().float().cpu().numpy().tobytes(), digest_size=7).digest()
+        digest = hashlib.blake2b(np.ascontiguousarray(tile).tobytes(), digest_size=7).digest()
         generator = torch.Generator().manual_seed(self.model.seed ^ int.from_bytes(digest, "little"))
         return torch.rand((rounds, *tile.shape), generator=generator) < R3_FRACTION
 

@@ -11,12 +11,23 @@ import numpy as np
 import torch
 
 from .axes import Region
+from .devices import TILE_MEMORY_SHARE, free_memory
 from .progress import drive
 
 # Reflected context given to the pixels at the image edge, at least this many pixels on each
 # side (the padding up to the network's grid is shared between the two sides). Without it the
 # outer two or three rows and columns lost up to 0.2 dB on a 128x128 stack (measured).
 BORDER_MARGIN = 8
+
+
+def plane_holder(device: torch.device, plane_bytes: int) -> torch.device:
+    """Where a plane's padded input and blended output live while its tiles run: on the device
+    that runs them, so that a GPU keeps the data between passes (one copy in and one out per
+    plane, no wait for the host after every batch), unless they would crowd the tiles' own
+    share of its memory: then on the host."""
+    if device.type == "cpu" or plane_bytes <= TILE_MEMORY_SHARE * free_memory(device):
+        return device
+    return torch.device("cpu")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -127,14 +138,14 @@ class TiledPredictor:
         runs in one pass rather than in two nearly whole, overlapping ones."""
         return padded if padded <= self.tile_size + sum(self.padding(self.tile_size)) else self.tile_size
 
-    def _tiles(self, height: int, width: int) -> Iterator[tuple[int, int, int, int, np.ndarray]]:
+    def _tiles(self, height: int, width: int, holder: torch.device) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
         tile_h, tile_w = self.tile_length(height), self.tile_length(width)
         ys = tile_starts(height, tile_h, self.tile_overlap, self.size_multiple)
         xs = tile_starts(width, tile_w, self.tile_overlap, self.size_multiple)
         for y, overlaps_y in zip(ys, _overlaps(ys, tile_h)):
-            ramp_y = blend_ramp(tile_h, *overlaps_y)
+            ramp_y = torch.from_numpy(blend_ramp(tile_h, *overlaps_y)).to(holder)
             for x, overlaps_x in zip(xs, _overlaps(xs, tile_w)):
-                ramp_x = blend_ramp(tile_w, *overlaps_x)
+                ramp_x = torch.from_numpy(blend_ramp(tile_w, *overlaps_x)).to(holder)
                 yield y, x, tile_h, tile_w, ramp_y[:, None] * ramp_x[None, :]
 
     def predict(self, plane: np.ndarray) -> np.ndarray:
@@ -158,27 +169,28 @@ class TiledPredictor:
         rows = reflect_indices(height, top, bottom, self.period)
         columns = reflect_indices(width, left, right, self.period)
         want_y, want_x = _wanted(region, height, width, top, left)
-        tiles = [tile for tile in self._tiles(len(rows), len(columns))
+        # Input, 3 output channels per input channel and the weights: where they live (plane_holder).
+        holder = plane_holder(self.device, 4 * (4 * channels + 1) * len(rows) * len(columns))
+        tiles = [tile for tile in self._tiles(len(rows), len(columns), holder)
                  if _meets(tile[0], tile[2], want_y) and _meets(tile[1], tile[3], want_x)]
         span_y = (min(t[0] for t in tiles), max(t[0] + t[2] for t in tiles))
         span_x = (min(t[1] for t in tiles), max(t[1] + t[3] for t in tiles))
-        padded = _read_span(plane, rows, columns, span_y, span_x)
-        inside = np.outer((np.arange(*span_y) >= top) & (np.arange(*span_y) < top + height),
-                          (np.arange(*span_x) >= left) & (np.arange(*span_x) < left + width)).astype(np.float32)
-        accumulated: np.ndarray | None = None
-        weight_sum = np.zeros(inside.shape, dtype=np.float32)
+        padded = torch.from_numpy(_read_span(plane, rows, columns, span_y, span_x)).to(holder)
+        inside = torch.from_numpy(np.outer((np.arange(*span_y) >= top) & (np.arange(*span_y) < top + height),
+                                           (np.arange(*span_x) >= left) & (np.arange(*span_x) < left + width))
+                                  .astype(np.float32)).to(holder)
+        accumulated: torch.Tensor | None = None
+        weight_sum = torch.zeros(inside.shape, dtype=torch.float32, device=holder)
         done = 0
         for start in range(0, len(tiles), self.batch_size):
             group = [(y - span_y[0], x - span_x[0], h, w, weights)
                      for y, x, h, w, weights in tiles[start : start + self.batch_size]]
-            batch = np.stack([padded[:, y : y + h, x : x + w] for y, x, h, w, _ in group])
-            mask = np.stack([inside[None, y : y + h, x : x + w] for y, x, h, w, _ in group])
+            batch = torch.stack([padded[:, y : y + h, x : x + w] for y, x, h, w, _ in group])
+            mask = torch.stack([inside[None, y : y + h, x : x + w] for y, x, h, w, _ in group])
             with torch.no_grad():
-                result = self.model(
-                    torch.from_numpy(batch).to(self.device), inside=torch.from_numpy(mask).to(self.device)
-                ).float().cpu().numpy()
+                result = self.model(batch.to(self.device), inside=mask.to(self.device)).float().to(holder)
             if accumulated is None:
-                accumulated = np.zeros((result.shape[1], *inside.shape), dtype=np.float32)
+                accumulated = torch.zeros((result.shape[1], *inside.shape), dtype=torch.float32, device=holder)
             for (y, x, h, w, weights), tile_out in zip(group, result):
                 accumulated[:, y : y + h, x : x + w] += tile_out * weights
                 weight_sum[y : y + h, x : x + w] += weights
@@ -186,7 +198,7 @@ class TiledPredictor:
             yield done, len(tiles)
         assert accumulated is not None
         kept = (slice(want_y[0] - span_y[0], want_y[1] - span_y[0]), slice(want_x[0] - span_x[0], want_x[1] - span_x[0]))
-        return accumulated[(slice(None), *kept)] / weight_sum[kept]
+        return (accumulated[(slice(None), *kept)] / weight_sum[kept]).cpu().numpy()
 
 
 def _wanted(region: Region | None, height: int, width: int, top: int, left: int) -> tuple[tuple[int, int], ...]:
@@ -257,17 +269,20 @@ class MarginTiledPredictor:
         windows_x = margin_windows(len(columns), self.step, self.margin, wanted_x, self.multiple)
         span_y = (min(w[0] for w in windows_y), max(w[1] for w in windows_y))
         span_x = (min(w[0] for w in windows_x), max(w[1] for w in windows_x))
-        padded = _read_span(plane, rows, columns, span_y, span_x)
+        holder = plane_holder(self.device, 4 * 2 * plane.shape[0] * (span_y[1] - span_y[0]) * (span_x[1] - span_x[0]))
+        padded = torch.from_numpy(_read_span(plane, rows, columns, span_y, span_x)).to(holder)
         windows = [(y, x) for y in windows_y for x in windows_x]
-        result: np.ndarray | None = None
+        result: torch.Tensor | None = None
         for done, ((y0, y1, keep_y0, keep_y1), (x0, x1, keep_x0, keep_x1)) in enumerate(windows, 1):
             cut = padded[None, :, y0 - span_y[0] : y1 - span_y[0], x0 - span_x[0] : x1 - span_x[0]]
             with torch.no_grad():
-                output = self.core(torch.from_numpy(np.ascontiguousarray(cut)).to(self.device))[0].float().cpu().numpy()
+                output = self.core(cut.contiguous().to(self.device))[0].float().to(holder)
             if result is None:
-                result = np.empty((output.shape[0], span_y[1] - span_y[0], span_x[1] - span_x[0]), dtype=np.float32)
+                result = torch.empty((output.shape[0], span_y[1] - span_y[0], span_x[1] - span_x[0]),
+                                     dtype=torch.float32, device=holder)
             result[:, keep_y0 - span_y[0] : keep_y1 - span_y[0], keep_x0 - span_x[0] : keep_x1 - span_x[0]] = \
                 output[:, keep_y0 - y0 : keep_y1 - y0, keep_x0 - x0 : keep_x1 - x0]
             yield done, len(windows)
         assert result is not None
-        return result[:, want_y[0] - span_y[0] : want_y[1] - span_y[0], want_x[0] - span_x[0] : want_x[1] - span_x[0]]
+        return result[:, want_y[0] - span_y[0] : want_y[1] - span_y[0], want_x[0] - span_x[0] : want_x[1] - span_x[0]] \
+            .cpu().numpy()
