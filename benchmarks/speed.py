@@ -47,8 +47,10 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,small,paper")
     parser.add_argument("--seconds", type=float, default=20.0, help="fitting seconds per measurement")
     parser.add_argument("--size", type=int, default=512, help="image size for prediction")
+    parser.add_argument("--devices", default="cpu,cuda", help="cpu, cuda (the first GPU) or both, where present")
     args = parser.parse_args()
-    devices = [d for d, _ in available_devices() if d == "cpu" or d.startswith("cuda:0")]
+    kinds = args.devices.split(",")
+    devices = [d for d, _ in available_devices() if (d == "cpu" and "cpu" in kinds) or (d == "cuda:0" and "cuda" in kinds)]
     rows = [measure(p, d, args.seconds, args.size) for d in devices for p in args.presets.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; prediction on {args.size}x{args.size}")
     print("| preset | device | fit batch | fit it/s | predict Mpx/s | host peak MB | GPU peak MB |")

@@ -25,10 +25,37 @@ def noisy_image(shape=(96, 128), seed=0, peak=20.0) -> tuple[np.ndarray, np.ndar
     return clean, noisy.astype(np.float32)
 
 
+def _device_missing(name: str) -> str | None:
+    """Why the device `name` cannot run here (None: it can)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU here: this variant runs where there is one (scripts/gpu_check.sh)"
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        return "no Apple MPS here: this variant runs on a Mac with one"
+    return None
+
+
+@pytest.fixture(scope="session", params=["cpu", "cuda", "mps"])
+def device(request) -> str:
+    """Every test of fitting, prediction, distillation, export and model files takes this: it
+    runs on the CPU always, and again on CUDA and on MPS where they are present (skipped, with
+    the reason, where not), with the same assertions. TBSN_TEST_DEVICES (e.g. "cuda") keeps
+    only the devices it names."""
+    import os
+
+    wanted = os.environ.get("TBSN_TEST_DEVICES")
+    if wanted and request.param not in wanted.split(","):
+        pytest.skip(f"TBSN_TEST_DEVICES={wanted}")
+    missing = _device_missing(request.param)
+    if missing:
+        pytest.skip(missing)
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def fitted_tiny():
+def fitted_tiny(device):
     """A tiny Denoiser fitted briefly on a synthetic image (shared: fitting costs seconds)."""
     from napari_tbsn import Denoiser
 
     _, noisy = noisy_image((128, 128))
-    return Denoiser(preset="tiny", device="cpu", seed=0).fit(noisy, "YX", iterations=30)
+    return Denoiser(preset="tiny", device=device, seed=0).fit(noisy, "YX", iterations=30)

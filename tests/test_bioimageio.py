@@ -113,10 +113,10 @@ def read_npy(package: Path, name: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def plane_model():
+def plane_model(device):
     """A tiny YX model (one channel, no context) with an untrained student, and its data."""
     _, noisy = noisy_image((128, 128))
-    fitted = Denoiser(preset="tiny", pd=2, device="cpu", seed=0).fit(noisy, "YX", iterations=1).model
+    fitted = Denoiser(preset="tiny", pd=2, device=device, seed=0).fit(noisy, "YX", iterations=1).model
     return with_student(fitted), noisy
 
 
@@ -273,11 +273,11 @@ def test_failed_export_keeps_the_previous_file(plane_model, tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def context_model():
+def context_model(device):
     """Two channels and one context plane on each side: six input channels (context channel j
     is channel j % 2), with an untrained student, and the Z C Y X data."""
     _, noisy = noisy_image((4, 2, 128, 128), seed=3)
-    fitted = Denoiser(preset="tiny", pd=2, device="cpu", seed=0, context=1).fit(noisy, "ZCYX", iterations=1).model
+    fitted = Denoiser(preset="tiny", pd=2, device=device, seed=0, context=1).fit(noisy, "ZCYX", iterations=1).model
     model = with_student(fitted, seed=1)
     assert (model.channels, model.context_planes, model.student.config.in_channels) == (2, 1, 6)
     return model, noisy

@@ -202,7 +202,7 @@ SEAM_CASES = [
 
 
 @pytest.mark.parametrize("shape, tile_size, tile_overlap, lattice, estimator", SEAM_CASES)
-def test_pixels_next_to_tile_seams_never_see_themselves(shape, tile_size, tile_overlap, lattice, estimator):
+def test_pixels_next_to_tile_seams_never_see_themselves(shape, tile_size, tile_overlap, lattice, estimator, device):
     """Blind at every offset 0-7 from a seam. The posterior folds y_p back in on purpose: there
     its standard deviation, a function of the (refined) blind-spot mean and prior alone, must
     not move, and the estimate must move towards the perturbation by less than all of it."""
@@ -216,7 +216,7 @@ def test_pixels_next_to_tile_seams_never_see_themselves(shape, tile_size, tile_o
     options = PredictOptions(estimator=estimator, ensemble=1, lattice=lattice, tile_size=tile_size,
                              tile_overlap=tile_overlap, batch_size=16)
     model = _seam_model()
-    denoiser = Denoiser.from_model(model, options, device="cpu")
+    denoiser = Denoiser.from_model(model, options, device=device)
     predictor = make_runner(model, options, torch.device("cpu"), 1).tiled(tile_size)
     rows, columns = _seam_pixels(predictor, shape[0]), _seam_pixels(predictor, shape[1])
     assert rows or columns, "no seam to probe"

@@ -60,9 +60,9 @@ def test_channels_as_samples_need_outputs_for_every_channel():
 
 
 @pytest.fixture(scope="module")
-def independent_model():
+def independent_model(device):
     stack = np.stack([_unrelated((64, 64)) for _ in range(4)])  # ZCYX
-    return Denoiser(preset="tiny", device="cpu", channels="independent", context=1).fit(stack, "ZCYX", iterations=2)
+    return Denoiser(preset="tiny", device=device, channels="independent", context=1).fit(stack, "ZCYX", iterations=2)
 
 
 def test_independent_channels_are_blind_and_apart_through_the_predict_path(independent_model):
@@ -96,18 +96,18 @@ def test_auto_fits_unrelated_stains_independently_and_shared_structures_jointly(
         one, PlaneLayout.of(one.shape, "CYX"))).mode == "single"
 
 
-def test_the_choice_is_reported_saved_and_kept_by_a_fine_tune(tmp_path):
+def test_the_choice_is_reported_saved_and_kept_by_a_fine_tune(tmp_path, device):
     data = _unrelated()
-    denoiser = Denoiser(preset="tiny", device="cpu").fit(data, "CYX", iterations=2)
+    denoiser = Denoiser(preset="tiny", device=device).fit(data, "CYX", iterations=2)
     assert denoiser.network_config.channels_as_samples
     assert "channels fitted independent: their structures hardly correlate" in denoiser.summary.describe()
     path = denoiser.save(tmp_path / "model.safetensors")
-    loaded = Denoiser.load(path, device="cpu")
+    loaded = Denoiser.load(path, device=device)
     assert loaded.network_config.channels_as_samples and loaded.channels == "independent"
     np.testing.assert_array_equal(loaded.predict(data, "CYX", ensemble=1), denoiser.predict(data, "CYX", ensemble=1))
     loaded.fit(_shared(), "CYX", iterations=1)  # a fine-tune keeps the network it fine-tunes
     assert loaded.network_config.channels_as_samples
-    joint = Denoiser(preset="tiny", device="cpu", channels="joint").fit(data, "CYX", iterations=1)
+    joint = Denoiser(preset="tiny", device=device, channels="joint").fit(data, "CYX", iterations=1)
     assert not joint.network_config.channels_as_samples and "channels fitted joint: as asked" in joint.summary.describe()
 
 

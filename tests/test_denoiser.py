@@ -20,9 +20,9 @@ def test_fit_and_predict_keep_shape_units_and_the_input(fitted_tiny):
     assert np.mean((out - clean) ** 2) < 0.75 * np.mean((noisy - clean) ** 2)
 
 
-def test_fit_with_channels_and_time():
+def test_fit_with_channels_and_time(device):
     _, noisy = noisy_image((2, 2, 64, 64), seed=2)  # T C Y X
-    denoiser = Denoiser(preset="tiny", device="cpu").fit(noisy, "TCYX", iterations=3)
+    denoiser = Denoiser(preset="tiny", device=device).fit(noisy, "TCYX", iterations=3)
     assert denoiser.network.config.in_channels == 2
     assert denoiser.predict(noisy, "TCYX").shape == noisy.shape
     with pytest.raises(ValueError, match="channel"):
@@ -37,9 +37,9 @@ def test_fitting_is_deterministic_on_cpu():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_cancel_stops_within_one_iteration_and_keeps_the_best_weights():
+def test_cancel_stops_within_one_iteration_and_keeps_the_best_weights(device):
     _, noisy = noisy_image((128, 128))
-    denoiser = Denoiser(preset="tiny", device="cpu")
+    denoiser = Denoiser(preset="tiny", device=device)
     seen = []
 
     def stop_at_seven(progress):
@@ -54,9 +54,9 @@ def test_cancel_stops_within_one_iteration_and_keeps_the_best_weights():
     assert denoiser.is_fitted
 
 
-def test_time_budget_stops_the_fit():
+def test_time_budget_stops_the_fit(device):
     _, noisy = noisy_image((64, 64))
-    denoiser = Denoiser(preset="tiny", device="cpu").fit(noisy, "YX", time_budget=1.0)
+    denoiser = Denoiser(preset="tiny", device=device).fit(noisy, "YX", time_budget=1.0)
     assert denoiser.summary.iterations >= 1 and denoiser.summary.seconds < 10
 
 
@@ -100,9 +100,9 @@ def test_unknown_preset_and_bad_pd_are_rejected():
         Denoiser(pd=0)
 
 
-def test_pixel_shuffle_fit_and_predict():
+def test_pixel_shuffle_fit_and_predict(device):
     _, noisy = noisy_image((128, 128))
-    denoiser = Denoiser(preset="tiny", pd=2, device="cpu").fit(noisy, "YX", iterations=2)
+    denoiser = Denoiser(preset="tiny", pd=2, device=device).fit(noisy, "YX", iterations=2)
     assert denoiser.predict(noisy, "YX").shape == noisy.shape
 
 
@@ -160,15 +160,15 @@ def test_options_for_one_call_leave_the_defaults_alone(fitted_tiny, monkeypatch)
         fitted_tiny.predict(noisy, "YX", ensemble=4)
 
 
-def test_a_given_noise_model_is_used_for_every_channel():
+def test_a_given_noise_model_is_used_for_every_channel(device):
     from napari_tbsn import NoiseModel
 
     _, noisy = noisy_image((2, 2, 64, 64), seed=2)  # T C Y X
     camera = NoiseModel.from_camera(gain=1.0, read_noise=1.0)
-    denoiser = Denoiser(preset="tiny", device="cpu", noise_model=camera).fit(noisy, "TCYX", iterations=2)
+    denoiser = Denoiser(preset="tiny", device=device, noise_model=camera).fit(noisy, "TCYX", iterations=2)
     assert denoiser.noise_model == camera.for_channels(2)
     assert "(given)" in denoiser.describe_noise()
-    estimated = Denoiser(preset="tiny", device="cpu").fit(noisy, "TCYX", iterations=2).noise_model
+    estimated = Denoiser(preset="tiny", device=device).fit(noisy, "TCYX", iterations=2).noise_model
     assert not estimated.given and estimated.offset != camera.offset[:1] * 2
     with pytest.raises(TypeError, match="NoiseModel.from_camera"):
         Denoiser(noise_model=(1.0, 1.0))

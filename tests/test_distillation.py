@@ -27,7 +27,7 @@ def with_student(denoiser: Denoiser, seed: int = 1) -> Denoiser:
     torch.manual_seed(seed)
     inputs = model.channels * (1 + 2 * model.context_planes)
     student = Student(UNet(student_preset("tiny", inputs, model.channels)).eval())
-    return Denoiser.from_model(dataclasses.replace(model, student=student), denoiser.options, device="cpu")
+    return Denoiser.from_model(dataclasses.replace(model, student=student), denoiser.options, device=denoiser.device)
 
 
 @pytest.mark.parametrize("config", [StudentConfig(8, 2, 2), StudentConfig(8, 3, 1), StudentConfig(6, 2, 3, 3, 1)])
@@ -57,9 +57,9 @@ def test_tiled_student_prediction_equals_one_whole_pass(fitted_tiny):
     np.testing.assert_allclose(whole, normalizer.denormalize(direct)[0], atol=1e-4)
 
 
-def test_tiled_student_with_channels_and_context_planes_equals_one_whole_pass():
+def test_tiled_student_with_channels_and_context_planes_equals_one_whole_pass(device):
     _, stack = noisy_image((4, 2, 150, 200), seed=7)
-    teacher = Denoiser(preset="tiny", device="cpu", pd=1, context=1).fit(stack, "ZCYX", iterations=2)
+    teacher = Denoiser(preset="tiny", device=device, pd=1, context=1).fit(stack, "ZCYX", iterations=2)
     assert teacher.context_planes == 1
     denoiser = with_student(teacher)
     assert denoiser.student.config.in_channels == 6 and denoiser.student.config.out_channels == 2
@@ -83,23 +83,23 @@ def test_prediction_uses_the_student_when_present_and_the_teacher_bit_for_bit_wh
         student.predict(noisy, "YX", uncertainty=np.empty_like(noisy))
 
 
-def test_a_student_is_saved_beside_the_teacher_and_old_files_still_load(fitted_tiny, tmp_path):
+def test_a_student_is_saved_beside_the_teacher_and_old_files_still_load(fitted_tiny, tmp_path, device):
     sample = np.arange(2 * 32 * 32, dtype=np.float32).reshape(1, 64, 32)
     denoiser = with_student(fitted_tiny)
     model = dataclasses.replace(denoiser.model, student=dataclasses.replace(denoiser.student, sample=sample))
     Denoiser.from_model(model).save(tmp_path / "with.safetensors")
-    loaded = Denoiser.load(tmp_path / "with.safetensors", device="cpu")
+    loaded = Denoiser.load(tmp_path / "with.safetensors", device=device)
     for name, tensor in model.student.network.state_dict().items():
         assert torch.equal(tensor, loaded.student.network.state_dict()[name])
     np.testing.assert_array_equal(loaded.student.sample, sample)
     fitted_tiny.save(tmp_path / "teacher.safetensors")
-    assert Denoiser.load(tmp_path / "teacher.safetensors", device="cpu").student is None
+    assert Denoiser.load(tmp_path / "teacher.safetensors", device=device).student is None
 
 
 @pytest.fixture(scope="module")
-def distilled():
+def distilled(device):
     _, noisy = noisy_image((128, 128), seed=5)
-    teacher = Denoiser(preset="tiny", device="cpu", pd=1).fit(noisy, "YX", iterations=20)
+    teacher = Denoiser(preset="tiny", device=device, pd=1).fit(noisy, "YX", iterations=20)
     items = []
     before = teacher.model
     teacher.distil(noisy, "YX", iterations=20, callback=items.append)

@@ -33,15 +33,15 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def model_with_student():
+def model_with_student(device):
     """A tiny teacher with stack context 1 and a (random, so distinct from the teacher) student."""
     _, stack = noisy_image(SHAPE, seed=3)
     stack += np.random.default_rng(4).normal(0, 1, SHAPE).astype(np.float32)  # planes differ
-    teacher = Denoiser(preset="tiny", device="cpu", pd=1, context=1).fit(stack, "ZYX", iterations=3)
+    teacher = Denoiser(preset="tiny", device=device, pd=1, context=1).fit(stack, "ZYX", iterations=3)
     torch.manual_seed(1)
     model = teacher.model
     student = Student(UNet(student_preset("tiny", 3 * model.channels, model.channels)).eval())
-    return Denoiser.from_model(dataclasses.replace(model, student=student), teacher.options, device="cpu"), stack
+    return Denoiser.from_model(dataclasses.replace(model, student=student), teacher.options, device=device), stack
 
 
 def zarr_pair(folder: Path, stack: np.ndarray):
@@ -127,12 +127,12 @@ def test_the_cluster_needs_zarr_arrays_it_can_open(client, model_with_student, t
         denoiser.predict(stack, "ZYX", client=client)
 
 
-def test_r3_refinement_gives_the_single_process_result_block_by_block(client, tmp_path):
+def test_r3_refinement_gives_the_single_process_result_block_by_block(client, tmp_path, device):
     # R3's random masks are seeded per tile, not per batch: a block runs fewer tiles per batch.
     shape, chunks = (4, 128, 512), (2, 128, 128)
     _, stack = noisy_image(shape, seed=5)
     stack += np.random.default_rng(6).normal(0, 1, shape).astype(np.float32)
-    denoiser = Denoiser(preset="tiny", device="cpu", pd=2, context=1, refine=2).fit(stack, "ZYX", iterations=2)
+    denoiser = Denoiser(preset="tiny", device=device, pd=2, context=1, refine=2).fit(stack, "ZYX", iterations=2)
     assert denoiser.pd == 2
     source = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=shape, chunks=chunks, dtype="float32")
     source[:] = stack

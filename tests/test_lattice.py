@@ -78,13 +78,13 @@ def test_fit_lowers_the_true_error_of_a_correlated_mean():
     assert LatticeFilter.from_dict(lattice.to_dict()) == lattice
 
 
-def test_denoiser_fits_saves_and_can_skip_the_filter(fitted_tiny, tmp_path):
+def test_denoiser_fits_saves_and_can_skip_the_filter(fitted_tiny, tmp_path, device):
     assert fitted_tiny.lattice_filter is not None and any(fitted_tiny.lattice_filter.coefficients[0])
     assert len(fitted_tiny.lattice_filter.prior_scale) == 1  # a posterior model rescales its prior
-    loaded = Denoiser.load(fitted_tiny.save(tmp_path / "m.safetensors"), device="cpu")
+    loaded = Denoiser.load(fitted_tiny.save(tmp_path / "m.safetensors"), device=device)
     assert loaded.lattice_filter == fitted_tiny.lattice_filter
     _, noisy = noisy_image((96, 96), seed=3)
-    raw = Denoiser(preset="tiny", device="cpu", lattice=False).fit(noisy, "YX", iterations=2)
+    raw = Denoiser(preset="tiny", device=device, lattice=False).fit(noisy, "YX", iterations=2)
     assert raw.lattice_filter is None and Denoiser.load(raw.save(tmp_path / "raw.safetensors")).lattice_filter is None
 
 

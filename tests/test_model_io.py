@@ -11,9 +11,9 @@ from napari_tbsn.model_io import ModelFileError
 from .conftest import noisy_image
 
 
-def test_save_and_load_round_trip(fitted_tiny, tmp_path):
+def test_save_and_load_round_trip(fitted_tiny, tmp_path, device):
     path = fitted_tiny.save(tmp_path / "model.safetensors")
-    loaded = Denoiser.load(path, device="cpu")
+    loaded = Denoiser.load(path, device=device)
     _, noisy = noisy_image((64, 64), seed=9)
     np.testing.assert_array_equal(loaded.predict(noisy, "YX"), fitted_tiny.predict(noisy, "YX"))
     assert loaded.normalizer == fitted_tiny.normalizer and loaded.axes == "YX"
@@ -31,8 +31,8 @@ def test_model_file_is_safetensors_with_a_json_header(fitted_tiny, tmp_path):
     assert "normalization" in header and "package_version" in header
 
 
-def test_fine_tuning_continues_from_loaded_weights(fitted_tiny, tmp_path):
-    loaded = Denoiser.load(fitted_tiny.save(tmp_path / "m.safetensors"), device="cpu")
+def test_fine_tuning_continues_from_loaded_weights(fitted_tiny, tmp_path, device):
+    loaded = Denoiser.load(fitted_tiny.save(tmp_path / "m.safetensors"), device=device)
     before = {k: v.clone() for k, v in loaded.network.state_dict().items()}
     _, other = noisy_image((96, 96), seed=11)
     loaded.fit(other, "YX", iterations=2)

@@ -24,9 +24,9 @@ def test_posterior_beats_the_prior_and_its_error_estimate_is_unbiased():
     assert float(estimate.variance.mean()) == pytest.approx(float(true_error), rel=0.1)
 
 
-def test_denoiser_posterior_uncertainty_and_quality_estimate():
+def test_denoiser_posterior_uncertainty_and_quality_estimate(device):
     clean, noisy = noisy_image((128, 128), seed=4)
-    denoiser = Denoiser(preset="tiny", device="cpu").fit(noisy, "YX", iterations=60)
+    denoiser = Denoiser(preset="tiny", device=device).fit(noisy, "YX", iterations=60)
     assert denoiser.uses_posterior and denoiser.pd == 1
     assert denoiser.noise_model.gain[0] == pytest.approx(1.0, rel=0.3)
     uncertainty = np.empty_like(noisy)
@@ -41,7 +41,7 @@ def test_denoiser_posterior_uncertainty_and_quality_estimate():
         denoiser.predict(noisy, "YX", uncertainty=uncertainty, estimator="blind_spot")
 
 
-def test_correlated_noise_gets_pixel_shuffle_and_no_posterior(recwarn):
+def test_correlated_noise_gets_pixel_shuffle_and_no_posterior(recwarn, device):
     from scipy.ndimage import convolve
 
     rng = np.random.default_rng(0)
@@ -50,28 +50,28 @@ def test_correlated_noise_gets_pixel_shuffle_and_no_posterior(recwarn):
     noisy = (clean + 2 * convolve(rng.normal(0, 1, clean.shape), kernel / np.sqrt((kernel**2).sum()))).astype(
         np.float32
     )
-    auto = Denoiser(preset="tiny", device="cpu", refine=2).fit(noisy, "YX", iterations=3)
+    auto = Denoiser(preset="tiny", device=device, refine=2).fit(noisy, "YX", iterations=3)
     assert auto.pd >= 2 and not auto.uses_posterior
     assert auto.predict(noisy, "YX").shape == noisy.shape and auto.quality is None
     with pytest.warns(UserWarning, match="copy correlated noise"):
-        Denoiser(preset="tiny", device="cpu", pd=1).fit(noisy, "YX", iterations=1)
+        Denoiser(preset="tiny", device=device, pd=1).fit(noisy, "YX", iterations=1)
 
 
-def test_context_planes_fit_predict_and_need_a_stack(tmp_path):
+def test_context_planes_fit_predict_and_need_a_stack(tmp_path, device):
     _, noisy = noisy_image((5, 64, 64), seed=6)
-    denoiser = Denoiser(preset="tiny", device="cpu", context=1).fit(noisy, "ZYX", iterations=3)
+    denoiser = Denoiser(preset="tiny", device=device, context=1).fit(noisy, "ZYX", iterations=3)
     assert denoiser.context_planes == 1
     assert denoiser.network.config.context_channels == 2
-    reloaded = Denoiser.load(denoiser.save(tmp_path / "context.safetensors"), device="cpu")
+    reloaded = Denoiser.load(denoiser.save(tmp_path / "context.safetensors"), device=device)
     np.testing.assert_allclose(reloaded.predict(noisy, "ZYX"), denoiser.predict(noisy, "ZYX"), atol=1e-5)
     with pytest.raises(ValueError, match="Z or T"):
         denoiser.predict(noisy[0], "YX")
     with pytest.raises(ValueError, match="Z or T"):
-        Denoiser(preset="tiny", device="cpu", context=1).fit(noisy[0], "YX", iterations=1)
+        Denoiser(preset="tiny", device=device, context=1).fit(noisy[0], "YX", iterations=1)
     # The default, "auto": one neighbour each side for Z-stacks, none for time series and planes.
-    assert Denoiser(preset="tiny", device="cpu").fit(noisy, "ZYX", iterations=1).context_planes == 1
-    assert Denoiser(preset="tiny", device="cpu").fit(noisy, "TYX", iterations=1).context_planes == 0
-    assert Denoiser(preset="tiny", device="cpu").fit(noisy[0], "YX", iterations=1).context_planes == 0
+    assert Denoiser(preset="tiny", device=device).fit(noisy, "ZYX", iterations=1).context_planes == 1
+    assert Denoiser(preset="tiny", device=device).fit(noisy, "TYX", iterations=1).context_planes == 0
+    assert Denoiser(preset="tiny", device=device).fit(noisy[0], "YX", iterations=1).context_planes == 0
 
 
 def test_auto_ensemble_averages_eight_views_only_for_small_inputs():

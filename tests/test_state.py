@@ -26,9 +26,9 @@ def _stack(planes: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def context_models():
+def context_models(device):
     """A tiny model per stack context 1-3, fitted briefly (its weights need not be good)."""
-    return {k: Denoiser(preset="tiny", device="cpu", context=k).fit(_stack(8), "ZYX", iterations=2) for k in (1, 2, 3)}
+    return {k: Denoiser(preset="tiny", device=device, context=k).fit(_stack(8), "ZYX", iterations=2) for k in (1, 2, 3)}
 
 
 # Pixels on one parity lattice, further apart than the lattice filter's reach: the output at
@@ -84,9 +84,9 @@ def _weights(denoiser: Denoiser) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fitted():
+def fitted(device):
     _, noisy = noisy_image((128, 128), seed=11)
-    return Denoiser(preset="tiny", device="cpu").fit(noisy, "YX", iterations=3), noisy
+    return Denoiser(preset="tiny", device=device).fit(noisy, "YX", iterations=3), noisy
 
 
 class _StopAfterReads:
@@ -191,16 +191,16 @@ def test_a_stop_during_prediction_ends_it_within_a_second(fitted):
     assert time.perf_counter() - when["set_at"] < STOP_WITHIN_S
 
 
-def test_ending_the_training_early_still_completes_the_model():
+def test_ending_the_training_early_still_completes_the_model(device):
     _, noisy = noisy_image((128, 128), seed=16)
     stop_training = threading.Event()
-    denoiser = Denoiser(preset="tiny", device="cpu").fit(
+    denoiser = Denoiser(preset="tiny", device=device).fit(
         noisy, "YX", iterations=1000, stop_training=stop_training,
         callback=lambda progress: progress.iteration == 3 and stop_training.set())
     assert denoiser.summary.iterations == 3 and denoiser.summary.stopped_early
     assert denoiser.uses_posterior and denoiser.lattice_filter is not None  # the closing fits ran
     # A fine-tune keeps the pd its network was fitted at, whatever the new data measure.
-    refit = Denoiser.from_model(denoiser.model, device="cpu").fit(noisy, "YX", iterations=2)
+    refit = Denoiser.from_model(denoiser.model, device=device).fit(noisy, "YX", iterations=2)
     assert refit.pd == denoiser.pd == 1 and refit.context_planes == 0
 
 
@@ -230,11 +230,11 @@ def test_cancel_from_another_thread_never_races_the_job(fitted):
 
 
 # -- failures leave the model as it was ------------------------------------------------------
-def test_a_fine_tune_that_fails_leaves_the_model_exactly_as_it_was(fitted, monkeypatch):
+def test_a_fine_tune_that_fails_leaves_the_model_exactly_as_it_was(fitted, monkeypatch, device):
     from napari_tbsn.training import Trainer
 
     previous, noisy = fitted
-    denoiser = Denoiser.from_model(previous.model, device="cpu")
+    denoiser = Denoiser.from_model(previous.model, device=device)
     weights, model = _weights(denoiser), denoiser.model
     real_step = Trainer._step
 

@@ -44,7 +44,7 @@ def test_every_size_down_to_the_minimum(fitted_tiny):
 
 
 @pytest.mark.parametrize("pd", [1, 2])
-def test_border_padding_never_shows_a_pixel_to_itself(fitted_tiny, pd):
+def test_border_padding_never_shows_a_pixel_to_itself(fitted_tiny, pd, device):
     # Predict pads each side with reflected pixels. A copy of pixel p must stay on p's blind
     # lattice (p + 2 * pd * Z^2 once pixel-shuffled by pd), or the blind-spot output at the
     # border would see the noise it must not see.
@@ -54,7 +54,7 @@ def test_border_padding_never_shows_a_pixel_to_itself(fitted_tiny, pd):
 
     _, noisy = noisy_image((140, 130), seed=5)
     denoiser = Denoiser.from_model(dataclasses.replace(fitted_tiny.model, pd=pd),
-                                   PredictOptions(refine=0, estimator="blind_spot", ensemble=8), device="cpu")
+                                   PredictOptions(refine=0, estimator="blind_spot", ensemble=8), device=device)
     before = denoiser.predict(noisy, "YX")
     for y, x in [(0, 0), (1, 1), (0, 129), (139, 0), (138, 127), (1, 50), (50, 1), (50, 50)]:
         changed = noisy.copy()
