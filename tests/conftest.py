@@ -52,6 +52,20 @@ def device(request) -> str:
     return request.param
 
 
+# Two runs of one model agree to float32 rounding on the CPU; on a GPU they predict in bfloat16
+# (Ampere on) with convolutions in TF32, and differently shaped batches or windows round differently.
+GPU_AGREEMENT = 2e-2
+
+
+def agreement(device, reference: np.ndarray, cpu_atol: float) -> float:
+    """The absolute tolerance for comparing two predictions made on `device`: `cpu_atol` on the
+    CPU, else GPU_AGREEMENT of the reference's range (and no less than `cpu_atol`)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if kind == "cpu":
+        return cpu_atol
+    return max(cpu_atol, GPU_AGREEMENT * float(np.max(reference) - np.min(reference)))
+
+
 @pytest.fixture(scope="session")
 def fitted_tiny(device):
     """A tiny Denoiser fitted briefly on a synthetic image (shared: fitting costs seconds)."""
@@ -59,3 +73,22 @@ def fitted_tiny(device):
 
     _, noisy = noisy_image((128, 128))
     return Denoiser(preset="tiny", device=device, seed=0).fit(noisy, "YX", iterations=30)
+
+
+@pytest.fixture(autouse=True)
+def _memory_record(request):
+    """With TBSN_MEMORY_REPORT=FILE, append each test that raised this process's peak memory and
+    by how much (MB of ru_maxrss): what finds the test that holds the machine."""
+    import os
+    import resource
+
+    report = os.environ.get("TBSN_MEMORY_REPORT")
+    if not report:
+        yield
+        return
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    yield
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if after > before:
+        with open(report, "a") as handle:
+            handle.write(f"{(after - before) / 1024:.0f}\t{after / 1024:.0f}\t{request.node.nodeid}\n")

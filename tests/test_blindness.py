@@ -240,10 +240,13 @@ def test_pixels_next_to_tile_seams_never_see_themselves(shape, tile_size, tile_o
         changed[y, x] += PERTURBATION
         after, after_spread = predict(changed)
         assert np.abs(after - before).max() > 1e-3, "the perturbation must be seen around it"
+        # Exactly on the CPU; a GPU's convolutions (Winograd, TF32, bfloat16) round each output
+        # with its whole input tile, so there a leak is a change above rounding.
+        rounding = 0.0 if device == "cpu" else 1e-3 * float(np.abs(after - before).max())
         if estimator == "posterior":
             moved = (after[y, x] - before[y, x]) / PERTURBATION
-            if after_spread[y, x] != before_spread[y, x] or not 0 < moved < 1:
+            if abs(after_spread[y, x] - before_spread[y, x]) > rounding or not 0 < moved < 1:
                 leaks.append(((y, x), (offset_y, offset_x), float(after_spread[y, x] - before_spread[y, x])))
-        elif after[y, x] != before[y, x]:
+        elif abs(after[y, x] - before[y, x]) > rounding:
             leaks.append(((y, x), (offset_y, offset_x), float(after[y, x] - before[y, x])))
     assert not leaks, f"pixel, offsets from the seam, change of its own output: {leaks}"

@@ -122,7 +122,8 @@ def test_calibrated_noise_model_replaces_the_estimate(noisy_tiff, tmp_path, caps
     assert "needs both --gain and --read-noise" in capsys.readouterr().err
 
 
-def test_torchrun_fits_on_two_processes_with_ddp_and_rank_zero_writes_a_model_that_predicts(tmp_path):
+@pytest.mark.parametrize("processes", [2, 1])  # one: a group of one, the path a 1-GPU machine runs
+def test_torchrun_fits_with_ddp_and_rank_zero_writes_a_model_that_predicts(tmp_path, processes):
     import os
     import subprocess
     import sys
@@ -137,11 +138,12 @@ def test_torchrun_fits_on_two_processes_with_ddp_and_rank_zero_writes_a_model_th
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "napari_tbsn", "fit", str(tmp_path / "in.tif"), "-o", str(tmp_path / "model.safetensors"),
                "--preset", "tiny", "--iterations", "6", "--device", "cpu"]
+    command[command.index("--nproc-per-node") + 1] = str(processes)
     finished = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
-    assert "fitting on 2 processes with DistributedDataParallel" in finished.stderr
+    assert f"fitting on {processes} process(es) with DistributedDataParallel" in finished.stderr
     denoiser = Denoiser.load(tmp_path / "model.safetensors", device="cpu")
-    assert (denoiser.summary.processes, denoiser.summary.iterations) == (2, 6)
+    assert (denoiser.summary.processes, denoiser.summary.iterations) == (processes, 6)
     assert denoiser.model.variance_head_fitted and denoiser.model.lattice_filter is not None  # rank 0's closing fits
     out = denoiser.predict(noisy, "ZYX")
     assert out.shape == noisy.shape and np.all(np.isfinite(out))
@@ -149,8 +151,9 @@ def test_torchrun_fits_on_two_processes_with_ddp_and_rank_zero_writes_a_model_th
 
 
 def test_under_torchrun_sigterm_is_a_ctrl_c_and_its_echo_the_same_stop(monkeypatch):
-    """torchrun hands a Ctrl-C to its ranks as SIGTERM (and the terminal's SIGINT reaches them
-    too, moments apart): the first ends the training, its echo changes nothing, a later one aborts."""
+    """torchrun forwards a stop to its ranks (SIGTERM when a scheduler terminates it; a rank may
+    also get the terminal's SIGINT, moments apart): the first ends the training, its echo changes
+    nothing, a later one aborts."""
     import os
     import signal
     import time

@@ -119,6 +119,7 @@ def test_auto_compiles_long_cuda_fits_only():
     assert should_compile(auto, cuda, None, COMPILE_MIN_SECONDS)
     assert should_compile(auto, cuda, COMPILE_MIN_ITERATIONS, None)
     assert not should_compile(auto, cuda, 500, None)
+    assert not should_compile(auto, cuda, 500, 3600)  # a small image's pass limit ends the fit early
     assert should_compile(auto, cuda, None, None) == (auto.default_iterations >= COMPILE_MIN_ITERATIONS)
     assert should_compile(dataclasses.replace(auto, compile="always"), cpu, 10, None)
     assert not should_compile(dataclasses.replace(auto, compile="never"), cuda, None, 3600)

@@ -174,7 +174,7 @@ def test_kill_9_during_a_model_save_keeps_the_old_model(tmp_path, fitted_tiny):
     assert path.read_bytes() == before  # the same weights were saved each time; never a half file
     Denoiser.load(path)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m.safetensors"]
-    assert all(name.startswith(".m.safetensors.") and name.endswith(".partial") for name in leftovers)
+    assert all(name.startswith(".m.safetensors.") and name.endswith(".partial") for name in leftovers), leftovers
 
 
 # -- resumable outputs ------------------------------------------------------------------------------

@@ -257,11 +257,11 @@ def test_out_of_memory_halves_the_batch_then_the_patch_and_says_so(monkeypatch):
     seen = []
     real_run = Trainer._run
 
-    def tight_memory(self, batch):
+    def tight_memory(self, batch, forward=None):
         seen.append(tuple(batch.shape))
         if batch.shape[0] * batch.shape[-1] ** 2 > 64 * 64:  # only one 64x64 patch fits
             raise torch.OutOfMemoryError("simulated")
-        return real_run(self, batch)
+        return real_run(self, batch, forward)
 
     monkeypatch.setattr(Trainer, "_run", tight_memory)
     config = __import__("dataclasses").replace(Denoiser(preset="tiny").fit_config, patch_size=128, batch_size=2)

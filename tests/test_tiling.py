@@ -4,7 +4,7 @@ import pytest
 from napari_tbsn.progress import drive
 from napari_tbsn.tiling import blend_ramp, tile_starts
 
-from .conftest import noisy_image
+from .conftest import agreement, noisy_image
 
 
 @pytest.mark.parametrize("length, tile, overlap", [(256, 128, 64), (256, 256, 48), (320, 256, 96), (1024, 192, 64)])
@@ -30,7 +30,7 @@ def test_tiled_prediction_has_no_seams(fitted_tiny):
     whole = fitted_tiny.predict(noisy, "YX", tile_size=1024, tile_overlap=0)
     tiled = fitted_tiny.predict(noisy, "YX", tile_size=384, tile_overlap=256)  # two tiles across
     data_range = float(whole.max() - whole.min())
-    assert np.abs(tiled - whole).max() <= 1e-3 * data_range
+    assert np.abs(tiled - whole).max() <= agreement(fitted_tiny.device, whole, 1e-3 * data_range)
 
 
 def test_every_size_down_to_the_minimum(fitted_tiny):
@@ -60,8 +60,10 @@ def test_border_padding_never_shows_a_pixel_to_itself(fitted_tiny, pd, device):
         changed = noisy.copy()
         changed[y, x] += 100.0
         after = denoiser.predict(changed, "YX")
-        assert after[y, x] == before[y, x], (y, x)
-        assert np.abs(after - before).max() > 0.1  # the change is seen around it
+        seen = float(np.abs(after - before).max())
+        assert seen > 0.1  # the change is seen around it
+        # Exactly on the CPU; on a GPU a change above rounding (test_blindness.py says why).
+        assert abs(after[y, x] - before[y, x]) <= (0.0 if device == "cpu" else 1e-3 * seen), (y, x)
 
 
 def test_border_pixels_get_reflected_context():

@@ -30,7 +30,7 @@ from .axes import guess_axes, parse_axes
 from .camera import Calibration
 from .channels import CHANNEL_MODES
 from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
-from .ddp import start_from_environment, world
+from .ddp import in_process_group, start_from_environment, world
 from .ddp import stop as stop_processes
 from .denoiser import Denoiser, PredictProgress
 from .errors import MissingDependency, describe_bug, is_user_error, one_line
@@ -81,9 +81,11 @@ def _input_axes(image: ImageFile, given: str | None) -> str:
     return guess_axes(tuple(image.data.shape))
 
 
-# Under torchrun a Ctrl-C reaches each rank twice within moments (from the terminal, then as the
-# launcher's SIGTERM or SIGINT): signals this soon after the first are the same Stop. The launcher
-# kills the ranks 30 s after its signal, which the closing fits and the model file must beat.
+# Under torchrun a Ctrl-C reaches each rank as the signal torchrun forwards (SIGINT, or SIGTERM
+# when the launcher itself is terminated, e.g. by a job scheduler); a rank in the terminal's
+# process group may get the terminal's SIGINT too, moments apart: signals this soon after the
+# first are the same Stop. torchrun kills the ranks 30 s after its signal, which the closing fits
+# and the model file must beat.
 SAME_STOP_SECONDS = 5.0
 
 
@@ -385,8 +387,8 @@ def command_fit(args: argparse.Namespace) -> None:
     try:
         image = read_image(args.input)
         axes = _input_axes(image, args.axes)
-        if processes > 1:
-            _log(args, f"fitting on {processes} processes with DistributedDataParallel")
+        if in_process_group():
+            _log(args, f"fitting on {processes} process(es) with DistributedDataParallel")
         denoiser = _fit(args, _new_denoiser(args), image, axes, args.time_budget)
         if rank == 0:
             denoiser.save(args.output)

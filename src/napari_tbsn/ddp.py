@@ -9,7 +9,8 @@ generator), and the ranks agree after every iteration on how far the fit has com
 to stop, so that they step and validate together. Each rank validates its share of the same
 validation set and the losses are summed, so all ranks keep the same best weights. Rank 0 alone
 runs the closing fits (posterior head, lattice filter) and writes the model; under torchrun a
-Ctrl-C (which reaches the ranks as SIGINT and SIGTERM) ends the training as it does alone.
+Ctrl-C (which torchrun forwards to the ranks, as SIGTERM when it is itself terminated) ends the
+training as it does alone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def world() -> tuple[int, int]:
 def start_from_environment(device: str) -> str:
     """Join the process group torchrun describes in the environment, if any; returns the
     device this process fits on (its own GPU, by LOCAL_RANK, where the device is CUDA)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    # torchrun with one process still joins a group of one (nccl on a GPU): the path runs as with many.
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if (int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not under_torchrun) or in_process_group():
         return device
     if not dist.is_available():
         raise UserError("this torch build has no torch.distributed: fit with one process")
@@ -44,6 +47,11 @@ def start_from_environment(device: str) -> str:
         device = f"cuda:{local_rank}"
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return device
+
+
+def in_process_group() -> bool:
+    """Whether this process fits in a torch.distributed group (under torchrun, even of one)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def stop() -> None:

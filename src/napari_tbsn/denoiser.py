@@ -470,9 +470,12 @@ class Denoiser:
         views = ensemble_size(model.pd, options, layout.shape)
         # The teacher's tiles decide its output, so every task tiles alike: sized from the worker
         # device with the least free memory, not from this process's.
-        device, free = smallest_worker_memory(client, self._worker_device)
         runner = make_runner(model, options, self._device, views)
-        tile_size = tile_side(runner, options, torch.device(device), free=free)
+        if options.tile_size == "auto":
+            device, free = smallest_worker_memory(client, self._worker_device)
+            tile_size = tile_side(runner, options, torch.device(device), free=free)
+        else:
+            tile_size = tile_side(runner, options, self._device)
         self._quality = None
         camera = camera_correction(self._settings.camera, data, layout, model.pd)  # found once, here, for every task
         return predict_on_cluster(client, model, self._options, options, data, layout, out, tile_size=tile_size,

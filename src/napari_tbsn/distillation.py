@@ -25,11 +25,12 @@ import torch
 from .camera import CameraCorrection, CorrectedStack
 from .axes import PlaneLayout
 from .config import FitConfig, PredictOptions
-from .devices import OutOfMemory, out_of_memory_error
+from .devices import OutOfMemory, autocast_dtype, out_of_memory_error, tile_for_memory
 from .network.unet import UNet, student_preset
 from .student import DistilSummary, Student, sample_crop
 from .patches import PatchSampler, check_finite, fitting_patch_size
-from .prediction import TileModel, ensemble_size, plane_steps, smaller_tile, tile_side
+from .prediction import (TEACHER_BYTES_PER_PIXEL_PER_DIM, TileModel, ensemble_size, plane_steps, smaller_tile,
+                         tile_side)
 from .progress import CancellableArray, FitCancelled, PredictionCancelled, raise_if_cancelled
 from .training import Trainer
 
@@ -188,24 +189,38 @@ class StudentPlan:
 
 
 def _seconds_per_pixel(network: torch.nn.Module, channels: int, size: int, device: torch.device) -> float:
-    """One timed pass (after a warm-up) on a random input of size x size."""
-    sample = torch.rand(1, channels, size, size, device=device)
-    with torch.no_grad():
-        network(sample)
+    """One timed pass (after a warm-up) on a random input of size x size, in the precision
+    prediction runs in there; a pass the device has no memory for is timed at 256 pixels."""
+    autocast = torch.bfloat16 if device.type == "cuda" and autocast_dtype(device) == torch.bfloat16 else None
+    try:
+        sample = torch.rand(1, channels, size, size, device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            network(sample)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            network(sample)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return (time.perf_counter() - start) / size**2
+    except OutOfMemory:
+        if size <= 256:
+            raise
         if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        network(sample)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return (time.perf_counter() - start) / size**2
+            torch.cuda.empty_cache()
+        return _seconds_per_pixel(network, channels, 256, device)
 
 
-def timing_side(multiple: int, layout: PlaneLayout, device: torch.device) -> int:
+def timing_side(multiple: int, layout: PlaneLayout, device: torch.device, bytes_per_pixel: float = 0.0) -> int:
     """The side of the passes plan_student times: 256 pixels on a CPU, whose time per pixel holds
-    from there on; on a GPU the data's plane up to 1024 pixels, since a 256-pixel pass there is
-    bound by kernel launches and overstates the small student's cost per pixel most."""
-    side = 256 if device.type == "cpu" else min(1024, max(256, min(layout.height, layout.width)))
+    from there on; on a GPU the data's plane up to 1024 pixels (and what its free memory holds at
+    `bytes_per_pixel`), since a 256-pixel pass there is bound by kernel launches and overstates
+    the small student's cost per pixel most."""
+    side = 256
+    if device.type != "cpu":
+        side = min(1024, max(256, min(layout.height, layout.width)))
+        if bytes_per_pixel:
+            side = min(side, tile_for_memory(bytes_per_pixel, device, 256))
     return multiple * max(1, side // multiple)
 
 
@@ -228,7 +243,7 @@ def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: Pla
         return StudentPlan(False, "the teacher predicts: a student would be distilled on every plane, "
                                   "which costs more than predicting them with the teacher")
     channels = teacher.config.in_channels + teacher.config.context_channels
-    size = timing_side(teacher.size_multiple, layout, device)
+    size = timing_side(teacher.size_multiple, layout, device, TEACHER_BYTES_PER_PIXEL_PER_DIM * teacher.config.dim)
     timed_teacher = copy.deepcopy(teacher).to(device).eval()
     student = UNet(student_preset(preset, channels, teacher.config.in_channels)).to(device).eval()
     teacher_rate = _seconds_per_pixel(timed_teacher, channels, size, device) * passes

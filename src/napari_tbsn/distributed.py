@@ -24,6 +24,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -163,26 +164,39 @@ def _worker_name() -> object:
         return None
 
 
-def worker_device(requested: str) -> torch.device:
-    """The device this worker predicts on: `requested` as resolve_device takes it, spread over
-    the host's GPUs (spread_over_gpus)."""
-    return spread_over_gpus(resolve_device(requested), _worker_name(), torch.cuda.device_count(), os.environ)
+def worker_device(requested: str, name: object = None) -> torch.device:
+    """The device the worker called `name` (default: the one running this task) predicts on:
+    `requested` as resolve_device takes it, spread over the host's GPUs (spread_over_gpus), and
+    made the current CUDA device, so that nothing of this worker lands on another's GPU."""
+    device = spread_over_gpus(resolve_device(requested), _worker_name() if name is None else name,
+                              torch.cuda.device_count(), launcher_chose_gpu())
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
-def spread_over_gpus(device: torch.device, name: object, gpus: int, environment) -> torch.device:
+def launcher_chose_gpu() -> bool:
+    """Whether this worker's launcher gave it its own GPU: CUDA_VISIBLE_DEVICES naming one, or a
+    dask-cuda worker (dask-cuda lists each worker's own GPU first). A SLURM job's list of all
+    its GPUs, the same for every process, is not such a choice."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (visible is not None and len([d for d in visible.split(",") if d.strip()]) == 1) or "dask_cuda" in sys.modules
+
+
+def spread_over_gpus(device: torch.device, name: object, gpus: int, launcher_chose: bool) -> torch.device:
     """A CUDA device without an index ("auto" or "cuda" resolved) for the worker called `name`
     on a host with `gpus` GPUs: LocalCluster's workers are named 0, 1, ..., and worker n takes
-    cuda:(n mod gpus) instead of every worker taking cuda:0. Where CUDA_VISIBLE_DEVICES is set,
-    the worker's launcher chose its GPU (dask-cuda lists each worker's own first): cuda:0 then."""
-    if (device.type == "cuda" and device.index is None and gpus > 1 and str(name).isdigit()
-            and "CUDA_VISIBLE_DEVICES" not in environment):
+    cuda:(n mod gpus) instead of every worker taking cuda:0, unless the launcher chose (cuda:0
+    is then the worker's own)."""
+    if device.type == "cuda" and device.index is None and gpus > 1 and str(name).isdigit() and not launcher_chose:
         return torch.device("cuda", int(name) % gpus)
     return device
 
 
-def worker_memory(requested: str) -> tuple[str, int]:
-    """(device, bytes free on it) of the worker this runs on (client.run sends it to each)."""
-    device = worker_device(requested)
+def worker_memory(requested: str, dask_worker=None) -> tuple[str, int]:
+    """(device, bytes free on it) of a worker; client.run passes the worker as `dask_worker`
+    (get_worker() does not work there), whose name decides its GPU."""
+    device = worker_device(requested, getattr(dask_worker, "name", None))
     return str(device), free_memory(device)
 
 

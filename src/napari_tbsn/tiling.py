@@ -138,15 +138,14 @@ class TiledPredictor:
         runs in one pass rather than in two nearly whole, overlapping ones."""
         return padded if padded <= self.tile_size + sum(self.padding(self.tile_size)) else self.tile_size
 
-    def _tiles(self, height: int, width: int, holder: torch.device) -> Iterator[tuple[int, int, int, int, torch.Tensor]]:
+    def _tiles(self, height: int, width: int) -> Iterator[tuple[int, int, int, int, tuple, tuple]]:
+        """(top, left, height, width, overlaps along Y, overlaps along X) of every tile."""
         tile_h, tile_w = self.tile_length(height), self.tile_length(width)
         ys = tile_starts(height, tile_h, self.tile_overlap, self.size_multiple)
         xs = tile_starts(width, tile_w, self.tile_overlap, self.size_multiple)
         for y, overlaps_y in zip(ys, _overlaps(ys, tile_h)):
-            ramp_y = torch.from_numpy(blend_ramp(tile_h, *overlaps_y)).to(holder)
             for x, overlaps_x in zip(xs, _overlaps(xs, tile_w)):
-                ramp_x = torch.from_numpy(blend_ramp(tile_w, *overlaps_x)).to(holder)
-                yield y, x, tile_h, tile_w, ramp_y[:, None] * ramp_x[None, :]
+                yield y, x, tile_h, tile_w, overlaps_y, overlaps_x
 
     def predict(self, plane: np.ndarray) -> np.ndarray:
         """(C, H, W) float32 -> (C_out, H, W) float32."""
@@ -169,12 +168,18 @@ class TiledPredictor:
         rows = reflect_indices(height, top, bottom, self.period)
         columns = reflect_indices(width, left, right, self.period)
         want_y, want_x = _wanted(region, height, width, top, left)
-        # Input, 3 output channels per input channel and the weights: where they live (plane_holder).
-        holder = plane_holder(self.device, 4 * (4 * channels + 1) * len(rows) * len(columns))
-        tiles = [tile for tile in self._tiles(len(rows), len(columns), holder)
-                 if _meets(tile[0], tile[2], want_y) and _meets(tile[1], tile[3], want_x)]
-        span_y = (min(t[0] for t in tiles), max(t[0] + t[2] for t in tiles))
-        span_x = (min(t[1] for t in tiles), max(t[1] + t[3] for t in tiles))
+        reaching = [tile for tile in self._tiles(len(rows), len(columns))
+                    if _meets(tile[0], tile[2], want_y) and _meets(tile[1], tile[3], want_x)]
+        span_y = (min(t[0] for t in reaching), max(t[0] + t[2] for t in reaching))
+        span_x = (min(t[1] for t in reaching), max(t[1] + t[3] for t in reaching))
+        # The span's input, 3 output channels per input channel and the weights: where they live.
+        holder = plane_holder(self.device, 4 * (4 * channels + 1) * (span_y[1] - span_y[0]) * (span_x[1] - span_x[0]))
+
+        def ramp(length: int, overlaps: tuple[int, int]) -> torch.Tensor:
+            return torch.from_numpy(blend_ramp(length, *overlaps)).to(holder)
+
+        tiles = [(y, x, h, w, ramp(h, over_y)[:, None] * ramp(w, over_x)[None, :])
+                 for y, x, h, w, over_y, over_x in reaching]
         padded = torch.from_numpy(_read_span(plane, rows, columns, span_y, span_x)).to(holder)
         inside = torch.from_numpy(np.outer((np.arange(*span_y) >= top) & (np.arange(*span_y) < top + height),
                                            (np.arange(*span_x) >= left) & (np.arange(*span_x) < left + width))

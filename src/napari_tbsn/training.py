@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import FitConfig, TrainingSummary, describe_plateau
 from .devices import OutOfMemory, autocast_dtype, out_of_memory_error
 from .errors import UserError, one_line
-from .ddp import agree, sum_over_ranks, world
+from .ddp import agree, in_process_group, sum_over_ranks, world
 from .noise import pd_down
 from .patches import PatchSampler
 from .progress import remaining_seconds
@@ -105,8 +105,10 @@ def should_compile(config: FitConfig, device: torch.device, iterations: int | No
         return False
     if config.compile == "always":
         return True
-    long_enough = (time_budget >= COMPILE_MIN_SECONDS if time_budget is not None
-                   else (iterations or config.default_iterations) >= COMPILE_MIN_ITERATIONS)
+    # `iterations`: asked for, or the data's pass limit, which ends a fit of any budget early.
+    planned = iterations if iterations is not None else None if time_budget is not None else config.default_iterations
+    long_enough = ((time_budget is None or time_budget >= COMPILE_MIN_SECONDS)
+                   and (planned is None or planned >= COMPILE_MIN_ITERATIONS))
     return device.type == "cuda" and long_enough
 
 
@@ -163,7 +165,7 @@ class Trainer:
         self.forward = forward or network
         self.compiled = False  # run() compiles, where it pays, before its clock starts
         self.may_compile = forward is None
-        if self.processes > 1:
+        if in_process_group():  # under torchrun, even with one process
             if forward is not None:
                 raise UserError("distillation runs in one process: run it without torchrun")
             # DDP averages every step's gradients over the ranks (and starts them from rank 0's weights).
@@ -213,6 +215,7 @@ class Trainer:
         in the first steps (run() starts its clock after this). Any failure leaves the fit eager,
         with a warning. Returns the seconds spent."""
         start = time.perf_counter()
+        self.network.train()  # the mode the steps run in (a fine-tune's copy comes in eval mode)
         try:
             compiled = torch.compile(self.network, dynamic=False)
             channels = self.validation.shape[1]
