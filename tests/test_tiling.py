@@ -150,3 +150,13 @@ def test_a_region_of_a_student_pass_equals_that_region_of_the_whole():
     (read_rows, read_columns), = recorded.reads
     assert read_rows.stop - read_rows.start <= tiler.step + 2 * network.config.margin < 300
 
+
+
+def test_a_plane_stays_on_the_gpu_between_tiles_unless_it_would_crowd_them(monkeypatch):
+    from napari_tbsn import tiling
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(tiling, "free_memory", lambda device: 8 * 2**30)  # a GPU with 8 GiB free
+    assert tiling.plane_holder(cuda, 1 * 2**30) == cuda
+    assert tiling.plane_holder(cuda, 3 * 2**30) == cpu  # more than the tiles' share: on the host
+    assert tiling.plane_holder(cpu, 100 * 2**30) == cpu
