@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from napari_tbsn.progress import drive
 from napari_tbsn.tiling import blend_ramp, tile_starts
