@@ -224,8 +224,8 @@ def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):
 
 def test_fit_and_predict_say_what_was_found_and_files_keep_it(tmp_path):
     _, stack = camera_stack(planes=8)
-    assert Denoiser().camera == "off"  # opt-in while decisions still read the data they correct
-    denoiser = Denoiser(preset="tiny", device="cpu", camera="auto").fit(stack, "ZYX", iterations=3)
+    assert Denoiser().camera == "auto"  # the default: decisions never read the plane predicted
+    denoiser = Denoiser(preset="tiny", device="cpu").fit(stack, "ZYX", iterations=3)
     assert "hot" in denoiser.summary.camera and "rows" in denoiser.summary.describe()
     assert denoiser.lattice_filter is None  # row offsets: the lattice filter would read y_p
     path = denoiser.save(tmp_path / "model.safetensors")
@@ -268,3 +268,30 @@ def test_a_student_is_distilled_on_the_data_without_the_camera(tmp_path):
     denoiser.distil(stack, "ZYX", iterations=2)
     assert denoiser.model.student is not None
     assert np.isfinite(denoiser.predict(stack, "ZYX")).all()
+
+
+@pytest.mark.parametrize("planes", [12, 4])  # the stack's halves decide; a few planes, plane by plane
+def test_a_planes_own_values_never_decide_its_hot_pixels(planes):
+    """Which pixels are hot for predicting plane z (what its context planes show there, and what
+    the posterior never uses) is decided without plane z: raising y_p in plane z far enough to
+    look hot changes no decision for z. (Given the decisions, every value is exactly blind:
+    test_the_camera_correction_is_exactly_blind_through_the_whole_prediction.)"""
+    _, stack = camera_stack(planes=planes, rows=0.0)
+    layout = PlaneLayout.of(stack.shape, "ZYX")
+    correction = find_correction(stack, layout)
+    assert correction.hot is not None and (correction.hot_halves is not None) == (planes == 12)
+
+    def decisions(found, z):
+        hot = found.hot_for(z)
+        return np.zeros(stack.shape[1:], dtype=bool) if hot is None else hot[0]
+
+    for z in range(planes):
+        for y, x in [(30, 43), (12, 100), (47, 20)]:  # beside a hot pixel, anywhere, a hot pixel
+            changed = stack.copy()
+            changed[z, y, x] += 500.0  # as bright as a hot pixel, in plane z only
+            again = find_correction(changed, layout)
+            assert np.array_equal(decisions(again, z), decisions(correction, z)), (z, y, x)
+    # Not vacuous: a pixel as bright in every plane is hot for z.
+    changed = stack.copy()
+    changed[:, 12, 100] += 500.0
+    assert decisions(find_correction(changed, layout), 0)[12, 100]

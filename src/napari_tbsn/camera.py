@@ -43,6 +43,9 @@ MAD_TO_SIGMA = 1.4826
 MEAN_DEVIATION_TO_SIGMA = 1.2533  # a Gaussian's sd over its mean absolute deviation
 HOT_SIGMAS = 8.0  # a pixel this many noise sd above every neighbour (or its plane's pattern) is hot
 NOISY_VARIANCE = 9.0  # a pixel whose noise variance is this many times the typical one is unusable
+# The same from half of a stack's planes (tests/test_camera.py's 12-plane stack: at 9x, 14 pixels
+# per half at moving cells' edges; at 16x, none):
+NOISY_VARIANCE_IN_HALF = 16.0
 HOT_FRAME_SIGMAS = 3.0  # and this many sd of one frame's noise above the neighbours, on average
 MAX_HOT_FRACTION = 0.02  # more "hot" pixels than this are the sample's own spikes, not a camera's
 PATTERN_PLANES = 64  # planes sampled to estimate the fixed pattern
@@ -113,48 +116,52 @@ class StackPattern:
 
     A plane's residual r is the plane (hot pixels replaced by their 8 lattice neighbours' median) less
     its prediction from the 24 pixels around (a least-squares kernel per half and channel):
-    smooth structure is predicted away, a white pattern is not."""
+    smooth structure is predicted away, a white pattern is not. Which pixels are hot is decided
+    by each half of the stack (CameraCorrection.hot_halves); a prediction of plane z uses the
+    decisions of the half z is not in, so the sums are kept for both halves' decisions."""
 
-    sums: np.ndarray  # (2, C, Y, X): each half's sum of r over its planes
+    sums: np.ndarray  # (2, 2, C, Y, X): [deciding half, summed half]: the sum of r over the summed half's planes
     planes: tuple[tuple[int, ...], tuple[int, ...]]  # the flat plane indices each half sums
     kernels: np.ndarray  # (2, C, 5, 5)
     biases: np.ndarray  # (2, C)
     weights: np.ndarray  # (C,): the share of a map taken out (how much of it the halves agree on)
-    usable: np.ndarray  # (C, Y, X) bool: not hot
+    usable: np.ndarray  # (2, C, Y, X) bool: not hot, as each half decides
 
-    def residual(self, half: int, block: np.ndarray) -> np.ndarray:
-        """r of a raw (C, Y, X) plane, with `half`'s kernels."""
+    def residual(self, decision: int, half: int, block: np.ndarray) -> np.ndarray:
+        """r of a raw (C, Y, X) plane, with `half`'s kernels and `decision`'s hot pixels."""
         result = np.empty(block.shape)
         for channel, image in enumerate(block.astype(np.float64)):
-            image = np.where(self.usable[channel], image, lattice_median(image))
+            image = np.where(self.usable[decision, channel], image, lattice_median(image))
             result[channel] = image - correlate(image, self.kernels[half, channel], mode="mirror") - \
                 self.biases[half, channel]
         return result
 
-    def map_without(self, half: int, left_out: list[np.ndarray]) -> np.ndarray:
-        """`half`'s map less the planes whose residuals are `left_out`: about its mean (the output
-        keeps the input's baseline), weighted."""
+    def map_without(self, decision: int, half: int, left_out: list[np.ndarray]) -> np.ndarray:
+        """`half`'s map (with `decision`'s hot pixels) less the planes whose residuals are
+        `left_out`: about its mean (the output keeps the input's baseline), weighted."""
         count = len(self.planes[half]) - len(left_out)
+        sums = self.sums[decision, half]
         if count < 1:  # a small stack whose context takes every plane of the half: no map to take out
-            return np.zeros(self.sums[half].shape, dtype=np.float32)
-        mean = (self.sums[half] - sum(left_out, np.zeros_like(self.sums[half]))) / count
+            return np.zeros(sums.shape, dtype=np.float32)
+        mean = (sums - sum(left_out, np.zeros_like(sums))) / count
         result = np.empty(mean.shape, dtype=np.float32)
         for channel, image in enumerate(mean):
-            result[channel] = self.weights[channel] * (image - image[self.usable[channel]].mean())
+            result[channel] = self.weights[channel] * (image - image[self.usable[decision, channel]].mean())
         return result
 
     def maps_for(self, target: int, context: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(the target plane's map, its context planes' map) for predicting plane `target` with
-        the raw `context` planes (flat index -> (C, Y, X)) and the raw target in context[target]."""
+        the raw `context` planes (flat index -> (C, Y, X)) and the raw target in context[target];
+        both with the hot pixels the other half decided, which never read the target."""
         own, other = target % 2, 1 - target % 2
-        around = [self.residual(other, block) for flat, block in context.items()
+        around = [self.residual(other, other, block) for flat, block in context.items()
                   if flat != target and flat in self.planes[other]]
-        itself = [self.residual(own, context[target])] if target in self.planes[own] else []
-        return self.map_without(other, around), self.map_without(own, itself)
+        itself = [self.residual(other, own, context[target])] if target in self.planes[own] else []
+        return self.map_without(other, other, around), self.map_without(other, own, itself)
 
     def whole(self) -> np.ndarray:
         """The map from every sampled plane (for reads that predict nothing)."""
-        return (self.map_without(0, []) + self.map_without(1, [])) / 2
+        return (self.map_without(0, 0, []) + self.map_without(1, 1, [])) / 2
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"pattern_sums": self.sums, "pattern_kernels": self.kernels, "pattern_biases": self.biases,
@@ -178,11 +185,41 @@ class CameraCorrection:
     source: str  # "dark frames" or "detected"
     offset: np.ndarray | None = None  # fixed offsets from dark frames (not from the data)
     pattern: StackPattern | None = None  # fixed offsets measured on the stack itself
-    hot: np.ndarray | None = None  # bool: pixels whose value is never used
+    hot: np.ndarray | None = None  # bool: pixels whose value is never used (on a stack: either half's)
     extra_variance: np.ndarray | None = None  # read variance above the typical pixel's
+    # (2, C, Y, X) bool, on a stack whose hot pixels were found in the data: each half's decisions.
+    # Plane z is predicted with the other half's, which never read z (exactly blind: z's own value
+    # cannot make a pixel hot and so change what its context planes show there).
+    hot_halves: np.ndarray | None = None
+    # (K, C, Y, X) bool, on a few planes whose hot pixels were found one plane at a time: each
+    # looked-at plane's decisions (flat indices in looked_at). Plane z is predicted with the pixels
+    # hot in every looked-at plane but z.
+    hot_looked: np.ndarray | None = None
+    looked_at: tuple[int, ...] = ()
     lines: tuple[str, ...] = ()  # "rows", "columns"
     line_weight: dict = field(default_factory=dict)  # direction -> share of a line's offset taken out
     found: list[str] = field(default_factory=list)
+
+    def hot_for(self, target: int | None) -> np.ndarray | None:
+        """The hot pixels for predicting the plane of flat index `target` (None: a read that
+        predicts nothing, which takes every half's)."""
+        if target is None:
+            return self.hot
+        if self.hot_halves is not None:
+            return self.hot_halves[1 - target % 2]
+        if self.hot_looked is not None and target in self.looked_at and len(self.looked_at) > 1:
+            others = [mask for mask, flat in zip(self.hot_looked, self.looked_at) if flat != target]
+            found = np.logical_and.reduce(others)
+            return found if found.any() else None
+        if self.hot_looked is not None and len(self.looked_at) > 1:  # a plane no decision read
+            return np.logical_and.reduce(self.hot_looked)
+        return self.hot
+
+    def decision_key(self, target: int) -> object:
+        """Planes with the same key are predicted with the same hot pixels (hot_for)."""
+        if self.hot_halves is not None:
+            return 1 - target % 2
+        return target if target in self.looked_at else None
 
     @property
     def per_pixel(self) -> bool:
@@ -203,12 +240,14 @@ class CameraCorrection:
 
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {name: value for name, value in (("offset", self.offset), ("hot", self.hot),
-                                                   ("extra_variance", self.extra_variance)) if value is not None}
+                                                   ("extra_variance", self.extra_variance),
+                                                   ("hot_halves", self.hot_halves),
+                                                   ("hot_looked", self.hot_looked)) if value is not None}
         return {**arrays, **(self.pattern.arrays() if self.pattern is not None else {})}
 
     def _description(self) -> dict:
         return {"source": self.source, "lines": list(self.lines), "line_weight": self.line_weight,
-                "found": self.found}
+                "found": self.found, "looked_at": list(self.looked_at)}
 
     def digest(self) -> str:
         """A fingerprint of the maps and decisions (a cluster job redoes its blocks when it changes)."""
@@ -240,16 +279,18 @@ class CameraCorrection:
             arrays = {name: stored[name] for name in stored.files if name != "description"}
         return cls(described["source"], arrays.get("offset"), StackPattern.from_arrays(arrays), arrays.get("hot"),
                    arrays.get("extra_variance"), tuple(described["lines"]), described["line_weight"],
-                   described["found"])
+                   described["found"], arrays.get("hot_halves"), arrays.get("hot_looked"),
+                   tuple(described.get("looked_at", ())))
 
-    def correct(self, block: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
-        """A whole (C, Y, X) plane with the camera taken out (`offset`: the fixed offsets for it)."""
+    def correct(self, block: np.ndarray, offset: np.ndarray | None, hot: np.ndarray | None) -> np.ndarray:
+        """A whole (C, Y, X) plane with the camera taken out (`offset`: the fixed offsets for it,
+        `hot`: the hot pixels, hot_for the plane predicted)."""
         block = block.astype(np.float32, copy=True)
         if offset is not None:
             block -= offset
-        if self.hot is not None:
+        if hot is not None:
             for channel in range(len(block)):
-                replace_hot(block[channel], self.hot[min(channel, len(self.hot) - 1)])
+                replace_hot(block[channel], hot[min(channel, len(hot) - 1)])
         for direction in self.lines:
             for channel in range(len(block)):
                 remove_line_offsets(block[channel], direction, self.line_weight[direction])
@@ -261,7 +302,8 @@ class CameraCorrection:
         values and line offsets are taken from, so those are left in (said in `found`)."""
         if pd == 1 or (self.hot is None and not self.lines):
             return self
-        return dataclasses.replace(self, hot=None, lines=(), line_weight={}, found=[*self.found, (
+        return dataclasses.replace(self, hot=None, hot_halves=None, hot_looked=None, looked_at=(), lines=(),
+                                   line_weight={}, found=[*self.found, (
             f"with pd {pd} (spatially correlated noise) hot pixels and line offsets stay in: taking them out "
             "would show each pixel its own value through its neighbours")])
 
@@ -269,17 +311,18 @@ class CameraCorrection:
         """The fixed offsets for a read that predicts nothing (analysis, line detection)."""
         return self.offset if self.pattern is None else self.pattern.whole()
 
-    def pixel_maps(self, channels: int, region: Region | None = None) -> np.ndarray:
-        """(2C, Y, X) float32 for the tile model: 1 where a pixel's value is never used, then
-        its read variance above the typical pixel's (input units)."""
-        def cut(maps: np.ndarray) -> np.ndarray:
-            maps = np.broadcast_to(maps, (channels, *maps.shape[1:]))
-            return maps if region is None else maps[(slice(None), *region)]
+    def pixel_maps(self, channels: int, target: int | None) -> np.ndarray:
+        """(2C, Y, X) float32 for the tile model predicting the plane of flat index `target`: 1
+        where a pixel's value is never used, then its read variance above the typical pixel's
+        (input units)."""
+        def widened(maps: np.ndarray) -> np.ndarray:
+            return np.broadcast_to(maps, (channels, *maps.shape[1:]))
 
-        shape = self.hot.shape[1:] if self.hot is not None else self.extra_variance.shape[1:]
-        hot = self.hot if self.hot is not None else np.zeros((1, *shape), dtype=bool)
+        hot = self.hot_for(target)
+        shape = (self.hot if self.hot is not None else self.extra_variance).shape[1:]
+        hot = hot if hot is not None else np.zeros((1, *shape), dtype=bool)
         extra = self.extra_variance if self.extra_variance is not None else np.zeros((1, *shape), dtype=np.float32)
-        return np.concatenate([cut(hot).astype(np.float32), cut(extra).astype(np.float32)])
+        return np.concatenate([widened(hot).astype(np.float32), widened(extra).astype(np.float32)])
 
 
 class CorrectedStack(PlaneSource):
@@ -291,12 +334,14 @@ class CorrectedStack(PlaneSource):
         self.base = data  # image_io.release_pages follows it to a memory-mapped input
         self.shape, self.dtype, self.ndim = tuple(data.shape), np.dtype(np.float32), len(data.shape)
 
-    def _cut(self, block: np.ndarray, offset: np.ndarray | None, region: Region | None) -> np.ndarray:
-        corrected = self.correction.correct(block, offset)
+    def _cut(self, block: np.ndarray, offset: np.ndarray | None, hot: np.ndarray | None,
+             region: Region | None) -> np.ndarray:
+        corrected = self.correction.correct(block, offset, hot)
         return corrected if region is None else np.ascontiguousarray(corrected[(slice(None), *region)])
 
     def read_plane(self, plane: tuple[int, ...], region: Region | None = None) -> np.ndarray:
-        return self._cut(self.layout.read_plane(self.source, plane), self.correction.any_offset(), region)
+        return self._cut(self.layout.read_plane(self.source, plane), self.correction.any_offset(),
+                         self.correction.hot_for(None), region)
 
     def read_plane_with_context(self, plane: tuple[int, ...], planes_each_side: int,
                                 region: Region | None = None) -> np.ndarray:
@@ -307,8 +352,9 @@ class CorrectedStack(PlaneSource):
             target_offset, context_offset = self.correction.pattern.maps_for(target, raw)
         else:
             target_offset = context_offset = self.correction.offset
-        blocks = [self._cut(raw[target], target_offset, region)]
-        blocks += [self._cut(raw[self.layout.flat_index(each)], context_offset, region) for each in planes[1:]]
+        hot = self.correction.hot_for(target)  # the same decisions for the plane and its context
+        blocks = [self._cut(raw[target], target_offset, hot, region)]
+        blocks += [self._cut(raw[self.layout.flat_index(each)], context_offset, hot, region) for each in planes[1:]]
         return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
 
 
@@ -435,27 +481,20 @@ def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
     sums, level, planes = _residual_sums(data, layout)
     if min(len(half) for half in planes) < PATTERN_MIN_PLANES // 2:  # halves this thin give no estimate
         return detect_hot_pixels(data, layout)
-    total = len(planes[0]) + len(planes[1])
-    mean = sums[:, 0].sum(axis=0) / total
-    variance = np.maximum(sums[:, 1].sum(axis=0) / total - mean**2, 0)
     correction = CameraCorrection("detected")
-    hot = np.zeros(mean.shape, dtype=bool)
-    for channel in range(layout.channels):
-        typical = _binned(level[channel], variance[channel], np.median)  # the noise variance of a typical pixel
-        # Hot: far above the map's spread and above a frame's own noise (static fine structure
-        # also stands out of a map averaged over many planes, but not out of one frame's noise).
-        excess = mean[channel] - np.median(mean[channel])
-        high = (excess > HOT_SIGMAS * _robust_sigma(mean[channel])) & (excess > HOT_FRAME_SIGMAS * np.sqrt(typical))
-        hot[channel] = high | (variance[channel] > NOISY_VARIANCE * typical)
-    hot = _unless_too_many(hot, correction)
+    # Each half decides its hot pixels from its own planes (a plane is predicted with the other's).
+    halves_hot = np.stack([_hot_in_half(sums[half], len(planes[half])) for half in (0, 1)])
+    hot = _unless_too_many(halves_hot[0] | halves_hot[1], correction)
     if hot is not None:
-        correction.hot = hot
+        correction.hot, correction.hot_halves = hot, halves_hot
         correction.found.append(f"{int(hot.sum())} hot or very noisy pixel(s) (the same in every plane): replaced "
                                 "by their neighbours' median and never used as data")
-    usable = ~hot if hot is not None else np.ones(mean.shape, dtype=bool)
+    usable = ~halves_hot if hot is not None else np.ones((2, *level.shape), dtype=bool)
     pattern = _stack_pattern(sums, planes, usable, None)
-    halves = [pattern.map_without(half, []) for half in (0, 1)]
-    shares = [_agreement(halves[0][c][usable[c]], halves[1][c][usable[c]]) for c in range(layout.channels)]
+    # Each half's map as the other half's planes are corrected with it (with that half's decisions).
+    halves = [pattern.map_without(1 - half, half, []) for half in (0, 1)]
+    both = usable[0] & usable[1]
+    shares = [_agreement(halves[0][c][both[c]], halves[1][c][both[c]]) for c in range(layout.channels)]
     if min(shares) > PATTERN_SHARE:
         correction.pattern = dataclasses.replace(pattern, weights=np.asarray(shares))
         # What stays of the pattern in a plane is the other half's noise, averaged: the halves'
@@ -470,6 +509,24 @@ def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
                                 "output is the blind-spot mean, as a pixel's own offset is known only to the planes' "
                                 "noise averaged (dark frames give the posterior back)")
     return correction
+
+
+def _hot_in_half(sums: np.ndarray, count: int) -> np.ndarray:
+    """(C, Y, X) bool: the hot and very noisy pixels one half's sums show. Hot: far above the
+    map's spread and above a frame's own noise (static fine structure also stands out of a map
+    averaged over many planes, but not out of one frame's noise); very noisy: a difference to
+    the neighbours that varies NOISY_VARIANCE_IN_HALF times more than at a typical pixel of its
+    level (a half's few planes make the variance noisier than all of them would)."""
+    mean = sums[0] / count
+    variance = np.maximum(sums[1] / count - mean**2, 0)
+    level = (sums[2] - sums[0]) / count  # the half's own mean neighbour median: nothing of the other half
+    hot = np.zeros(mean.shape, dtype=bool)
+    for channel in range(len(mean)):
+        typical = _binned(level[channel], variance[channel], np.median)  # the noise variance of a typical pixel
+        excess = mean[channel] - np.median(mean[channel])
+        high = (excess > HOT_SIGMAS * _robust_sigma(mean[channel])) & (excess > HOT_FRAME_SIGMAS * np.sqrt(typical))
+        hot[channel] = high | (variance[channel] > NOISY_VARIANCE_IN_HALF * typical)
+    return hot
 
 
 def _residual_sums(data, layout: PlaneLayout) -> tuple[np.ndarray, np.ndarray, tuple[tuple, tuple]]:
@@ -510,24 +567,25 @@ def _sampled_planes(count: int) -> list[int]:
 def _stack_pattern(sums: np.ndarray, planes: tuple[tuple, tuple], usable: np.ndarray,
                    fitted: StackPattern | None) -> StackPattern:
     """The StackPattern of these sums: each half's residual sums (its planes with hot pixels
-    replaced, less their prediction from around), with the prediction kernels fitted on the
-    half's mean, or `fitted`'s (a remeasurement keeps its decisions)."""
-    channels = usable.shape[0]
-    residual_sums = np.empty((2, *usable.shape))
+    replaced, as each half decides (`usable`, (2, C, Y, X)), less their prediction from around),
+    with the prediction kernels fitted on the half's mean, or `fitted`'s (a remeasurement keeps
+    its decisions)."""
+    channels = usable.shape[1]
+    residual_sums = np.empty((2, 2, *usable.shape[1:]))
     kernels = np.empty((2, channels, 2 * PREDICTOR_REACH + 1, 2 * PREDICTOR_REACH + 1))
     biases = np.empty((2, channels))
     for half in (0, 1):
         count = len(planes[half])
-        # A hot pixel's sum of values less its sum of differences is its sum of neighbour medians.
-        replaced = np.where(usable, sums[half, 2], sums[half, 2] - sums[half, 0])
-        for channel in range(channels):
-            if fitted is None:
-                kernels[half, channel], biases[half, channel] = _neighbour_predictor(replaced[channel] / count,
-                                                                                     usable[channel])
-            else:
-                kernels[half, channel], biases[half, channel] = fitted.kernels[half, channel], fitted.biases[half, channel]
-            predicted = correlate(replaced[channel], kernels[half, channel], mode="mirror")
-            residual_sums[half, channel] = replaced[channel] - predicted - count * biases[half, channel]
+        for decision in (half, 1 - half):  # the half's own decisions first: its kernels are fitted with them
+            # A hot pixel's sum of values less its sum of differences is its sum of neighbour medians.
+            replaced = np.where(usable[decision], sums[half, 2], sums[half, 2] - sums[half, 0])
+            for channel in range(channels):
+                if decision == half:
+                    kernels[half, channel], biases[half, channel] = (
+                        (fitted.kernels[half, channel], fitted.biases[half, channel]) if fitted is not None
+                        else _neighbour_predictor(replaced[channel] / count, usable[decision, channel]))
+                predicted = correlate(replaced[channel], kernels[half, channel], mode="mirror")
+                residual_sums[decision, half, channel] = replaced[channel] - predicted - count * biases[half, channel]
     weights = fitted.weights if fitted is not None else np.ones(channels)
     return StackPattern(residual_sums, planes, kernels, biases, weights, usable)
 
@@ -565,10 +623,14 @@ def remeasured(correction: CameraCorrection, data, layout: PlaneLayout) -> Camer
 
 def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
     """Hot pixels of a single image (or a few planes): pixels HOT_SIGMAS noise sd above all 8
-    neighbours in every plane looked at (the noise sd of pixels at a similar level)."""
+    neighbours (the noise sd of pixels at a similar level), decided plane by plane on up to 4
+    planes. A plane is predicted with the pixels hot in every other plane looked at (hot_for),
+    so its own values decide nothing for it; a single image decides for itself (a hot pixel's
+    own output is then the blind-spot mean, which never reads it)."""
     correction = CameraCorrection("detected")
-    hot = None
-    for plane in layout.evenly_spaced(4):
+    looked = layout.evenly_spaced(4)
+    decisions = []
+    for plane in looked:
         block = layout.read_plane(data, plane)
         check_finite(block, f"{layout.describe_plane(plane)} of the input")
         block = block.astype(np.float64)
@@ -579,12 +641,19 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
             neighbours = lattice_median(image)
             sigma = _binned(neighbours, image - neighbours, _robust_sigma)
             found[channel] = image - maximum_filter(image, footprint=_LATTICE_RING, mode="mirror") > HOT_SIGMAS * sigma
-        hot = found if hot is None else hot & found
-    hot = _unless_too_many(hot, correction)
-    if hot is not None:
-        correction.hot = hot
-        correction.found.append(f"{int(hot.sum())} hot pixel(s): replaced by their neighbours' median and never "
-                                "used as data")
+        decisions.append(found)
+    everywhere = np.logical_and.reduce(decisions)
+    # Whether there is a correction at all: pixels hot in all planes but one count (they are
+    # hot for that one plane's prediction), so that no plane's values decide it for that plane.
+    candidates = everywhere if len(decisions) == 1 else np.logical_or.reduce(
+        [np.logical_and.reduce(decisions[:k] + decisions[k + 1:]) for k in range(len(decisions))])
+    if _unless_too_many(candidates, correction) is not None:
+        correction.hot = everywhere if everywhere.any() else np.zeros_like(everywhere)
+        if len(decisions) > 1:
+            correction.hot_looked = np.stack(decisions)
+            correction.looked_at = tuple(layout.flat_index(plane) for plane in looked)
+        correction.found.append(f"{int(candidates.sum())} hot pixel(s): replaced by their neighbours' median and "
+                                "never used as data")
     return correction
 
 
@@ -618,7 +687,7 @@ def _find_lines(data, layout: PlaneLayout, correction: CameraCorrection) -> None
         for plane in layout.evenly_spaced(LINE_PLANES):
             block = layout.read_plane(data, plane)
             check_finite(block, f"{layout.describe_plane(plane)} of the input")
-            for image in correction.correct(block, correction.any_offset()).astype(np.float64):
+            for image in correction.correct(block, correction.any_offset(), correction.hot_for(None)).astype(np.float64):
                 image = image if direction == "rows" else image.T
                 half = image.shape[1] // 2
                 left, right = (line_profile(part, "rows") for part in (image[:, :half], image[:, half:]))

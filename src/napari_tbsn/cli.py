@@ -138,7 +138,7 @@ def _camera(args: argparse.Namespace) -> str | Calibration | None:
             raise ValueError("--dark gives the camera's dark frames, --camera off leaves the camera in: give one")
         return Calibration.from_dark(read_image(args.dark).data)
     if args.camera is None and args.command != "predict":  # predict: as the model was fitted
-        return "off"
+        return "auto"
     return args.camera
 
 
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument("--camera", choices=("auto", "off"),
                            help="auto: find the camera's fixed pattern, hot pixels and line offsets in the data and "
                            "take them out before the network sees it; off: take the data as it is (default: "
-                           + ("as the model was fitted)" if predicting else "off)"))
+                           + ("as the model was fitted)" if predicting else "auto)"))
         group.add_argument("--dark", type=Path,
                            help="dark frames of the same camera (shutter closed; .tif, .npy or .zarr, frames x Y x "
                            "X): per-pixel offsets and read noise from them instead of from the data")

@@ -126,7 +126,7 @@ class Denoiser:
         noise_model: NoiseModel | None = None,
         channels: str = "auto",
         threads: int | str = "auto",
-        camera: str | Calibration = "off",
+        camera: str | Calibration = "auto",
     ) -> None:
         """`pd`: "auto" (measure the noise correlation at fit time), 1 for pixel-independent
         noise, 2-8 for spatially correlated noise. `context`: neighbouring planes on each side
@@ -140,11 +140,11 @@ class Denoiser:
         model; "auto" picks by how well the channels' structures correlate, and the fit's summary
         says which and why. `threads`: CPU threads for torch; "auto": the cores no other
         process is busy on, measured when a fit, distillation or prediction starts (each of
-        them also takes `threads=` for one call). `camera` (opt-in for now): "auto" finds a camera's fixed
+        them also takes `threads=` for one call). `camera`: "auto" (the default) finds a camera's fixed
         pattern, hot pixels and row or column offsets in the data and takes them out before the
-        fit and every prediction (camera.py; the summary says what was found), "off" (the
-        default) takes the data as it is, and a Calibration (Calibration.from_dark) uses dark frames of the camera
-        instead. `estimator`, `ensemble`, `refine` and the tile settings
+        fit and every prediction (camera.py; the summary says what was found; data without them
+        takes the path it took before), "off" takes the data as it is, and a Calibration
+        (Calibration.from_dark) uses dark frames of the camera instead. `estimator`, `ensemble`, `refine` and the tile settings
         are the default PredictOptions, which predict() can override per call."""
         _check_fit_settings(preset, pd, context, noise_model, seed, channels)
         if not (camera in ("auto", "off") or isinstance(camera, Calibration)):

@@ -89,7 +89,6 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
     started after half of it (one plane at least)."""
     picks = target_planes(layout)
     tiles = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel, camera)
-    maps = tiles.pixel_maps()  # the teacher's output as a prediction gives it (hot pixels, read variance)
     tile = tile_side(tiles, options, device)
     inputs = layout.channels * (1 + 2 * model.context_planes)
     stack = np.empty((len(picks), inputs + model.channels, layout.height, layout.width), dtype=np.float32)
@@ -103,8 +102,8 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
         stack[number, :inputs] = model.normalizer.normalize(block)
         while True:
             try:
-                teacher_input = stack[number, :inputs] if maps is None else \
-                    np.concatenate([stack[number, :inputs], maps])
+                # The teacher's output as a prediction gives it (hot pixels, read variance).
+                teacher_input = tiles.with_maps(stack[number, :inputs], layout.flat_index(plane))
                 steps = plane_steps(tiles.predict_iter(teacher_input, tile), cancel, number, len(picks), start)
                 output = yield from _as_distil_progress(steps, number, len(picks))
                 break

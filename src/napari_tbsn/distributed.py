@@ -257,9 +257,9 @@ def predict_block(job: Job, block: Block) -> str:
     if camera is not None:
         source = CorrectedStack(source, layout, camera)
     runner = make_runner(model, options, device, job.views, camera=camera)
-    maps = runner.pixel_maps() if isinstance(runner, TileModel) else None
     tile_size = job.tile_size
     for plane in block.plane_indices():
+        maps = runner.pixel_maps(layout.flat_index(plane)) if isinstance(runner, TileModel) else None
         reader = PlaneReader(model, layout, source, plane, maps)
         while True:
             try:

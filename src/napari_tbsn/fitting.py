@@ -53,7 +53,7 @@ class FitSettings:
     fit_config: FitConfig
     seed: int
     channels: str = "auto"  # "auto", "joint" or "independent" (channels.py)
-    camera: str | Calibration = "off"  # "auto": found in the data, "off", or a dark calibration
+    camera: str | Calibration = "auto"  # "auto": found in the data, "off", or a dark calibration
 
 
 @dataclass(frozen=True)

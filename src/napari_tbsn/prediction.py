@@ -146,6 +146,7 @@ class TileModel:
         self.model = model
         # Per-pixel camera maps follow the network's input channels in every batch (pixel_maps).
         self.camera = camera if camera is not None and camera.per_pixel else None
+        self._maps: dict[object, np.ndarray] = {}  # pixel_maps by the decisions they take (decision_key)
         # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
         self.lattice = (options.lattice and model.lattice_filter is not None and model.pd == 1
                         and not (camera is not None and camera.lines))
@@ -158,15 +159,23 @@ class TileModel:
         self.noise = model.noise_terms(device) if model.noise_model is not None else None
         self.autocast = prediction_autocast(model, device)
 
-    def pixel_maps(self) -> np.ndarray | None:
-        """(2C, H, W) normalised camera maps to append to every plane: where a pixel's value is
-        never used, and its read variance above the typical pixel's."""
+    def pixel_maps(self, target: int) -> np.ndarray | None:
+        """(2C, H, W) normalised camera maps to append to the plane of flat index `target`: where
+        a pixel's value is never used, and its read variance above the typical pixel's. (Hot
+        pixels are decided by planes other than the target: camera.hot_for.)"""
         if self.camera is None:
             return None
-        maps = self.camera.pixel_maps(self.model.channels)
-        channels = self.model.channels
-        maps[channels:] /= self.model.normalizer.scale.reshape(-1, 1, 1) ** 2
-        return maps
+        key = self.camera.decision_key(target)
+        if key not in self._maps:
+            maps = self.camera.pixel_maps(self.model.channels, target)
+            maps[self.model.channels:] /= self.model.normalizer.scale.reshape(-1, 1, 1) ** 2
+            self._maps[key] = maps
+        return self._maps[key]
+
+    def with_maps(self, normalized: np.ndarray, target: int) -> np.ndarray:
+        """A plane's normalised block (C [+ context], H, W) with its camera maps after it."""
+        maps = self.pixel_maps(target)
+        return normalized if maps is None else np.concatenate([normalized, maps])
 
     def __call__(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
         channels = self.model.channels
@@ -369,7 +378,6 @@ def predict_planes(
                            "rules out: give dark frames of the camera, or leave out the uncertainty map")
         data = CorrectedStack(data, layout, camera)
     runner = make_runner(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel, camera)
-    maps = runner.pixel_maps() if isinstance(runner, TileModel) else None
     tile_size = tile_side(runner, options, device)
     tally = QualityTally()
     channels = model.channels
@@ -380,8 +388,8 @@ def predict_planes(
         block = layout.read_plane_with_context(data, plane, model.context_planes)
         check_finite(block, f"{layout.describe_plane(plane)} of the input")
         normalized = model.normalizer.normalize(block)
-        if maps is not None:
-            normalized = np.concatenate([normalized, maps])
+        if isinstance(runner, TileModel):
+            normalized = runner.with_maps(normalized, layout.flat_index(plane))
         while True:
             try:
                 steps = runner.predict_iter(normalized, tile_size)

@@ -714,8 +714,7 @@ def test_dark_frames_and_the_camera_choice_reach_the_fit_and_the_details(viewer_
     viewer.add_image(noisy, name="camera")
     widget.form.iterations.value = 2
     widget.form.time_budget.value = 0
-    assert widget.form.camera.value == "off"  # opt-in
-    widget.form.camera.value = "auto"
+    assert widget.form.camera.value == "auto"  # the default
     widget.fit_button.click()
     _wait_idle(qtbot, widget)
     assert "1 hot pixel" in widget.details.text() and widget.denoiser.model.camera["mode"] == "auto"

@@ -76,7 +76,7 @@ class JobSettings:
     channels: str = "auto"  # multichannel images: "auto", "joint" or "independent"
     threads: int | str = "auto"  # torch's CPU threads; "auto": the free cores less one for the viewer
     same_type: bool = False  # give the result the input's type (rounded, clipped) instead of float32
-    camera: str | Calibration = "off"  # "auto", "off", or dark frames' calibration (camera.py)
+    camera: str | Calibration = "auto"  # "auto", "off", or dark frames' calibration (camera.py)
 
 
 class SettingsForm(Container):
@@ -157,7 +157,7 @@ class SettingsForm(Container):
                                      tooltip="calibrated noise model: the value of a pixel that detected nothing")
         self.camera = ComboBox(
             label="camera", choices=[("auto (find and take out)", "auto"), ("off (data as it is)", "off")],
-            value="off", tooltip="auto: find an sCMOS camera's fixed pattern, hot pixels and row or column offsets "
+            value="auto", tooltip="auto: find an sCMOS camera's fixed pattern, hot pixels and row or column offsets "
             "in the data and take them out before fitting and denoising; off: take the data as it is")
         self.dark_frames = FileEdit(
             label="dark frames", mode="r", filter="*.tif *.tiff *.npy *.zarr", value="",
