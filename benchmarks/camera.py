@@ -1,8 +1,8 @@
 """Real cameras: the developers' sCMOS cases (cases.Camera) against their clean Poisson-Gaussian
 twins and Noise2Void, at one fitting budget, one run per row, one after the other.
 
-Rows per case: napari-tbsn with the camera found in the data (camera="auto"), with 100 dark frames
-of the same camera (`--dark`), with the camera left in ("off", the default), on
+Rows per case: napari-tbsn with the camera found in the data (camera="auto", the default), with 100
+dark frames of the same camera (`--dark`), with the camera left in ("off"), on
 the clean Poisson-Gaussian twin, and Noise2Void (CAREamics) when a Python with it is given.
 Hot pixels "survive" where the output exceeds the clean value by more than 3 noise sd
 (sqrt(signal + read_sigma^2)). Then which camera effects each benchmark case D1-D6 shows (none
@@ -28,11 +28,13 @@ from cases import CASES, make_case, psnr, without_camera  # noqa: E402
 DARK_FRAMES = 100
 
 
-def run_tbsn(noisy: np.ndarray, axes: str, budget: float, preset: str, camera) -> tuple[np.ndarray, float, str]:
+def run_tbsn(noisy: np.ndarray, axes: str, budget: float | int, preset: str, camera) -> tuple[np.ndarray, float, str]:
+    """A fit of `budget` seconds (or iterations, where it is an int), then the prediction."""
     from napari_tbsn import Denoiser
 
     start = time.perf_counter()
-    denoiser = Denoiser(preset=preset, camera=camera).fit(noisy, axes, time_budget=budget)
+    length = {"iterations": budget} if isinstance(budget, int) else {"time_budget": budget}
+    denoiser = Denoiser(preset=preset, camera=camera).fit(noisy, axes, **length)
     output = denoiser.predict(noisy, axes)
     found = denoiser.summary.camera or "nothing found"
     return output, time.perf_counter() - start, f"{denoiser.summary.iterations} it; {found}"
@@ -65,6 +67,9 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--noise2void", help="a Python with careamics installed")
     parser.add_argument("--skip-off", nargs="*", default=["C2"], help="cases without the camera 'off' row")
+    parser.add_argument("--iterations", type=int, help="fixed iterations instead of the budget (seeded: machine-independent)")
+    parser.add_argument("--runs", nargs="+", default=["auto", "dark", "off", "twin", "n2v"],
+                        help="which rows: auto dark off twin n2v")
     args = parser.parse_args()
     from napari_tbsn.camera import Calibration
 
@@ -76,16 +81,21 @@ def main() -> None:
         dark = case.camera.record(np.zeros((DARK_FRAMES, *clean.shape[-2:])), np.random.default_rng(7))
         print(f"| {name} | noisy | {psnr(noisy, clean):.2f} | {hot_survivors(noisy, clean, case)} | | "
               f"{'x'.join(map(str, noisy.shape))} {case.axes}, peak {case.peak} |")
-        runs = [("napari-tbsn, camera found in the data (camera='auto')", lambda: run_tbsn(noisy, case.axes, args.budget,
-                                                                                   args.preset, "auto")),
-                (f"napari-tbsn, {DARK_FRAMES} dark frames", lambda: run_tbsn(
-                    noisy, case.axes, args.budget, args.preset, Calibration.from_dark(dark)))]
-        if name not in args.skip_off:
-            runs.append(("napari-tbsn, camera left in (off, the default)", lambda: run_tbsn(noisy, case.axes, args.budget,
-                                                                                args.preset, "off")))
-        runs.append(("napari-tbsn on the Poisson-Gaussian twin", lambda: run_tbsn(twin, case.axes, args.budget,
-                                                                                    args.preset, "auto")))
-        if args.noise2void:
+        budget = args.iterations if args.iterations else args.budget
+        runs = []
+        if "auto" in args.runs:
+            runs.append(("napari-tbsn, camera found in the data (camera='auto', the default)",
+                         lambda: run_tbsn(noisy, case.axes, budget, args.preset, "auto")))
+        if "dark" in args.runs:
+            runs.append((f"napari-tbsn, {DARK_FRAMES} dark frames",
+                         lambda: run_tbsn(noisy, case.axes, budget, args.preset, Calibration.from_dark(dark))))
+        if "off" in args.runs and name not in args.skip_off:
+            runs.append(("napari-tbsn, camera left in (off)",
+                         lambda: run_tbsn(noisy, case.axes, budget, args.preset, "off")))
+        if "twin" in args.runs:
+            runs.append(("napari-tbsn on the Poisson-Gaussian twin",
+                         lambda: run_tbsn(twin, case.axes, budget, args.preset, "auto")))
+        if args.noise2void and "n2v" in args.runs:
             runs.append(("Noise2Void (CAREamics)", lambda: run_noise2void(args.noise2void, noisy, case.axes,
                                                                           args.budget)))
         for label, run in runs:
