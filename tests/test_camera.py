@@ -291,7 +291,56 @@ def test_a_planes_own_values_never_decide_its_hot_pixels(planes):
             changed[z, y, x] += 500.0  # as bright as a hot pixel, in plane z only
             again = find_correction(changed, layout)
             assert np.array_equal(decisions(again, z), decisions(correction, z)), (z, y, x)
+        lowered = stack.copy()  # a hot pixel looking ordinary in plane z alone stays hot for z
+        lowered[z, 30, 41] = np.median(stack[z, 28:33:2, 39:44:2])
+        assert decisions(find_correction(lowered, layout), z)[30, 41] and decisions(correction, z)[30, 41]
     # Not vacuous: a pixel as bright in every plane is hot for z.
     changed = stack.copy()
     changed[:, 12, 100] += 500.0
     assert decisions(find_correction(changed, layout), 0)[12, 100]
+
+
+@pytest.mark.parametrize("planes", [12, 4, 1])
+def test_a_saved_correction_loads_as_it_was(tmp_path, planes):
+    """Cluster tasks read the client's correction from a file: every field comes back."""
+    from napari_tbsn.camera import CameraCorrection
+
+    _, stack = camera_stack(planes=planes)
+    stack = stack[0] if planes == 1 else stack
+    correction = find_correction(stack, PlaneLayout.of(stack.shape, "YX" if planes == 1 else "ZYX"))
+    assert correction.hot is not None
+    correction.save(tmp_path / "camera.npz")
+    loaded = CameraCorrection.load(tmp_path / "camera.npz")
+    assert loaded.digest() == correction.digest() and loaded.lines == correction.lines
+    for target in range(planes):
+        assert np.array_equal(loaded.hot_for(target), correction.hot_for(target))
+
+
+def test_a_single_images_own_hot_pixel_decisions_keep_the_lattice_filter_off():
+    """On one image pixel q's hot decision reads q's lattice ring, which holds p, and the
+    lattice filter at p reads q: so with hot pixels found on the image itself it is not used."""
+    _, stack = camera_stack(planes=1, rows=0.0)
+    image = stack[0]
+    denoiser = Denoiser(preset="tiny", device="cpu").fit(image, "YX", iterations=2)
+    assert "hot" in denoiser.summary.camera and denoiser.lattice_filter is None
+    assert Denoiser(preset="tiny", device="cpu", camera="off").fit(image, "YX", iterations=2).lattice_filter \
+        is not None
+
+
+def test_an_uncertainty_map_that_a_measured_pattern_rules_out_is_refused_before_the_fit(tmp_path, capsys,
+                                                                                        monkeypatch):
+    import tifffile
+
+    from napari_tbsn import denoiser as facade
+    from napari_tbsn.cli import main
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit ran")
+
+    monkeypatch.setattr(facade, "fit_model", no_fit)
+    _, stack = camera_stack(planes=12)
+    tifffile.imwrite(tmp_path / "in.tif", stack, metadata={"axes": "ZYX"})
+    assert main(["denoise", str(tmp_path / "in.tif"), "-o", str(tmp_path / "out.tif"), "--uncertainty",
+                 str(tmp_path / "sd.tif"), "--preset", "tiny", "--iterations", "500", "--quiet"]) == 2
+    assert "uncertainty map needs the posterior" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]

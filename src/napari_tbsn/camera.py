@@ -219,6 +219,20 @@ class CameraCorrection:
             return np.logical_and.reduce(self.hot_looked)
         return self.hot
 
+    @property
+    def decided_on_itself(self) -> bool:
+        """Whether a single image's hot pixels were decided on the image itself: pixel q's decision
+        then read q's lattice ring, which holds p, and the lattice filter at p reads q (with weight
+        0 where q is hot), so it is not used (as with line offsets)."""
+        return self.source == "detected" and self.hot is not None and self.hot_halves is None \
+            and self.hot_looked is None
+
+    @property
+    def blocks_lattice(self) -> bool:
+        """Whether the lattice filter (which reads p's own lattice) must stay off: line offsets
+        and a single image's own hot-pixel decisions read p for its lattice neighbours."""
+        return bool(self.lines) or self.decided_on_itself
+
     def decision_key(self, target: int) -> object:
         """Planes with the same key are predicted with the same hot pixels (hot_for)."""
         if self.hot_halves is not None:
@@ -240,7 +254,7 @@ class CameraCorrection:
 
     def to_dict(self) -> dict:
         return {"source": self.source, "found": list(self.found), "lines": list(self.lines),
-                "hot_pixels": int(self.hot.sum()) if self.hot is not None else 0}
+                "hot_pixels": int(self.hot.sum()) if self.hot is not None else 0, "pattern": self.pattern is not None}
 
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {name: value for name, value in (("offset", self.offset), ("hot", self.hot),
@@ -281,10 +295,11 @@ class CameraCorrection:
         with np.load(path, allow_pickle=False) as stored:
             described = json.loads(str(stored["description"]))
             arrays = {name: stored[name] for name in stored.files if name != "description"}
-        return cls(described["source"], arrays.get("offset"), StackPattern.from_arrays(arrays), arrays.get("hot"),
-                   arrays.get("extra_variance"), tuple(described["lines"]), described["line_weight"],
-                   described["found"], arrays.get("hot_halves"), arrays.get("hot_looked"),
-                   tuple(described.get("looked_at", ())))
+        return cls(source=described["source"], offset=arrays.get("offset"), pattern=StackPattern.from_arrays(arrays),
+                   hot=arrays.get("hot"), extra_variance=arrays.get("extra_variance"),
+                   lines=tuple(described["lines"]), line_weight=described["line_weight"], found=described["found"],
+                   hot_halves=arrays.get("hot_halves"), hot_looked=arrays.get("hot_looked"),
+                   looked_at=tuple(described.get("looked_at", ())))
 
     def correct(self, block: np.ndarray, offset: np.ndarray | None, hot: np.ndarray | None) -> np.ndarray:
         """A whole (C, Y, X) plane with the camera taken out (`offset`: the fixed offsets for it,
@@ -486,14 +501,15 @@ def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
     if min(len(half) for half in planes) < PATTERN_MIN_PLANES // 2:  # halves this thin give no estimate
         return detect_hot_pixels(data, layout)
     correction = CameraCorrection("detected")
-    # Each half decides its hot pixels from its own planes (a plane is predicted with the other's).
-    halves_hot = np.stack([_hot_in_half(sums[half], len(planes[half])) for half in (0, 1)])
-    hot = _unless_too_many(halves_hot[0] | halves_hot[1], correction)
-    if hot is not None:
+    # Each half decides its hot pixels from its own planes (a plane is predicted with the other's),
+    # and each half's decisions stand or fall (too many) on their own.
+    halves_hot = np.stack([_gated(_hot_in_half(sums[half], len(planes[half])), correction) for half in (0, 1)])
+    hot = halves_hot[0] | halves_hot[1]
+    if hot.any():
         correction.hot, correction.hot_halves = hot, halves_hot
         correction.found.append(f"{int(hot.sum())} hot or very noisy pixel(s) (the same in every plane): replaced "
                                 "by their neighbours' median and never used as data")
-    usable = ~halves_hot if hot is not None else np.ones((2, *level.shape), dtype=bool)
+    usable = ~halves_hot
     pattern = _stack_pattern(sums, planes, usable, None)
     # Each half's map as the other half's planes are corrected with it (with that half's decisions).
     halves = [pattern.map_without(1 - half, half, []) for half in (0, 1)]
@@ -527,6 +543,8 @@ def _hot_in_half(sums: np.ndarray, count: int) -> np.ndarray:
     hot = np.zeros(mean.shape, dtype=bool)
     for channel in range(len(mean)):
         typical = _binned(level[channel], variance[channel], np.median)  # the noise variance of a typical pixel
+        if not typical.all():  # few low-count planes: a median of 0 would make any variance "very noisy"
+            typical = np.where(typical > 0, typical, _binned(level[channel], variance[channel], np.mean))
         excess = mean[channel] - np.median(mean[channel])
         high = (excess > HOT_SIGMAS * _robust_sigma(mean[channel])) & (excess > HOT_FRAME_SIGMAS * np.sqrt(typical))
         hot[channel] = high | (variance[channel] > NOISY_VARIANCE_IN_HALF * typical)
@@ -648,19 +666,27 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
             second = rank_filter(image, -2, footprint=_LATTICE_RING, mode="mirror")
             found[channel] = image - second > HOT_SIGMAS_IN_PLANE * sigma
         decisions.append(found)
-    everywhere = np.logical_and.reduce(decisions)
-    # Whether there is a correction at all: pixels hot in all planes but one count (they are
-    # hot for that one plane's prediction), so that no plane's values decide it for that plane.
-    candidates = everywhere if len(decisions) == 1 else np.logical_or.reduce(
-        [np.logical_and.reduce(decisions[:k] + decisions[k + 1:]) for k in range(len(decisions))])
-    if _unless_too_many(candidates, correction) is not None:
-        correction.hot = everywhere if everywhere.any() else np.zeros_like(everywhere)
-        if len(decisions) > 1:
-            correction.hot_looked = np.stack(decisions)
-            correction.looked_at = tuple(layout.flat_index(plane) for plane in looked)
-        correction.found.append(f"{int(candidates.sum())} hot pixel(s): replaced by their neighbours' median and "
-                                "never used as data")
+    if len(decisions) == 1:  # a single image decides on itself (CameraCorrection.decided_on_itself)
+        correction.hot = _gated(decisions[0], correction)
+    else:
+        # Each plane's decisions stand or fall (too many) on their own; plane z is predicted with
+        # the pixels hot in every other looked-at plane, so no value of z decides anything for it.
+        decisions = [_gated(found, correction) for found in decisions]
+        correction.hot = np.logical_or.reduce(decisions)
+        correction.hot_looked = np.stack(decisions)
+        correction.looked_at = tuple(layout.flat_index(plane) for plane in looked)
+    if correction.hot.any():
+        correction.found.append(f"{int(correction.hot.sum())} hot pixel(s): replaced by their neighbours' median "
+                                "and never used as data")
+    else:
+        correction.hot = correction.hot_looked = None
+        correction.looked_at = ()
     return correction
+
+
+def _gated(hot: np.ndarray, correction: CameraCorrection) -> np.ndarray:
+    """One set of decisions, or none of them (all False) where they are too many to be a camera's."""
+    return hot if _unless_too_many(hot, correction) is not None else np.zeros_like(hot)
 
 
 def _unless_too_many(hot: np.ndarray, correction: CameraCorrection) -> np.ndarray | None:

@@ -414,6 +414,8 @@ def command_denoise(args: argparse.Namespace) -> None:
     axes = _input_axes(image, args.axes)
     _check_room(args, image)  # before the fit: a full disk found after it would cost the whole fit
     denoiser = _new_denoiser(args, options)
+    if args.uncertainty:  # before the fit: a fixed pattern found in the stack rules the posterior out
+        denoiser.check_uncertainty(image.data, axes)
     plan = denoiser.plan_student("off" if args.uncertainty else args.student, image.data, axes, args.time_budget)
     _log(args, plan.reason)
     _fit(args, denoiser, image, axes, plan.fit_budget or args.time_budget)

@@ -155,6 +155,20 @@ def _worker_model(path: str, device: torch.device) -> FittedModel:
         return _MODELS[key]
 
 
+_CAMERAS: dict[tuple, CameraCorrection] = {}
+
+
+def _worker_camera(path: str) -> CameraCorrection:
+    """The job's camera correction, loaded once per worker process (its maps are large)."""
+    status = os.stat(path)
+    key = (path, status.st_mtime_ns, status.st_size)
+    with _MODELS_LOCK:
+        if key not in _CAMERAS:
+            _CAMERAS.clear()
+            _CAMERAS[key] = CameraCorrection.load(Path(path))
+        return _CAMERAS[key]
+
+
 def _worker_name() -> object:
     try:
         from distributed import get_worker
@@ -253,7 +267,7 @@ def predict_block(job: Job, block: Block) -> str:
     options = PredictOptions.from_dict(job.options)
     source, target = open_array(job.source, "r"), open_array(job.target, "r+")
     layout = PlaneLayout.of(source.shape, job.axes)
-    camera = CameraCorrection.load(Path(job.camera_file)) if job.camera_file else None
+    camera = _worker_camera(job.camera_file) if job.camera_file else None
     if camera is not None:
         source = CorrectedStack(source, layout, camera)
     runner = make_runner(model, options, device, job.views, camera=camera)

@@ -205,7 +205,7 @@ def fit_model(
     try:
         model = _with_variance_head(model, sampler, rng, device, cancel)
         # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
-        if settings.lattice and model.pd == 1 and not (analysis.camera is not None and analysis.camera.lines):
+        if settings.lattice and model.pd == 1 and not (analysis.camera is not None and analysis.camera.blocks_lattice):
             model = _with_lattice_filter(model, sampler, rng, device, cancel)
     except FitCancelled:
         if previous is not None:

@@ -387,7 +387,9 @@ class DenoiseWidget(QWidget):
     def _predict_job(denoiser: Denoiser, settings: JobSettings, data, cancel, threads: int):
         """(denoised, uncertainty or None); runs in the worker, on the settings read before.
         With a result file the result is written there (atomically) and shown from it, lazily."""
-        wants_uncertainty = settings.uncertainty and uses_posterior(denoiser.model, settings.options)
+        # A fixed pattern measured on the stack rules the posterior out (camera.py): no uncertainty then.
+        wants_uncertainty = settings.uncertainty and uses_posterior(denoiser.model, settings.options) \
+            and not denoiser.model.camera.get("pattern")
         with contextlib.ExitStack() as stack:
             if settings.result_file is None:
                 out = output_array(tuple(data.shape))
