@@ -344,3 +344,13 @@ def test_an_uncertainty_map_that_a_measured_pattern_rules_out_is_refused_before_
                  str(tmp_path / "sd.tif"), "--preset", "tiny", "--iterations", "500", "--quiet"]) == 2
     assert "uncertainty map needs the posterior" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+def test_lattice_medians_at_a_few_pixels_are_the_median_filters():
+    from napari_tbsn.camera import lattice_median, with_lattice_medians
+
+    image = np.random.default_rng(3).normal(0, 1, (37, 50))
+    where = np.zeros(image.shape, dtype=bool)
+    where[[0, 1, 5, 36, 20, 36], [0, 49, 7, 49, 25, 0]] = True  # corners and edges: the mirrored ring
+    expected = np.where(where, lattice_median(image), image)
+    assert np.array_equal(with_lattice_medians(image, where), expected)

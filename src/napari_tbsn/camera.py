@@ -135,7 +135,7 @@ class StackPattern:
         """r of a raw (C, Y, X) plane, with `half`'s kernels and `decision`'s hot pixels."""
         result = np.empty(block.shape)
         for channel, image in enumerate(block.astype(np.float64)):
-            image = np.where(self.usable[decision, channel], image, lattice_median(image))
+            image = with_lattice_medians(image, ~self.usable[decision, channel])
             result[channel] = image - correlate(image, self.kernels[half, channel], mode="mirror") - \
                 self.biases[half, channel]
         return result
@@ -429,6 +429,19 @@ def remove_line_offsets(image: np.ndarray, direction: str, weight: float) -> Non
     for a, b in _LATTICES:
         lattice = target[a::2, b::2]
         lattice -= (weight * profiles[a, b, : lattice.shape[0]])[:, None].astype(np.float32)
+
+
+def with_lattice_medians(image: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """`image` with lattice_median's value in place of each pixel `where` is True, computed at
+    those pixels only (a plane's few hot pixels need not cost a median filter of the plane)."""
+    if not where.any():
+        return image
+    ys, xs = np.nonzero(where)
+    padded = np.pad(image, 2, mode="reflect")  # scipy's "mirror"
+    values = np.stack([padded[ys + 2 + dy, xs + 2 + dx] for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx])
+    result = image.copy()
+    result[ys, xs] = np.partition(values, 4, axis=0)[4]  # median_filter's median of 8: the 5th smallest
+    return result
 
 
 def lattice_median(image: np.ndarray) -> np.ndarray:

@@ -381,6 +381,11 @@ class Denoiser:
             raise RuntimeError("nothing to export: fit() and distil() the Denoiser first")
         student = self._model.student
         sample = None if student is None else student.sample
+        if self._model.camera.get("found"):
+            warnings.warn("this model was fitted on data with the camera taken out (" + "; ".join(
+                self._model.camera["found"]) + "); a Model Zoo package cannot take it out, so zoo tools will feed the "
+                "student the camera's fixed pattern and hot pixels as they are: denoise with napari-tbsn instead, or "
+                "export a model fitted with camera='off'", stacklevel=2)
         return export_bioimageio(self._model, path, sample, name=name, authors=authors, **details)
 
     def _default_axes(self, data) -> str:
