@@ -223,13 +223,15 @@ class CameraCorrection:
     def decided_on_itself(self) -> bool:
         """Whether a single image's hot pixels were decided on the image itself: pixel q's decision
         then read q's lattice ring, which holds p, and the lattice filter at p reads q (with weight
-        0 where q is hot), so it is not used (as with line offsets)."""
+        0 where q is hot), so a fit that finds them fits no lattice filter (blocks_lattice). A
+        prediction does not switch a model's filter off for what it finds: that switch would
+        itself depend on every pixel's value, p's included."""
         return self.source == "detected" and self.hot is not None and self.hot_halves is None \
             and self.hot_looked is None
 
     @property
     def blocks_lattice(self) -> bool:
-        """Whether the lattice filter (which reads p's own lattice) must stay off: line offsets
+        """Whether a fit leaves the lattice filter (which reads p's own lattice) out: line offsets
         and a single image's own hot-pixel decisions read p for its lattice neighbours."""
         return bool(self.lines) or self.decided_on_itself
 

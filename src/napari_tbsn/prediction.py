@@ -149,7 +149,7 @@ class TileModel:
         self._maps: dict[object, np.ndarray] = {}  # pixel_maps by the decisions they take (decision_key)
         # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
         self.lattice = (options.lattice and model.lattice_filter is not None and model.pd == 1
-                        and not (camera is not None and camera.blocks_lattice))
+                        and not (camera is not None and camera.lines))
         self.options = options
         self.device = device
         self.views = views
