@@ -700,17 +700,12 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
 
 
 def _gated(hot: np.ndarray, correction: CameraCorrection) -> np.ndarray:
-    """One set of decisions, or none of them (all False) where they are too many to be a camera's."""
-    return hot if _unless_too_many(hot, correction) is not None else np.zeros_like(hot)
-
-
-def _unless_too_many(hot: np.ndarray, correction: CameraCorrection) -> np.ndarray | None:
-    if not hot.any():
-        return None
+    """One set of decisions, or none of them (all False, and said) where they are too many to be
+    a camera's."""
     if hot.mean() > MAX_HOT_FRACTION:
         correction.found.append(f"{int(hot.sum())} isolated bright pixels ({hot.mean():.2%}) kept as they are: too "
                                 "many for a camera's hot pixels")
-        return None
+        return np.zeros_like(hot)
     return hot
 
 
@@ -727,6 +722,7 @@ def _find_lines(data, layout: PlaneLayout, correction: CameraCorrection) -> None
     structure: the share of their line profiles they agree on is the offsets'. A line's offset
     is then taken out in proportion to its share of the whole line's profile (Wiener)."""
     measured = {"rows": 0.0, "columns": 0.0}
+    offset = correction.any_offset()  # the same for every plane read here (a stack's whole map)
     for direction in ("rows", "columns"):
         if (layout.width if direction == "rows" else layout.height) < LINE_MIN_LENGTH:
             continue  # short lines: structure spanning both halves agrees as offsets would
@@ -734,7 +730,7 @@ def _find_lines(data, layout: PlaneLayout, correction: CameraCorrection) -> None
         for plane in layout.evenly_spaced(LINE_PLANES):
             block = layout.read_plane(data, plane)
             check_finite(block, f"{layout.describe_plane(plane)} of the input")
-            for image in correction.correct(block, correction.any_offset(), correction.hot_for(None)).astype(np.float64):
+            for image in correction.correct(block, offset, correction.hot_for(None)).astype(np.float64):
                 image = image if direction == "rows" else image.T
                 half = image.shape[1] // 2
                 left, right = (line_profile(part, "rows") for part in (image[:, :half], image[:, half:]))

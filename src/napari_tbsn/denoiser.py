@@ -36,6 +36,7 @@ from .prediction import (
     PredictProgress,
     QualityEstimate,
     check_prediction_input,
+    check_uncertainty_possible,
     describe_output,
     ensemble_size,
     make_runner,
@@ -500,10 +501,7 @@ class Denoiser:
         """Raise BadInput, before any fit, where this Denoiser's camera setting would measure a
         fixed pattern on `data`: the posterior, which an uncertainty map needs, is then ruled out."""
         layout = PlaneLayout.of(data.shape, axes or self._default_axes(data))
-        camera = camera_correction(self._settings.camera, data, layout)
-        if camera is not None and camera.pattern is not None:
-            raise BadInput("an uncertainty map needs the posterior, which a fixed pattern measured on the stack itself "
-                           "rules out: give dark frames of the camera (--dark), or leave out the uncertainty map")
+        check_uncertainty_possible(camera_correction(self._settings.camera, data, layout))
 
     # -- model files -------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

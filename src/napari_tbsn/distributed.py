@@ -135,38 +135,37 @@ class Job:
     camera_file: str | None = None  # the camera correction found on the client (CameraCorrection.save)
 
 
-_MODELS: dict[tuple, FittedModel] = {}
-_MODELS_LOCK = threading.Lock()
+_LOADED: dict[str, tuple[tuple, Any]] = {}  # per worker process: what -> (file key, the object)
+_LOADED_LOCK = threading.Lock()
+
+
+def _load_once(what: str, path: str, load: Callable[[], Any], *extra: object) -> Any:
+    """`load()`'s result for the file `path`, kept per worker process under `what` and loaded
+    again only when the file (or `extra`, such as the device) changes."""
+    status = os.stat(path)
+    key = (path, status.st_mtime_ns, status.st_size, *extra)
+    with _LOADED_LOCK:
+        if what not in _LOADED or _LOADED[what][0] != key:
+            _LOADED[what] = (key, load())
+        return _LOADED[what][1]
 
 
 def _worker_model(path: str, device: torch.device) -> FittedModel:
     """The model file's model with its networks on `device`, loaded once per worker process (and
     again if the file or the device changes): no block copies the network to the GPU again."""
-    status = os.stat(path)
-    key = (path, status.st_mtime_ns, status.st_size, str(device))
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            _MODELS.clear()
-            model = FittedModel.load(path)[0]
-            for network in (model.network, model.student.network if model.student is not None else None):
-                if network is not None:
-                    network.to(device).eval()
-            _MODELS[key] = model
-        return _MODELS[key]
+    def load() -> FittedModel:
+        model = FittedModel.load(path)[0]
+        for network in (model.network, model.student.network if model.student is not None else None):
+            if network is not None:
+                network.to(device).eval()
+        return model
 
-
-_CAMERAS: dict[tuple, CameraCorrection] = {}
+    return _load_once("model", path, load, str(device))
 
 
 def _worker_camera(path: str) -> CameraCorrection:
     """The job's camera correction, loaded once per worker process (its maps are large)."""
-    status = os.stat(path)
-    key = (path, status.st_mtime_ns, status.st_size)
-    with _MODELS_LOCK:
-        if key not in _CAMERAS:
-            _CAMERAS.clear()
-            _CAMERAS[key] = CameraCorrection.load(Path(path))
-        return _CAMERAS[key]
+    return _load_once("camera", path, lambda: CameraCorrection.load(Path(path)))
 
 
 def _worker_name() -> object:

@@ -366,6 +366,14 @@ class QualityTally:
         return QualityEstimate(self.squared_error / self.pixels, self.high - self.low) if self.pixels else None
 
 
+def check_uncertainty_possible(camera: CameraCorrection | None) -> None:
+    """Refuse an uncertainty map where a fixed pattern measured on the stack itself rules out
+    the posterior it comes from (uses_posterior)."""
+    if camera is not None and camera.pattern is not None:
+        raise BadInput("an uncertainty map needs the posterior, which a fixed pattern measured on the stack itself "
+                       "rules out: give dark frames of the camera (--dark), or leave out the uncertainty map")
+
+
 def predict_planes(
     model: FittedModel, options: PredictOptions, device: torch.device, data, layout: PlaneLayout, out,
     uncertainty, cancel: threading.Event, camera: CameraCorrection | None = None,
@@ -373,9 +381,8 @@ def predict_planes(
     """Denoise every plane of `data` into `out` (and `uncertainty`), yielding progress after
     every batch of tiles; returns the quality estimate (None where it cannot be estimated)."""
     if camera is not None:
-        if uncertainty is not None and camera.pattern is not None:
-            raise BadInput("an uncertainty map needs the posterior, which a fixed pattern measured on the stack itself "
-                           "rules out: give dark frames of the camera, or leave out the uncertainty map")
+        if uncertainty is not None:
+            check_uncertainty_possible(camera)
         data = CorrectedStack(data, layout, camera)
     runner = make_runner(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel, camera)
     tile_size = tile_side(runner, options, device)
