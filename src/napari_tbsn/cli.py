@@ -546,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     denoise = commands.add_parser("denoise", help="fit on the input itself, then denoise it")
     common(denoise)
-    camera(denoise, None)
+    camera(denoise)
     fitting(denoise)
     tiling(denoise)
     estimator(denoise)
@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit a model on the input and save it")
     common(fit)
-    camera(fit, None)
+    camera(fit)
     fitting(fit)
     estimator(fit)
     fit.add_argument("-o", "--output", type=Path, required=True, help="model file (.safetensors)")

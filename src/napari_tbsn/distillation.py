@@ -25,12 +25,12 @@ import torch
 from .camera import CameraCorrection, CorrectedStack
 from .axes import PlaneLayout
 from .config import FitConfig, PredictOptions
-from .devices import OutOfMemory, autocast_dtype, out_of_memory_error, tile_for_memory
+from .devices import OutOfMemory, out_of_memory_error, tile_for_memory
 from .network.unet import UNet, student_preset
 from .student import DistilSummary, Student, sample_crop
 from .patches import PatchSampler, check_finite, fitting_patch_size
-from .prediction import (TEACHER_BYTES_PER_PIXEL_PER_DIM, TileModel, ensemble_size, plane_steps, smaller_tile,
-                         tile_side)
+from .prediction import (TEACHER_BYTES_PER_PIXEL_PER_DIM, TileModel, ensemble_size, plane_steps,
+                         prediction_autocast, smaller_tile, tile_side)
 from .progress import CancellableArray, FitCancelled, PredictionCancelled, raise_if_cancelled
 from .training import Trainer
 
@@ -190,7 +190,7 @@ class StudentPlan:
 def _seconds_per_pixel(network: torch.nn.Module, channels: int, size: int, device: torch.device) -> float:
     """One timed pass (after a warm-up) on a random input of size x size, in the precision
     prediction runs in there; a pass the device has no memory for is timed at 256 pixels."""
-    autocast = torch.bfloat16 if device.type == "cuda" and autocast_dtype(device) == torch.bfloat16 else None
+    autocast = prediction_autocast(None, device)
     try:
         sample = torch.rand(1, channels, size, size, device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):

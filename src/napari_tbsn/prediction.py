@@ -129,11 +129,12 @@ def needs_move(held: torch.device, device: torch.device) -> bool:
     return device.index is not None and device.index != held.index
 
 
-def prediction_autocast(model: FittedModel, device: torch.device) -> torch.dtype | None:
-    """bfloat16 on GPUs that have it; float32 (None) elsewhere: on CPUs, where tiles then
-    reproduce the whole image, and on older GPUs, whose float16 could overflow with no loss
-    scale to catch it."""
-    fast = model.fit_config.mixed_precision and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16
+def prediction_autocast(model: FittedModel | None, device: torch.device) -> torch.dtype | None:
+    """bfloat16 on GPUs that have it (unless `model` was fitted without mixed precision); float32
+    (None) elsewhere: on CPUs, where tiles then reproduce the whole image, and on older GPUs,
+    whose float16 could overflow with no loss scale to catch it."""
+    wanted = model is None or model.fit_config.mixed_precision
+    fast = wanted and device.type == "cuda" and autocast_dtype(device) == torch.bfloat16
     return torch.bfloat16 if fast else None
 
 
