@@ -23,7 +23,7 @@ from cases import CASES, make_case, psnr  # noqa: E402
 def main() -> None:
     from napari_tbsn.axes import PlaneLayout
     from napari_tbsn.config import FIT_PRESETS
-    from napari_tbsn.fitting import FitSettings, analyse, starting_network
+    from napari_tbsn.fitting import FitImage, FitSettings, analyse, starting_network
     from napari_tbsn.patches import PatchSampler, fitting_patch_size, load_training_planes
     from napari_tbsn.training import Trainer
 
@@ -40,14 +40,14 @@ def main() -> None:
     layout = PlaneLayout.of(noisy.shape, case.axes)
     config = FIT_PRESETS[args.preset]
     settings = FitSettings(args.preset, 1, 0, False, False, None, config, args.seed)
-    analysis = analyse(noisy, layout, settings)
+    analysis = analyse([FitImage(noisy, layout)], settings)
     network = starting_network(settings, layout, 1, None)
     patch = fitting_patch_size(config.patch_size, layout.height, layout.width, network.size_multiple)
     planes = load_training_planes(noisy, layout, analysis.normalizer, config.max_training_pixels)
     rng = np.random.default_rng(args.seed)
     sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
     trainer = Trainer(network, sampler, config, torch.device("cpu"), 1, args.seed, threading.Event())
-    held = np.kron(sampler.held_out[0, :-1, :-1], np.ones((patch, patch), bool))
+    held = np.kron(sampler.held_out[0][0, :-1, :-1], np.ones((patch, patch), bool))
     held = np.pad(held, [(0, layout.height - held.shape[0]), (0, layout.width - held.shape[1])])
     image = torch.from_numpy(planes[:, :, : layout.height // 64 * 64, : layout.width // 64 * 64])
 

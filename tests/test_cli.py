@@ -73,7 +73,7 @@ def test_failed_prediction_leaves_no_partial_output(noisy_tiff, tmp_path, monkey
     def explode(self, *args, **kwargs):
         raise RuntimeError("simulated crash mid-way")
 
-    monkeypatch.setattr(Denoiser, "predict", explode)
+    monkeypatch.setattr(Denoiser, "predict_iter", explode)
     assert main(["predict", str(noisy_tiff), "--model", str(model), "-o", str(out), "--quiet"]) == 1  # a bug, not bad input
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []

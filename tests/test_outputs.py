@@ -234,7 +234,7 @@ def test_a_bug_says_so_with_where_it_happened_and_exit_1(tiny_input, tmp_path, m
     def broken(self, *args, **kwargs):
         raise KeyError("a bug deep inside")
 
-    monkeypatch.setattr(Denoiser, "fit", broken)
+    monkeypatch.setattr(Denoiser, "fit_iter", broken)
     argv = ["denoise", str(tiny_input), "-o", str(tmp_path / "o.tif"), "--preset", "tiny", "--quiet"]
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -260,7 +260,7 @@ def test_out_of_memory_on_a_gpu_is_the_users_to_fix(tiny_input, tmp_path, monkey
     def out_of_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Denoiser, "fit", out_of_memory)
+    monkeypatch.setattr(Denoiser, "fit_iter", out_of_memory)
     assert main(["denoise", str(tiny_input), "-o", str(tmp_path / "o.tif"), "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("tbsn: error: CUDA out of memory")
 
@@ -291,7 +291,7 @@ def test_the_cli_checks_the_room_for_its_outputs_before_the_fit(tiny_input, tmp_
 
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=20_000))
-    monkeypatch.setattr(Denoiser, "fit", lambda *a, **k: pytest.fail("fitted before finding the disk full"))
+    monkeypatch.setattr(Denoiser, "fit_iter", lambda *a, **k: pytest.fail("fitted before finding the disk full"))
     # 64x64 float32 is 16 KB: the result alone fits, the result and its uncertainty together do not.
     argv = ["denoise", str(tiny_input), "-o", str(tmp_path / "o.tif"), "--uncertainty", str(tmp_path / "sd.tif"),
             "--preset", "tiny", "--quiet"]

@@ -246,3 +246,15 @@ class PlaneLayout:
         else:
             block = np.transpose(block, ["CYX".index(a) for a in order])
         out[self._selection(plane, region)] = block
+
+
+def spread_planes(images, count: int) -> list[tuple[object, PlaneLayout, tuple[int, ...]]]:
+    """Up to about `count` planes spread over several images, as (data, layout, plane): each
+    image (at most `count` of them, evenly chosen) gives max(1, count // images) evenly
+    spaced planes. `images` is a sequence of (data, layout) pairs; one image gives the planes
+    `layout.evenly_spaced(count)` gives."""
+    images = list(images)
+    if len(images) > count:
+        images = [images[int(i)] for i in np.unique(np.linspace(0, len(images) - 1, count).round().astype(int))]
+    each = max(1, count // len(images))
+    return [(data, layout, plane) for data, layout in images for plane in layout.evenly_spaced(each)]

@@ -748,7 +748,17 @@ def _find_lines(data, layout: PlaneLayout, correction: CameraCorrection) -> None
                                     f"profile): taken out, each {direction[:-1]} by its own lattice")
 
 
-def camera_record(setting, correction: CameraCorrection | None) -> dict:
-    """What a model file says of the camera: how it was handled and what was found."""
+def camera_record(setting, corrections: CameraCorrection | None | list[CameraCorrection | None]) -> dict:
+    """What a model file says of the camera: how it was handled and what was found (in any of
+    the images fitted together)."""
     mode = "off" if setting == "off" else "dark frames" if isinstance(setting, Calibration) else "auto"
-    return {"mode": mode, **(correction.to_dict() if correction is not None else {"found": []})}
+    if not isinstance(corrections, list):
+        corrections = [corrections]
+    found = [correction.to_dict() for correction in corrections if correction is not None]
+    if not found:
+        return {"mode": mode, "found": []}
+    record = dict(found[0])
+    record["found"] = list(dict.fromkeys(text for each in found for text in each["found"]))
+    record["pattern"] = any(each["pattern"] for each in found)
+    record["hot_pixels"] = sum(each["hot_pixels"] for each in found)
+    return {"mode": mode, **record}

@@ -1,8 +1,11 @@
 """`tbsn`: fit and denoise image files from the command line.
 
-    tbsn denoise IN -o OUT [--time-budget S | --iterations N] [--save-model M]
-    tbsn fit IN -o MODEL
-    tbsn predict IN --model MODEL -o OUT
+    tbsn denoise IN... -o OUT [--time-budget S | --iterations N] [--save-model M]
+    tbsn fit IN... -o MODEL
+    tbsn predict IN... --model MODEL -o OUT
+
+IN may be several files, folders or patterns: one model is fitted on them all, and -o is then
+a folder with one output per input (a rerun skips those already written).
     tbsn distil IN --model MODEL -o MODEL2
     tbsn export MODEL -o NAME.bioimageio.zip
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import json
 import logging
 import math
@@ -33,14 +37,19 @@ from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
 from .ddp import in_process_group, start_from_environment, world
 from .ddp import stop as stop_processes
 from .denoiser import Denoiser, PredictProgress
-from .errors import MissingDependency, describe_bug, is_user_error, one_line
+from .errors import MissingDependency, UserError, describe_bug, is_user_error, one_line
 from .image_io import ImageFile, open_output, output_bytes, read_image
 from .model_io import write_text_atomic
 from .outputs import check_not_input, check_output, check_room, check_writable_file, overlaps
 from .noise import NoiseModel
 from .prediction import describe_output, uses_posterior, uses_student
-from .progress import Cancelled, Stops, format_seconds
+from .jobs import FitRequest, ImageReport, JobImage, JobProgress, ModelReady, run_job
+from .progress import Cancelled, Stops, drive, format_seconds
 from .training import FitProgress
+
+
+class BatchFailed(UserError):
+    """Some inputs of a batch failed; the others were written."""
 
 
 class Terminated(BaseException):
@@ -142,36 +151,128 @@ def _camera(args: argparse.Namespace) -> str | Calibration | None:
     return args.camera
 
 
+IMAGE_SUFFIXES = (".tif", ".tiff", ".npy", ".zarr")
+FORMATS = {"tif": ".tif", "npy": ".npy", "zarr": ".zarr", "ome-zarr": ".ome.zarr"}
+
+
+def _expand_inputs(given: Sequence[Path]) -> tuple[list[Path], bool]:
+    """The input files (folders and patterns opened up, each file once), and whether they
+    make a batch: several inputs, a folder or a pattern."""
+    found, batch = [], len(given) > 1
+    for path in given:
+        if path.is_dir() and path.suffix.lower() != ".zarr":
+            files = sorted(each for each in path.iterdir() if each.suffix.lower() in IMAGE_SUFFIXES
+                           and not each.name.startswith("."))
+            if not files:
+                raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}): give a folder of images")
+            found.extend(files)
+            batch = True
+        elif not path.exists() and glob.has_magic(str(path)):
+            files = sorted(Path(each) for each in glob.glob(str(path)) if Path(each).suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"no images match {path}")
+            found.extend(files)
+            batch = True
+        else:
+            found.append(path)
+    return list(dict.fromkeys(found)), batch
+
+
+def _output_name(path: Path, image_format: str | None) -> str:
+    """The name of an input's result in an output folder: the input's own, or its stem with
+    the suffix of `image_format`."""
+    if image_format is None:
+        return path.name
+    stem = path.name[: -len(".ome.zarr")] if path.name.lower().endswith(".ome.zarr") else path.stem
+    return stem + FORMATS[image_format]
+
+
+def _plan_inputs(args: argparse.Namespace) -> None:
+    """args.inputs (the files), args.batch, and for commands that write images args.outputs
+    (input name -> output path): with a batch, -o is a folder and each output is named after
+    its input."""
+    args.inputs, args.batch = _expand_inputs(args.input)
+    writes_images = args.run in (command_predict, command_denoise)
+    if not writes_images:
+        return
+    if args.batch:
+        if args.output.exists() and not args.output.is_dir():
+            raise ValueError(f"-o {args.output} is a file; with several inputs -o names a folder for the outputs")
+        for flag, value in (("--uncertainty", args.uncertainty), ("--report", args.report),
+                            ("--workers", args.workers), ("--scheduler", args.scheduler)):
+            if value:
+                raise ValueError(f"{flag} takes a single input; run the inputs one at a time for it")
+        args.outputs = {}
+        names: dict[str, Path] = {}
+        for path in args.inputs:
+            name = _output_name(path, args.format)
+            if name in names:
+                raise ValueError(f"{names[name]} and {path} would both be written to {args.output / name}: give "
+                                 "inputs with different names, or denoise them in two runs")
+            names[name] = path
+            args.outputs[str(path)] = args.output / name
+    else:
+        if args.format is not None:
+            raise ValueError("--format names the outputs' format when -o is a folder (several inputs); with one "
+                             "input the -o file's suffix says it")
+        args.outputs = {str(args.inputs[0]): args.output}
+
+
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
     """The paths the command reads, by what they are: no output may touch them."""
-    return {name: getattr(args, name) for name in ("input", "model", "dark") if getattr(args, name, None) is not None}
+    named = {name: getattr(args, name) for name in ("model", "dark") if getattr(args, name, None) is not None}
+    inputs = getattr(args, "inputs", None) or ([args.input] if getattr(args, "input", None) else [])
+    if len(inputs) <= 1:
+        return {"input": inputs[0], **named} if inputs else named
+    return {**{f"input ({path.name})": path for path in inputs}, **named}
 
 
 def _check_paths(args: argparse.Namespace) -> None:
     """No path the tool writes may be an input or another output; each must be writable. All
     checked before any work, so a mistake costs nothing."""
     inputs = _inputs(args)
+    batch = getattr(args, "batch", False) and args.run in (command_predict, command_denoise)
     outputs = {name: getattr(args, name) for name in ("output", "save_model", "report", "uncertainty")
                if getattr(args, name, None) is not None}
     for name, path in outputs.items():
         flag = "-o" if name == "output" else f"--{name.replace('_', '-')}"
         check_not_input(path, inputs, role=flag)
         for other, taken in ((o, p) for o, p in outputs.items() if o < name):
+            if batch and "output" in (name, other):  # a folder of outputs may hold the model file
+                clash = [out for out in args.outputs.values() if overlaps(out, path if other == "output" else taken)]
+                if clash:
+                    raise ValueError(f"{flag} {path} is also the output for one of the inputs; give it a new name")
+                continue
             if overlaps(path, taken):
                 raise ValueError(f"{flag} {path} is also the {other.replace('_', ' ')} path; "
                                  "give each output its own new file name")
-        if name in ("output", "uncertainty") and args.run in (command_predict, command_denoise):
+        if name == "output" and batch:
+            for each in args.outputs.values():
+                check_output(each, inputs, replace=True)
+        elif name in ("output", "uncertainty") and args.run in (command_predict, command_denoise):
             check_output(path, inputs, replace=args.overwrite, how_to_allow=", or add --overwrite to replace it")
         else:
             check_writable_file(path)
     _check_cluster_options(args)
 
 
-def _check_room(args: argparse.Namespace, image: ImageFile) -> None:
-    shape = tuple(image.data.shape)
-    planned = [(args.output, output_bytes(shape, args.pyramid))]
-    if args.uncertainty:
-        planned.append((args.uncertainty, output_bytes(shape)))
+def _check_room(args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs the disk has no room for (a batch: the outputs still to
+    write, of the inputs that can be opened)."""
+    planned = []
+    for path in args.inputs:
+        output = args.outputs[str(path)]
+        if args.batch and not args.overwrite and output.exists():
+            continue
+        try:
+            shape = tuple(read_image(path).data.shape)
+        except (OSError, ValueError):
+            if not args.batch:
+                raise
+            continue  # reported as failed when its turn comes
+        planned.append((output, output_bytes(shape, args.pyramid)))
+        if args.uncertainty:
+            planned.append((args.uncertainty, output_bytes(shape)))
     check_room(planned)
 
 
@@ -184,9 +285,10 @@ def _check_cluster_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers takes a number of worker processes of 1 or more, not {args.workers}")
     if args.uncertainty:
         raise ValueError("--uncertainty is not made on a cluster: leave out --workers/--scheduler")
-    if args.input.suffix.lower() != ".zarr":
+    source = (getattr(args, "inputs", None) or [args.input])[0]
+    if source.suffix.lower() != ".zarr":
         raise ValueError(f"--workers and --scheduler read .zarr or .ome.zarr inputs, which workers open chunk by "
-                         f"chunk; {args.input.name} is not one: convert it first (e.g. with tifffile and zarr)")
+                         f"chunk; {source.name} is not one: convert it first (e.g. with tifffile and zarr)")
     if args.output.suffix.lower() != ".zarr":
         raise ValueError(f"--workers and --scheduler write .zarr or .ome.zarr outputs, whose chunks workers write "
                          f"side by side; name the output {args.output.stem}.ome.zarr")
@@ -204,35 +306,6 @@ def _new_denoiser(args: argparse.Namespace, options: PredictOptions | None = Non
                     ensemble=options.ensemble, refine=options.refine,
                     fit_config=dataclasses.replace(FIT_PRESETS[args.preset], **changes),
                     noise_model=_camera_noise(args), threads=args.threads, camera=_camera(args))
-
-
-def _fit(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
-         time_budget: float | None) -> Denoiser:
-    _log(args, f"fitting the {args.preset} TBSN on {args.input} {tuple(image.data.shape)} axes {axes} "
-         f"on {denoiser.device} (pd {args.pd})")
-    bar = ProgressBar("fit", enabled=not args.quiet)
-    said_plateau: list[int] = []
-
-    def on_progress(progress: FitProgress) -> None:
-        stops.follow(progress)
-        if progress.iteration == 1:
-            bar.note("training: Ctrl-C ends it early, and the fit completes with the best weights reached")
-        validation = "" if progress.best_validation_loss is None else f" best val {progress.best_validation_loss:.5f}"
-        if progress.plateau is not None and not said_plateau:
-            bar.note(f"{progress.describe_plateau()}: Ctrl-C ends the training now, with the best weights")
-            said_plateau.append(progress.plateau)
-        bar.update(progress.fraction, f"it {progress.iteration} loss {progress.loss:.5f}{validation}", progress.eta)
-
-    try:
-        with _interrupts(world()[1]) as stops:
-            denoiser.fit(image.data, axes, iterations=args.iterations, time_budget=time_budget,
-                         callback=on_progress, cancel=stops.cancel, stop_training=stops.stop_training)
-    finally:
-        bar.close()
-    _log(args, denoiser.describe_noise())
-    context = f"; context: {denoiser.context_planes} neighbouring plane(s) on each side" if denoiser.context_planes else ""
-    _log(args, f"fitted: {denoiser.summary.describe()}{context}")
-    return denoiser
 
 
 def _distil(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
@@ -259,39 +332,132 @@ def _distil(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes
     _log(args, denoiser.student.summary.describe())
 
 
-def _predict(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes: str,
-             options: PredictOptions) -> None:
-    shape = tuple(image.data.shape)
-    _log(args, f"denoising {args.input} {shape} with the {describe_output(denoiser.model, options)} output")
-    if args.student == "on" and denoiser.student is None:
-        raise ValueError(f"{getattr(args, 'model', 'the model')} has no distilled student: run tbsn distil first, or give --student auto")
-    bar = ProgressBar("denoise", enabled=not args.quiet)
+class _Files:
+    """A job's destination on disk: one output file per input (resumable when writing a folder)."""
 
-    def on_progress(progress: PredictProgress) -> None:
-        bar.update(progress.fraction, f"plane {progress.plane + 1}/{progress.planes}", progress.eta)
+    def __init__(self, args: argparse.Namespace, options: PredictOptions) -> None:
+        self.args, self.options = args, options
 
-    if args.workers is not None or args.scheduler:
-        bar.close()
-        _predict_on_cluster(args, denoiser, image, axes, options)
-        return
-    try:
-        with contextlib.ExitStack() as outputs, _interrupts() as stops:
-            out = outputs.enter_context(open_output(args.output, shape, axes, like=image, pyramid=args.pyramid,
-                                                          inputs=_inputs(args), replace=args.overwrite))
+    def finished(self, image: JobImage) -> str | None:
+        path = self.args.outputs[image.name]
+        if self.args.batch and not self.args.overwrite and path.exists():
+            return f"{path} is there from an earlier run (give --overwrite to redo it)"
+        return None
+
+    def deliver(self, image: JobImage, data, axes: str, like, denoiser: Denoiser, cancel, threads):
+        args, path, shape = self.args, self.args.outputs[image.name], tuple(data.shape)
+        if args.batch:  # each file's room when its turn comes (a single output's was checked before any work)
+            check_room([(path, output_bytes(shape, args.pyramid))])
+        with contextlib.ExitStack() as outputs:
+            out = outputs.enter_context(open_output(path, shape, axes, like=like, pyramid=args.pyramid,
+                                                    inputs=_inputs(args), replace=args.overwrite or args.batch))
             uncertainty = None
             if args.uncertainty:
-                uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=image,
-                                                                      inputs=_inputs(args), replace=args.overwrite))
-            denoiser.predict(image.data, axes, out=out, callback=on_progress, uncertainty=uncertainty,
-                             options=options, cancel=stops.cancel)
+                uncertainty = outputs.enter_context(open_output(args.uncertainty, shape, axes, like=like,
+                                                                inputs=_inputs(args), replace=args.overwrite))
+            yield from denoiser.predict_iter(data, axes, out=out, uncertainty=uncertainty, options=self.options,
+                                             cancel=cancel, threads=threads)
+        return path
+
+
+def _job_images(args: argparse.Namespace) -> list[JobImage]:
+    def reader(path: Path):
+        def read():
+            image = read_image(path)
+            return image.data, _input_axes(image, args.axes), image
+        return read
+
+    return [JobImage(str(path), reader(path)) for path in args.inputs]
+
+
+def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
+         options: PredictOptions | None = None, on_model=None) -> None:
+    """The core job (jobs.run_job) with a progress bar per phase, a line per file and the
+    outputs written as files."""
+    images = _job_images(args)
+    destination = None if options is None else _Files(args, options)
+    if options is not None:
+        _check_room(args)  # before the fit: a full disk found after it would cost the whole fit
+        if args.batch:
+            args.output.mkdir(parents=True, exist_ok=True)
+    what = f"{len(images)} images" if len(images) > 1 else f"{args.inputs[0]}"
+    if fit is not None:
+        _log(args, f"fitting the {denoiser.preset} TBSN on {what} on {denoiser.device} (pd {args.pd})")
+    elif options is not None:
+        _log(args, f"denoising {what} with the {describe_output(denoiser.model, options)} output")
+    bars: dict[str, ProgressBar] = {}
+    said_plateau: list[int] = []
+
+    def bar(phase: str) -> ProgressBar:
+        if phase not in bars:
+            for other in bars.values():
+                other.close()
+            bars[phase] = ProgressBar(phase, enabled=not args.quiet)
+        return bars[phase]
+
+    def show(item) -> None:
+        stops.follow(item)
+        if isinstance(item, JobProgress):
+            step = item.step
+            if item.phase == "fit":
+                if step.iteration == 1:
+                    bar("fit").note("training: Ctrl-C ends it early, and the fit completes with the best weights "
+                                    "reached")
+                if step.plateau is not None and not said_plateau:
+                    bar("fit").note(f"{step.describe_plateau()}: Ctrl-C ends the training now, with the best weights")
+                    said_plateau.append(step.plateau)
+                best = "" if step.best_validation_loss is None else f" best val {step.best_validation_loss:.5f}"
+                bar("fit").update(item.fraction, f"it {step.iteration} loss {step.loss:.5f}{best}", step.eta)
+            elif item.phase == "distil":
+                detail = f"student it {step.iteration} loss {step.loss:.5f}" if isinstance(step, FitProgress) else \
+                    f"teacher plane {step.plane + 1}/{step.planes}"
+                bar("distil").update(item.fraction, detail, step.eta)
+            else:
+                files = f"file {item.image + 1}/{item.images} " if item.images > 1 else ""
+                bar("denoise").update(item.fraction, f"{files}plane {step.plane + 1}/{step.planes}", item.eta)
+        elif isinstance(item, ModelReady):
+            for other in bars.values():
+                other.close()
+            bars.clear()
+            if fit is not None:
+                _log(args, denoiser.describe_noise())
+                context = f"; context: {denoiser.context_planes} neighbouring plane(s) on each side" \
+                    if denoiser.context_planes else ""
+                _log(args, f"fitted: {denoiser.summary.describe()}{context}")
+            if denoiser.student is not None and fit is not None and fit.student != "off":
+                _log(args, denoiser.student.summary.describe())
+            if item.note:
+                _log(args, item.note)
+            if on_model is not None:
+                on_model(item)
+        elif isinstance(item, ImageReport) and (args.batch or item.status != "done"):
+            line = {"done": f"{item.name}: wrote {item.result}", "skipped": f"{item.name}: skipped: {item.message}",
+                    "failed": f"{item.name}: FAILED: {item.message}"}[item.status]
+            bar("denoise").note(line) if "denoise" in bars else _log(args, line)
+
+    try:
+        with _interrupts(world()[1]) as stops:
+            summary = drive(run_job(denoiser, images, stops, fit=fit, destination=destination,
+                                    keep_going=args.batch, threads=args.threads), show)
     finally:
-        bar.close()
-    _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
-                                         if args.uncertainty else ""))
-    if denoiser.quality is not None:
-        _log(args, denoiser.quality.describe())
-    if args.report:
-        _write_report(args.report, denoiser, options)
+        for each in bars.values():
+            each.close()
+    if summary.stopped:
+        raise Cancelled("the rest was not denoised" if summary.done else "nothing was denoised")
+    if options is None:
+        return
+    if not args.batch:
+        _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
+                                             if args.uncertainty else ""))
+        if denoiser.quality is not None:
+            _log(args, denoiser.quality.describe())
+        if args.report:
+            _write_report(args.report, denoiser, options)
+        return
+    _log(args, f"{args.output}: {summary.describe()}")
+    if summary.failed:
+        raise BatchFailed(f"{len(summary.failed)} of {len(images)} inputs failed: " + "; ".join(
+            f"{report.name}: {report.message}" for report in summary.failed))
 
 
 @contextlib.contextmanager
@@ -316,7 +482,7 @@ def _predict_on_cluster(args: argparse.Namespace, denoiser: Denoiser, image: Ima
 
     if image.format not in ("zarr", "ome-zarr"):
         raise ValueError(f"--workers and --scheduler read .zarr or .ome.zarr inputs, which workers open chunk by chunk; "
-                         f"{args.input.name} is {image.format}: convert it first (e.g. with tifffile and zarr)")
+                         f"{args.inputs[0].name} is {image.format}: convert it first (e.g. with tifffile and zarr)")
     shape = tuple(image.data.shape)
     with _dask_client(args) as client:
         _log(args, f"dask dashboard: {client.dashboard_link}")
@@ -385,14 +551,16 @@ def command_fit(args: argparse.Namespace) -> None:
     rank, processes = world()
     args.quiet = args.quiet or rank > 0
     try:
-        image = read_image(args.input)
-        axes = _input_axes(image, args.axes)
         if in_process_group():
             _log(args, f"fitting on {processes} process(es) with DistributedDataParallel")
-        denoiser = _fit(args, _new_denoiser(args), image, axes, args.time_budget)
-        if rank == 0:
-            denoiser.save(args.output)
-            _log(args, f"saved the model to {args.output}")
+        denoiser = _new_denoiser(args)
+
+        def on_model(ready: ModelReady) -> None:
+            if rank == 0:
+                denoiser.save(args.output)
+                _log(args, f"saved the model to {args.output}")
+
+        _run(args, denoiser, FitRequest(args.iterations, args.time_budget), on_model=on_model)
     finally:
         stop_processes()
 
@@ -400,9 +568,13 @@ def command_fit(args: argparse.Namespace) -> None:
 def command_predict(args: argparse.Namespace) -> None:
     denoiser = Denoiser.load(args.model, device=args.device, threads=args.threads, camera=_camera(args))
     options = _prediction_options(args, denoiser.options)
-    image = read_image(args.input)
-    _check_room(args, image)
-    _predict(args, denoiser, image, _input_axes(image, args.axes), options)
+    if args.student == "on" and denoiser.student is None:
+        raise ValueError(f"{args.model} has no distilled student: run tbsn distil first, or give --student auto")
+    if args.workers is not None or args.scheduler:
+        image = read_image(args.inputs[0])
+        _predict_on_cluster(args, denoiser, image, _input_axes(image, args.axes), options)
+        return
+    _run(args, denoiser, None, options)
 
 
 def command_denoise(args: argparse.Namespace) -> None:
@@ -410,21 +582,18 @@ def command_denoise(args: argparse.Namespace) -> None:
     if args.uncertainty and (options.estimator != "posterior" or args.pd not in ("auto", 1)):
         raise ValueError("--uncertainty needs the posterior output, which needs pixel-independent noise: "
                          "leave out --estimator blind_spot and --pd (or give --pd 1)")
-    image = read_image(args.input)
-    axes = _input_axes(image, args.axes)
-    _check_room(args, image)  # before the fit: a full disk found after it would cost the whole fit
     denoiser = _new_denoiser(args, options)
     if args.uncertainty:  # before the fit: a fixed pattern found in the stack rules the posterior out
-        denoiser.check_uncertainty(image.data, axes)
-    plan = denoiser.plan_student("off" if args.uncertainty else args.student, image.data, axes, args.time_budget)
-    _log(args, plan.reason)
-    _fit(args, denoiser, image, axes, plan.fit_budget or args.time_budget)
-    if plan.distil:
-        _distil(args, denoiser, image, axes, None, plan.distil_budget)
-    if args.save_model:
-        denoiser.save(args.save_model)
-        _log(args, f"saved the model to {args.save_model}")
-    _predict(args, denoiser, image, axes, options)
+        image = read_image(args.inputs[0])
+        denoiser.check_uncertainty(image.data, _input_axes(image, args.axes))
+
+    def on_model(ready: ModelReady) -> None:
+        if args.save_model:
+            denoiser.save(args.save_model)
+            _log(args, f"saved the model to {args.save_model}")
+
+    fit = FitRequest(args.iterations, args.time_budget, "off" if args.uncertainty else args.student)
+    _run(args, denoiser, fit, options, on_model=on_model)
 
 
 def command_distil(args: argparse.Namespace) -> None:
@@ -465,8 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the whole traceback of any error (also: environment variable TBSN_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("input", type=Path, help="noisy image: .tif/.tiff, .npy or .zarr")
+    def common(sub: argparse.ArgumentParser, many: bool = True) -> None:
+        if many:
+            sub.add_argument("input", type=Path, nargs="+",
+                             help="noisy images: .tif/.tiff, .npy or .zarr files, folders of them, or patterns "
+                             "(raw/*.tif); several fit one model together")
+        else:
+            sub.add_argument("input", type=Path, help="noisy image: .tif/.tiff, .npy or .zarr")
         sub.add_argument("--axes", help="axis letters from STCZYX, e.g. ZYX (default: file metadata or shape)")
         sub.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
         sub.add_argument("--quiet", action="store_true", help="no progress output")
@@ -539,6 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="for an .ome.zarr output: also write N levels, each downsampled 2x in Y and X "
                          "(napari then shows large stacks lazily)")
 
+    def output_format(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--format", choices=sorted(FORMATS),
+                         help="with several inputs: the outputs' format (default: each input's own)")
+
     def estimator(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--estimator", choices=("posterior", "blind_spot"),
                          help="posterior: fold the noisy pixel back in with the fitted noise model (the default "
@@ -550,7 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     fitting(denoise)
     tiling(denoise)
     estimator(denoise)
-    denoise.add_argument("-o", "--output", type=Path, required=True, help="denoised image (.tif, .npy, .zarr)")
+    denoise.add_argument("-o", "--output", type=Path, required=True,
+                         help="denoised image (.tif, .npy, .zarr); with several inputs a folder, each output named "
+                         "after its input (a rerun skips the outputs already there)")
+    output_format(denoise)
     denoise.add_argument("--save-model", type=Path, help="also save the fitted model here (.safetensors)")
     denoise.set_defaults(run=command_denoise)
 
@@ -568,11 +749,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiling(predict)
     estimator(predict)
     predict.add_argument("--model", type=Path, required=True, help="model file written by tbsn fit")
-    predict.add_argument("-o", "--output", type=Path, required=True, help="denoised image (.tif, .npy, .zarr)")
+    predict.add_argument("-o", "--output", type=Path, required=True,
+                         help="denoised image (.tif, .npy, .zarr); with several inputs a folder, each output named "
+                         "after its input (a rerun skips the outputs already there)")
+    output_format(predict)
     predict.set_defaults(run=command_predict)
 
     distil = commands.add_parser("distil", help="distil a saved model's teacher into a fast student UNet")
-    common(distil)
+    common(distil, many=False)
     budget = distil.add_mutually_exclusive_group()
     budget.add_argument("--iterations", type=int, help="student training iterations")
     budget.add_argument("--time-budget", type=float, help="seconds for the whole distillation")
@@ -606,6 +790,13 @@ def _auto_or_whole(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number, got {text!r}") from None
 
 
+def _written(args: argparse.Namespace) -> str:
+    """What a stopped command leaves: nothing, or a batch's finished outputs."""
+    if getattr(args, "batch", False) and args.command in ("denoise", "predict"):
+        return f"the finished outputs in {args.output} are kept: run the same command again to resume"
+    return "nothing was written"
+
+
 def _terminate(signum, frame):
     raise Terminated()
 
@@ -622,17 +813,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:
+        if args.command in ("denoise", "fit", "predict"):
+            _plan_inputs(args)
         if args.command != "sample":
             _check_paths(args)
         args.run(args)
     except Cancelled as stopped:
-        print(f"tbsn: stopped ({stopped}); nothing was written", file=sys.stderr)
+        print(f"tbsn: stopped ({stopped}); {_written(args)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("tbsn: stopped by Ctrl-C; nothing was written", file=sys.stderr)
+        print(f"tbsn: stopped by Ctrl-C; {_written(args)}", file=sys.stderr)
         return 130
     except Terminated:
-        print("tbsn: stopped by SIGTERM; nothing was written", file=sys.stderr)
+        print(f"tbsn: stopped by SIGTERM; {_written(args)}", file=sys.stderr)
         return 143
     except Exception as error:
         if debug:

@@ -317,12 +317,14 @@ class TrainingSummary:
     pass_limit: int | None = None  # the iterations the data's size allowed, where they bound the fit
     camera: str | None = None  # what camera effects were found and taken out
     compile_seconds: float = 0.0  # torch.compile's time before the fit, outside `seconds` and the budget
+    images: int = 1  # how many images (files, layers) were fitted together
 
     def headline(self) -> str:
         """What a user needs first: how long the fit took, and whether more time would help."""
         from .progress import format_seconds
 
-        done = f"fitted in {format_seconds(self.seconds)} ({self.iterations} iterations)"
+        on = f" on {self.images} images" if self.images > 1 else ""
+        done = f"fitted{on} in {format_seconds(self.seconds)} ({self.iterations} iterations)"
         if self.plateau_iteration is not None:
             return f"{done}; best at iteration {self.best_iteration} of {self.iterations}: more time would not help"
         if self.pass_limit is not None and self.iterations >= self.pass_limit:
@@ -346,5 +348,6 @@ class TrainingSummary:
         channels = f"; {self.channels}" if self.channels else ""
         camera = f"; camera: {self.camera}" if self.camera else ""
         compiled = f" (after {format_seconds(self.compile_seconds)} compiling the network)" if self.compile_seconds else ""
-        return (f"{self.iterations} iterations in {format_seconds(self.seconds)}{compiled}{stopped}, {best}{plateau}"
+        on = f" on {self.images} images" if self.images > 1 else ""
+        return (f"{self.iterations} iterations{on} in {format_seconds(self.seconds)}{compiled}{stopped}, {best}{plateau}"
                 f"{limit}{channels}{camera}")

@@ -13,7 +13,7 @@ import math
 import numbers
 import threading
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from .distillation import StudentPlan, distil_model, plan_student
 from .distributed import ClusterSummary
 from .camera import Calibration
 from .errors import BadInput
-from .fitting import FitSettings, camera_correction, context_for, fit_model
+from .fitting import FitImage, FitSettings, camera_correction, context_for, fit_model
 from .model import FittedModel
 from .network import TBSN
 from .noise import NoiseModel
@@ -44,7 +44,7 @@ from .prediction import (
     tile_side,
     uses_posterior,
 )
-from .progress import FitCancelled, PredictionCancelled, drive
+from .progress import FitCancelled, PredictionCancelled, Stops, drive
 from .training import FitProgress
 
 __all__ = ["Denoiser", "FitCancelled", "FitProgress", "PredictOptions", "PredictProgress", "PredictionCancelled",
@@ -99,6 +99,51 @@ def _check_budget(iterations, time_budget) -> None:
     if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(time_budget, numbers.Real)
                                     or not math.isfinite(time_budget) or time_budget <= 0):
         raise ValueError(f"time_budget must be a finite, positive number of seconds, got {time_budget!r}")
+
+
+def fit_images(data, axes: str | None, names: Sequence[str] | None = None) -> list[FitImage]:
+    """The images of a fit, checked: one array with `axes`, a sequence of arrays sharing
+    `axes`, or a sequence of (array, axes) pairs; all with the same channels."""
+    if isinstance(data, (list, tuple)):
+        if not data:
+            raise BadInput("no images to fit: give at least one array")
+        items = [item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str) else (item, axes)
+                 for item in data]
+    else:
+        items = [(data, axes)]
+    if names is not None and len(names) != len(items):
+        raise BadInput(f"{len(names)} name(s) for {len(items)} image(s): give one name per image, or none")
+    images = []
+    for index, (array, letters) in enumerate(items):
+        image = FitImage(array, None, None if names is None else str(names[index]), index)
+        where = image.label if len(items) > 1 else ""
+        if letters is None:
+            raise BadInput(f"{where or 'the image'} has no axes: give axes= (e.g. 'ZYX'), or (array, axes) pairs")
+        try:
+            check_array(array)
+            layout = PlaneLayout.of(array.shape, letters)
+        except ValueError as error:
+            raise type(error)(f"{where}: {error}" if where else str(error)) from None
+        images.append(dataclasses.replace(image, layout=layout))
+    first = images[0].layout
+    for image in images[1:]:
+        if image.layout.channels != first.channels:
+            raise BadInput(f"{image.label} has {image.layout.channels} channel(s) but the first image has "
+                           f"{first.channels}: fit images with the same channels together")
+    return images
+
+
+class _InMemory:
+    """A job's destination in memory: each result a new float32 array (predict_many)."""
+
+    def __init__(self, options: PredictOptions) -> None:
+        self.options = options
+
+    def finished(self, image) -> None:
+        return None
+
+    def deliver(self, image, data, axes, like, denoiser, cancel, threads):
+        return (yield from denoiser.predict_iter(data, axes, options=self.options, cancel=cancel, threads=threads))
 
 
 class Denoiser:
@@ -278,40 +323,50 @@ class Denoiser:
         return _with_threads(threads, steps)
 
     # -- fitting -----------------------------------------------------------------------
-    def fit(self, data, axes: str, iterations: int | None = None, time_budget: float | None = None,
+    def fit(self, data, axes: str | None = None, iterations: int | None = None, time_budget: float | None = None,
             callback: Callable[[FitProgress], None] | None = None, cancel: threading.Event | None = None,
-            stop_training: threading.Event | None = None) -> Denoiser:
+            stop_training: threading.Event | None = None, names: Sequence[str] | None = None) -> Denoiser:
         """Fit (or fine-tune, after load) the network to the noisy `data` itself.
+
+        `data` is one array, or several fitted together into one model: a sequence of arrays
+        with one `axes` string, or of (array, axes) pairs. Their sizes may differ in every axis,
+        their channels may not; crops come from each in proportion to its pixels, validation is
+        held out across them, one noise model is fitted on them all (with a warning where they
+        disagree) and `names` (file or layer names, one per array) go into the model file.
 
         Setting `stop_training` ends the training early and completes the model with the best
         weights reached. Setting `cancel` (or calling cancel()) stops the whole fit within a
         second: a stopped fine-tune raises FitCancelled and keeps the previous model; a first
         fit keeps the best weights it reached, or raises FitCancelled before it has any."""
-        return drive(self.fit_iter(data, axes, iterations, time_budget, cancel, stop_training), callback)
+        return drive(self.fit_iter(data, axes, iterations, time_budget, cancel, stop_training, names=names), callback)
 
-    def fit_iter(self, data, axes: str, iterations: int | None = None, time_budget: float | None = None,
+    def fit_iter(self, data, axes: str | None = None, iterations: int | None = None, time_budget: float | None = None,
                  cancel: threading.Event | None = None, stop_training: threading.Event | None = None,
-                 threads: int | str | None = None) -> Generator[FitProgress, None, Denoiser]:
+                 threads: int | str | None = None, names: Sequence[str] | None = None,
+                 ) -> Generator[FitProgress, None, Denoiser]:
         """fit() as a generator that yields progress after every iteration (for GUIs). The
         arguments are checked, and the job's cancel token made, when it is called."""
-        check_array(data)
-        layout = PlaneLayout.of(data.shape, axes)
+        images = fit_images(data, axes, names)
         _check_budget(iterations, time_budget)
         previous = self._model
-        if previous is not None and previous.channels != layout.channels:
-            raise ValueError(f"this model has {previous.channels} channel(s) but the data has {layout.channels}; "
-                             "fit a new Denoiser for this data")
-        smallest = network_preset(self._settings.preset).size_multiple
-        if min(layout.height, layout.width) < smallest:
-            raise ValueError(_too_small(layout, self.preset, smallest))
-        layout.check_context(context_for(self._settings, layout, previous),
-                             "choose a smaller context (0 for none)" if previous is None else "fit a new model")
+        layouts = [image.layout for image in images]
+        for image in images:
+            layout, which = image.layout, image.label if len(images) > 1 else ""
+            if previous is not None and previous.channels != layout.channels:
+                raise ValueError(f"this model has {previous.channels} channel(s) but {which or 'the data'} has "
+                                 f"{layout.channels}; fit a new Denoiser for this data")
+            smallest = network_preset(self._settings.preset).size_multiple
+            if min(layout.height, layout.width) < smallest:
+                raise ValueError(f"{which}: " * bool(which) + _too_small(layout, self.preset, smallest))
+            layout.check_context(context_for(self._settings, layouts, previous),
+                                 ("choose a smaller context (0 for none)" if previous is None else "fit a new model")
+                                 + f" ({which})" * bool(which))
         token = self._new_job(cancel)
-        return self._in_threads(threads, self._fit_steps(data, layout, iterations, time_budget, token, previous,
+        return self._in_threads(threads, self._fit_steps(images, iterations, time_budget, token, previous,
                                                          stop_training))
 
-    def _fit_steps(self, data, layout, iterations, time_budget, token, previous, stop_training):
-        model = yield from fit_model(self._settings, data, layout, iterations, time_budget, self._device, token,
+    def _fit_steps(self, images, iterations, time_budget, token, previous, stop_training):
+        model = yield from fit_model(self._settings, images, iterations, time_budget, self._device, token,
                                      previous, stop_training)
         self._model = model  # only a fit that succeeded replaces the model
         return self
@@ -439,6 +494,30 @@ class Denoiser:
             return out
         steps = self.predict_iter(data, axes, out, uncertainty, ensemble, options=options, cancel=cancel, **changes)
         return drive(steps, callback)
+
+    def predict_many(self, arrays: Sequence, axes: str | None = None,
+                     callback: Callable[[Any], None] | None = None, *, names: Sequence[str] | None = None,
+                     options: PredictOptions | None = None, cancel: threading.Event | None = None,
+                     **changes: Any) -> list[np.ndarray]:
+        """Denoise several arrays with this model (loaded once): a float32 result per array, in
+        order. `arrays`: arrays sharing `axes` (default: the model's, or guessed), or (array,
+        axes) pairs. The callback gets jobs.JobProgress over the whole set (and an ImageReport
+        per array); options as predict(). The first array that fails raises its error."""
+        from .jobs import JobImage, run_job
+
+        items = [item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str) else (item, axes)
+                 for item in arrays]
+        if names is not None and len(names) != len(items):
+            raise BadInput(f"{len(names)} name(s) for {len(items)} array(s): give one name per array, or none")
+        options = self.prediction_options(options, **changes)
+        images = [JobImage(str(names[index]) if names is not None else f"array {index + 1}",
+                           lambda item=item: (item[0], item[1] or self._default_axes(item[0]), None))
+                  for index, item in enumerate(items)]
+        stops = Stops(cancel=cancel or threading.Event())
+        summary = drive(run_job(self, images, stops, destination=_InMemory(options), keep_going=False), callback)
+        if summary.stopped:
+            raise PredictionCancelled("predict_many was stopped; the arrays done so far are lost")
+        return [report.result for report in summary.done]
 
     def predict_iter(self, data, axes: str | None = None, out=None, uncertainty=None,
                      ensemble: int | str | None = None, *, options: PredictOptions | None = None,

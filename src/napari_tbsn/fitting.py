@@ -28,9 +28,9 @@ from .devices import OutOfMemory, out_of_memory_error
 from .lattice import LATTICE_PATCHES, fit_lattice_filter
 from .model import FittedModel
 from .network import TBSN
-from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel, measure_correlation
+from .noise import NoiseCorrelation, NoiseMeasurement, NoiseModel, correlation_of, sample_image_planes
 from .normalization import Normalizer
-from .patches import PatchSampler, channels_as_samples, fitting_patch_size, load_training_planes
+from .patches import PatchSampler, channels_as_samples, fitting_patch_size, load_training_images
 from .posterior import HEAD_PATCHES, fit_variance_head
 from .progress import CancellableArray, FitCancelled, raise_if_cancelled
 from .training import FitProgress, Trainer, pass_horizon
@@ -57,9 +57,33 @@ class FitSettings:
 
 
 @dataclass(frozen=True)
+class FitImage:
+    """One image of a fit: its data, its layout, and a name (a file or layer name) that the
+    model file records."""
+
+    data: object
+    layout: PlaneLayout
+    name: str | None = None
+    index: int = 0  # its place among the images fitted together
+
+    @property
+    def label(self) -> str:
+        """How messages name it."""
+        return repr(self.name) if self.name else f"image {self.index + 1}"
+
+    def record(self) -> dict:
+        return {"name": self.name, "shape": list(self.layout.shape), "axes": self.layout.axes}
+
+
+# Images fitted together whose measured noise variance differs from the pooled noise model's by
+# more than this factor (at the same signal) draw a warning: different cameras or gains.
+NOISE_DISAGREEMENT = 1.5
+
+
+@dataclass(frozen=True)
 class DataAnalysis:
-    data: object  # what the fit reads: the input, or a view of it with the camera taken out
-    camera: CameraCorrection | None
+    images: list[FitImage]  # what the fit reads: the inputs, or views of them with the camera taken out
+    cameras: list[CameraCorrection | None]  # per image
     normalizer: Normalizer
     measurement: NoiseMeasurement
     noise_model: NoiseModel
@@ -67,35 +91,82 @@ class DataAnalysis:
     pd: int
     channels: ChannelChoice
 
+    @property
+    def data(self):
+        """The (corrected) data of a single-image fit."""
+        return self.images[0].data
 
-def analyse(data, layout: PlaneLayout, settings: FitSettings, previous: FittedModel | None = None) -> DataAnalysis:
-    """Normalisation, noise model and noise correlation of the data, and the pd and channel
-    handling they call for (a fine-tune keeps the previous model's: its network was fitted so).
-    The camera (camera.py) is found first, and everything after reads the data without it."""
-    camera = camera_correction(settings.camera, data, layout)
-    if camera is not None:
-        data = CorrectedStack(data, layout, camera)
-    normalizer = Normalizer.from_data(data, layout)
-    measurement = NoiseMeasurement.of(data, layout)
+    @property
+    def camera(self) -> CameraCorrection | None:
+        """The camera correction of a single-image fit (of the first image that has one)."""
+        return next((camera for camera in self.cameras if camera is not None), None)
+
+    @property
+    def blocks_lattice(self) -> bool:
+        return any(camera is not None and camera.blocks_lattice for camera in self.cameras)
+
+    def describe_camera(self) -> str | None:
+        """What the camera correction found, per image where the images differ (None: nothing)."""
+        found = [camera.describe() if camera is not None else "no camera pattern found" for camera in self.cameras]
+        if all(camera is None for camera in self.cameras):
+            return None
+        if len(set(found)) == 1:
+            return found[0]
+        return "; ".join(f"{image.label}: {text}" for image, text in zip(self.images, found))
+
+
+def analyse(images: list[FitImage], settings: FitSettings, previous: FittedModel | None = None) -> DataAnalysis:
+    """Normalisation, noise model and noise correlation of the data (pooled over the images
+    fitted together), and the pd and channel handling they call for (a fine-tune keeps the
+    previous model's: its network was fitted so). The camera (camera.py) is found first, in
+    each image on its own, and everything after reads the data without it."""
+    cameras = [camera_correction(settings.camera, image.data, image.layout) for image in images]
+    corrected = [image if camera is None else dataclasses.replace(image, data=CorrectedStack(image.data, image.layout,
+                                                                                             camera))
+                 for image, camera in zip(images, cameras)]
+    pairs = [(image.data, image.layout) for image in corrected]
+    normalizer = Normalizer.from_images(pairs)
+    planes = sample_image_planes(pairs)
+    measurement = NoiseMeasurement.of_planes(planes)
     if settings.noise_model is not None:
-        noise_model = settings.noise_model.for_channels(layout.channels)
+        noise_model = settings.noise_model.for_channels(images[0].layout.channels)
         _warn_on_mismatch(measurement.model_ratio(noise_model))
     else:
         noise_model = NoiseModel.fit(measurement)
-    correlation = measure_correlation(data, layout)
+        if len(images) > 1:
+            _warn_on_disagreement(corrected, noise_model)
+    correlation = correlation_of(sample_image_planes(pairs, 4))
     pd = previous.pd if previous is not None else correlation.pd if settings.pd == "auto" else int(settings.pd)
-    if camera is not None and pd != 1:  # lattice corrections assume pd 1's blind spot (camera.py)
-        camera = camera.for_pd(pd)
-        data = CorrectedStack(data.source, layout, camera) if camera.active else data.source
-        camera = camera if camera.active else None
+    if pd != 1:  # lattice corrections assume pd 1's blind spot (camera.py)
+        cameras = [None if camera is None or not camera.for_pd(pd).active else camera.for_pd(pd)
+                   for camera in cameras]
+        corrected = [image if camera is None else dataclasses.replace(image, data=CorrectedStack(
+            image.data, image.layout, camera)) for image, camera in zip(images, cameras)]
     if pd == 1 and correlation.correlated:
         warnings.warn(f"the {correlation.describe()}; with pd=1 the network learns to copy correlated noise: "
                       "use pd='auto' (or the suggested pd)", stacklevel=2)
     if previous is not None:
         channels = ChannelChoice(previous.channel_mode, reason="as the model was fitted")
     else:
-        channels = choose_channels(settings.channels, data, layout, normalizer)
-    return DataAnalysis(data, camera, normalizer, measurement, noise_model, correlation, pd, channels)
+        first = corrected[0]
+        channels = choose_channels(settings.channels, first.data, first.layout, normalizer)
+    return DataAnalysis(corrected, cameras, normalizer, measurement, noise_model, correlation, pd, channels)
+
+
+def _warn_on_disagreement(images: list[FitImage], pooled: NoiseModel) -> None:
+    """Warn where the images' own noise measurements sit apart around the model fitted on all of
+    them (measured / model variance, per image: 1 where the model describes it)."""
+    ratios = [NoiseMeasurement.of(image.data, image.layout).model_ratio(pooled) for image in images]
+    for channel in range(len(ratios[0])):
+        each = [ratio[channel] for ratio in ratios]
+        if max(each) / min(each) > NOISE_DISAGREEMENT:
+            far = max(range(len(each)), key=lambda i: abs(np.log(each[i])))
+            where = f" in channel {channel}" if len(ratios[0]) > 1 else ""
+            warnings.warn(f"the images disagree on their noise{where}: {images[far].label}'s noise is "
+                          f"{each[far]:.2g}x the variance of the noise model fitted on all of them, and theirs spread "
+                          f"{max(each) / min(each):.2g}x (a different camera, gain or exposure?); fit such images "
+                          "separately, or give the camera's noise model", stacklevel=3)
+            return
 
 
 def camera_correction(setting: str | Calibration, data, layout: PlaneLayout, pd: int = 1) -> CameraCorrection | None:
@@ -120,7 +191,8 @@ def _warn_on_mismatch(ratios: tuple[float, ...]) -> None:
             )
 
 
-def context_for(settings: FitSettings, layout: PlaneLayout, previous: FittedModel | None = None) -> int:
+def context_for(settings: FitSettings, layout: PlaneLayout | list[PlaneLayout],
+                previous: FittedModel | None = None) -> int:
     """Neighbouring planes on each side the fitted network will read. (A fixed pattern measured
     on the stack keeps its context: its maps for a plane and for the plane's context share no
     plane (camera.StackPattern); measured on C2, 300 iterations, context 1 gave 24.88 dB and
@@ -129,12 +201,13 @@ def context_for(settings: FitSettings, layout: PlaneLayout, previous: FittedMode
         return previous.context_planes
     if settings.context == "auto":
         # Measured at 300 s: +0.9 dB on a nuclei Z-stack, none on a time-lapse whose frames move.
-        return 1 if layout.context_axis == "Z" and layout.context_length() >= 2 else 0
+        layouts = layout if isinstance(layout, list) else [layout]
+        return 1 if all(each.context_axis == "Z" and each.context_length() >= 2 for each in layouts) else 0
     return int(settings.context)
 
 
-
-def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previous: FittedModel | None,
+def starting_network(settings: FitSettings, layout: PlaneLayout | list[PlaneLayout], pd: int,
+                     previous: FittedModel | None,
                      independent: bool = False) -> TBSN:
     """A copy of the previous model's network to fine-tune, or a new one. (Denoiser.fit_iter has
     checked that the stack gives the context it reads.)"""
@@ -143,8 +216,9 @@ def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previo
     else:
         torch.manual_seed(settings.seed)
         context = context_for(settings, layout)
-        network = TBSN(network_preset(settings.preset, layout.channels, variance_head=settings.posterior and pd == 1,
-                                      context_channels=2 * context * layout.channels,
+        channels = (layout[0] if isinstance(layout, list) else layout).channels
+        network = TBSN(network_preset(settings.preset, channels, variance_head=settings.posterior and pd == 1,
+                                      context_channels=2 * context * channels,
                                       channels_as_samples=independent))
     if network.config.variance_head and pd != 1:
         raise ValueError(f"this model predicts a posterior, which needs pixel-independent noise (pd 1), but pd is "
@@ -153,31 +227,38 @@ def starting_network(settings: FitSettings, layout: PlaneLayout, pd: int, previo
 
 
 def fit_model(
-    settings: FitSettings, data, layout: PlaneLayout, iterations: int | None, time_budget: float | None,
+    settings: FitSettings, images: list[FitImage], iterations: int | None, time_budget: float | None,
     device: torch.device, cancel: threading.Event, previous: FittedModel | None = None,
     stop_training: threading.Event | None = None,
 ) -> Generator[FitProgress, None, FittedModel]:
-    """Fit (or fine-tune `previous`) on `data`, yielding progress after every iteration.
+    """Fit (or fine-tune `previous`) on one image or several (FitImage: the same channels and
+    axis letters, any sizes), yielding progress after every iteration.
 
     Returns the new model. `stop_training` ends the training early, and the fit completes with
     the best weights reached. `cancel` stops the whole job within a second: it raises
     FitCancelled where there is nothing worth keeping (before training reached any weights, or
     at any point of a fine-tune: the previous model stays); a first fit cancelled later keeps
     the best weights it reached, with the closing fits that had finished."""
-    data = CancellableArray(data, cancel)  # every plane read checks the token
-    analysis = analyse(data, layout, settings, previous)
-    network = starting_network(settings, layout, analysis.pd, previous, analysis.channels.independent).to(device)
+    # Every plane read checks the token.
+    images = [dataclasses.replace(image, data=CancellableArray(image.data, cancel)) for image in images]
+    layout = images[0].layout
+    analysis = analyse(images, settings, previous)
+    network = starting_network(settings, [image.layout for image in images], analysis.pd, previous,
+                               analysis.channels.independent).to(device)
     config = settings.fit_config
     granularity = network.size_multiple * analysis.pd
-    patch = fitting_patch_size(max(config.patch_size, granularity), layout.height, layout.width, granularity)
-    planes = load_training_planes(analysis.data, layout, analysis.normalizer, config.max_training_pixels,
-                                  network.config.context_planes)
+    height = min(image.layout.height for image in images)
+    width = min(image.layout.width for image in images)
+    patch = fitting_patch_size(max(config.patch_size, granularity), height, width, granularity)
+    planes = load_training_images([(image.data, image.layout) for image in analysis.images], analysis.normalizer,
+                                  config.max_training_pixels, network.config.context_planes)
     rng = np.random.default_rng(settings.seed)
     sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
     # Channels as samples train one channel of a plane per sample: each iteration costs what
     # one single-channel crop does. The closing fits see whole planes, every channel at once.
-    training = PatchSampler(channels_as_samples(planes, layout.channels), patch, config.validation_fraction,
-                            config.validation_patches_max, rng) if network.config.channels_as_samples else sampler
+    training = PatchSampler([channels_as_samples(group, layout.channels) for group in planes], patch,
+                            config.validation_fraction, config.validation_patches_max, rng) \
+        if network.config.channels_as_samples else sampler
     horizon = pass_horizon(training.training_pixels, config, patch, world()[1])
     trainer = Trainer(network, training, config, device, analysis.pd, settings.seed, cancel, stop_training,
                       horizon=horizon)
@@ -192,20 +273,23 @@ def fit_model(
     if summary.iterations == 0 or (previous is not None and cancel.is_set()):
         raise stopped
     summary.channels = analysis.channels.describe() if layout.channels > 1 else None
-    summary.camera = analysis.camera.describe() if analysis.camera is not None else None
+    summary.camera = analysis.describe_camera()
+    summary.images = len(images)
 
     model = FittedModel(
         network=network, normalizer=analysis.normalizer, pd=analysis.pd, preset=settings.preset, axes=layout.axes,
         noise_model=analysis.noise_model, noise_measurement=analysis.measurement,
         noise_correlation=analysis.correlation, summary=summary, variance_head_fitted=False, seed=settings.seed,
-        fit_config=config, camera=camera_record(settings.camera, analysis.camera),
+        fit_config=config, camera=camera_record(settings.camera, analysis.cameras),
+        # A fine-tune knows what its starting model knew too.
+        fitted_on=(previous.fitted_on if previous is not None else ()) + tuple(image.record() for image in images),
     )
     if world()[0] > 0:  # under DDP only rank 0 completes (and writes) the model: the others' would be the same
         return model
     try:
         model = _with_variance_head(model, sampler, rng, device, cancel)
         # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
-        if settings.lattice and model.pd == 1 and not (analysis.camera is not None and analysis.camera.blocks_lattice):
+        if settings.lattice and model.pd == 1 and not analysis.blocks_lattice:
             model = _with_lattice_filter(model, sampler, rng, device, cancel)
     except FitCancelled:
         if previous is not None:

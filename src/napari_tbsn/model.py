@@ -53,6 +53,8 @@ class FittedModel:
     # How the camera was handled ({"mode": "auto" | "off" | "dark frames", "found": [...]});
     # older models took the data as it came ("off").
     camera: dict = dataclasses.field(default_factory=lambda: {"mode": "off", "found": []})
+    # What it was fitted on: one {"name", "shape", "axes"} per image (older models: empty).
+    fitted_on: tuple[dict, ...] = ()
 
     @property
     def config(self) -> NetworkConfig:
@@ -115,6 +117,7 @@ class FittedModel:
             "training": dataclasses.asdict(self.summary) if self.summary else None,
             "student": self.student.describe() if self.student else None,
             "camera": self.camera,
+            "fitted_on": list(self.fitted_on),
             "package_version": __version__,
         }
 
@@ -163,11 +166,18 @@ class FittedModel:
                 fit_config=FitConfig.from_dict(description.get("fit", {})),
                 student=_optional(lambda d: Student.from_description(d, student_state, sample), description, "student"),
                 camera=dict(description.get("camera") or {"mode": "off", "found": []}),
+                fitted_on=tuple(_fitted_on(description.get("fitted_on") or [])),
             )
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
             raise ModelFileError(f"{path} does not describe a usable TBSN model ({error}); save the model again") \
                 from error
         return model, defaults
+
+
+def _fitted_on(images: list) -> list[dict]:
+    """The saved record of the images a model was fitted on, checked."""
+    return [{"name": None if image.get("name") is None else str(image["name"]),
+             "shape": [int(v) for v in image["shape"]], "axes": str(image["axes"])} for image in images]
 
 
 def _saved_tile(value) -> int | str:

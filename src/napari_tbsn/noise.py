@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from .axes import PlaneLayout
+from .axes import PlaneLayout, spread_planes
 from .patches import check_finite
 
 SAMPLE_PLANES = 16
@@ -53,8 +53,13 @@ def pd_up(x: torch.Tensor, factor: int) -> torch.Tensor:
 
 def sample_planes(data, layout: PlaneLayout, count: int = SAMPLE_PLANES) -> list[np.ndarray]:
     """Up to `count` evenly spaced (C, Y, X) float64 planes."""
+    return sample_image_planes([(data, layout)], count)
+
+
+def sample_image_planes(images, count: int = SAMPLE_PLANES) -> list[np.ndarray]:
+    """About `count` (C, Y, X) float64 planes spread over several (data, layout) images."""
     planes = []
-    for index in layout.evenly_spaced(count):
+    for data, layout, index in spread_planes(images, count):
         plane = layout.read_plane(data, index)
         check_finite(plane, f"{layout.describe_plane(index)} of the input")
         planes.append(plane.astype(np.float64))
@@ -169,9 +174,13 @@ class NoiseMeasurement:
 
     @classmethod
     def of(cls, data, layout: PlaneLayout) -> NoiseMeasurement:
-        planes = sample_planes(data, layout)
+        return cls.of_planes(sample_planes(data, layout))
+
+    @classmethod
+    def of_planes(cls, planes: list[np.ndarray]) -> NoiseMeasurement:
+        """The measurement over (C, Y, X) planes (of one image, or of several fitted together)."""
         signals, variances = [], []
-        for channel in range(layout.channels):
+        for channel in range(len(planes[0])):
             statistics = [_haar_statistics(plane[channel]) for plane in planes]
             levels, neighbours, details = (np.concatenate(parts) for parts in zip(*statistics))
             signal, variance = _binned_variance(neighbours, levels, details)
@@ -275,16 +284,23 @@ class NoiseCorrelation:
 def measure_correlation(data, layout: PlaneLayout) -> NoiseCorrelation:
     """Lag-k autocorrelation of y - gaussian(y), minus what white noise gives through the same
     filter, averaged over sampled planes and channels."""
+    return correlation_of(sample_planes(data, layout, 4))
+
+
+def correlation_of(planes: list[np.ndarray]) -> NoiseCorrelation:
+    """measure_correlation over (C, Y, X) planes, which may differ in size."""
     from scipy.ndimage import gaussian_filter
 
-    planes = sample_planes(data, layout, 4)
-    white = np.random.default_rng(0).standard_normal(planes[0].shape[1:])
-    reference = _autocorrelation(white - gaussian_filter(white, RESIDUAL_SMOOTHING))
-    measured = np.mean(
-        [_autocorrelation(p[c] - gaussian_filter(p[c], RESIDUAL_SMOOTHING)) for p in planes for c in range(len(p))],
-        axis=0,
-    )
-    excess = measured - reference
+    references: dict[tuple[int, int], np.ndarray] = {}
+    excess = []
+    for plane in planes:
+        shape = plane.shape[1:]
+        if shape not in references:  # white noise of the plane's own size, through the same filter
+            white = np.random.default_rng(0).standard_normal(shape)
+            references[shape] = _autocorrelation(white - gaussian_filter(white, RESIDUAL_SMOOTHING))
+        excess.extend(_autocorrelation(channel - gaussian_filter(channel, RESIDUAL_SMOOTHING)) - references[shape]
+                      for channel in plane)
+    excess = np.mean(excess, axis=0)
     lags = range(1, MAX_AUTO_PD)
     return NoiseCorrelation(tuple(float(max(excess[k, 0], excess[0, k])) for k in lags),
                             (float(excess[1, 0]), float(excess[0, 1])))

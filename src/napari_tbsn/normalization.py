@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .axes import PlaneLayout
+from .axes import PlaneLayout, spread_planes
 
 LOW_PERCENTILE = 1.0
 HIGH_PERCENTILE = 99.8
@@ -24,8 +24,16 @@ class Normalizer:
     @classmethod
     def from_data(cls, data, layout: PlaneLayout) -> "Normalizer":
         """Percentiles from up to 16 evenly spaced planes, subsampled: never loads a whole stack."""
-        stride = max(1, int(np.sqrt(layout.height * layout.width / SAMPLE_PIXELS_PER_PLANE)))
-        samples = [layout.read_plane(data, plane)[:, ::stride, ::stride] for plane in layout.evenly_spaced(SAMPLE_PLANES)]
+        return cls.from_images([(data, layout)])
+
+    @classmethod
+    def from_images(cls, images) -> "Normalizer":
+        """One normalisation for several (data, layout) images fitted together: percentiles over
+        planes spread across them (spread_planes), each subsampled."""
+        samples = []
+        for data, layout, plane in spread_planes(images, SAMPLE_PLANES):
+            stride = max(1, int(np.sqrt(layout.height * layout.width / SAMPLE_PIXELS_PER_PLANE)))
+            samples.append(layout.read_plane(data, plane)[:, ::stride, ::stride])
         values = np.concatenate([s.reshape(s.shape[0], -1) for s in samples], axis=1)
         if values.min() == values.max():  # a flat image has no noise to learn; the noise fit would fail on it
             raise ValueError(f"the image is constant (every pixel is {float(values.flat[0]):g}): there is no "

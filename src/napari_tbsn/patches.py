@@ -19,25 +19,28 @@ def check_finite(block: np.ndarray, where: str) -> None:
 class PatchSampler:
     """Random square crops of the training planes, kept apart from the validation blocks.
 
-    Each plane is cut into a grid of patch-sized blocks; about `validation_fraction` of the
-    blocks (at least one, at most `validation_max`) are held out for validation, and training
-    crops never overlap them. With a single block there is nothing to hold out: validation
-    then reuses it (and says so in `shared_validation`).
+    `planes` is one (N, C, H, W) array, or a list of them (several images: H and W may differ,
+    C may not). Each plane is cut into a grid of patch-sized blocks; about
+    `validation_fraction` of all blocks (at least one, at most `validation_max`) are held out
+    for validation, drawn across every image, and training crops never overlap them. Crops
+    come from each image in proportion to its pixels. With a single block there is nothing to
+    hold out: validation then reuses it (and says so in `shared_validation`).
     """
 
     def __init__(
         self,
-        planes: np.ndarray,
+        planes: np.ndarray | list[np.ndarray],
         patch_size: int,
         validation_fraction: float,
         validation_max: int,
         rng: np.random.Generator,
     ) -> None:
-        self.planes = planes  # (N, C, H, W) float32, normalised
-        self.patch_size = patch_size
-        count, _, height, width = planes.shape
-        rows, cols = height // patch_size, width // patch_size
-        blocks = [(n, r, c) for n in range(count) for r in range(rows) for c in range(cols)]
+        self.groups = [planes] if isinstance(planes, np.ndarray) else list(planes)
+        if len({group.shape[1] for group in self.groups}) != 1:
+            raise ValueError("every image fitted together needs the same number of channels")
+        self.patch_size = p = patch_size
+        blocks = [(g, n, r, c) for g, group in enumerate(self.groups) for n in range(group.shape[0])
+                  for r in range(group.shape[2] // p) for c in range(group.shape[3] // p)]
         n_validation = int(np.clip(round(validation_fraction * len(blocks)), 1, validation_max))
         self.shared_validation = len(blocks) < 2
         if self.shared_validation:
@@ -45,41 +48,77 @@ class PatchSampler:
         else:
             n_validation = min(n_validation, len(blocks) - 1)
             chosen = [blocks[i] for i in rng.choice(len(blocks), n_validation, replace=False)]
-        self.held_out = np.zeros((count, rows + 1, cols + 1), dtype=bool)
+        self.held_out = [np.zeros((group.shape[0], group.shape[2] // p + 1, group.shape[3] // p + 1), dtype=bool)
+                         for group in self.groups]
         if not self.shared_validation:
-            for n, r, c in chosen:
-                self.held_out[n, r, c] = True
-        p = patch_size
-        self.validation = np.stack([planes[n, :, r * p : (r + 1) * p, c * p : (c + 1) * p] for n, r, c in chosen])
+            for g, n, r, c in chosen:
+                self.held_out[g][n, r, c] = True
+        self.validation = np.stack([self.groups[g][n, :, r * p : (r + 1) * p, c * p : (c + 1) * p]
+                                    for g, n, r, c in chosen])
+        # Each image's share of the crops: its pixels outside the held-out blocks (none where every
+        # block of it is held out: no crop fits there).
+        free = np.array([self._free_pixels(g) if (held[:, :-1, :-1].sum() < held[:, :-1, :-1].size) else 0.0
+                         for g, held in enumerate(self.held_out)], dtype=float)
+        self._weights = free / free.sum()
+
+    @property
+    def planes(self) -> np.ndarray:
+        """The training planes of a single image."""
+        if len(self.groups) != 1:
+            raise ValueError("this sampler holds several images: read .groups")
+        return self.groups[0]
+
+    def _free_pixels(self, g: int) -> int:
+        count, _, height, width = self.groups[g].shape
+        return count * height * width - int(self.held_out[g].sum()) * self.patch_size**2
 
     @property
     def training_pixels(self) -> int:
         """The pixels of the training planes that training crops may cover (the held-out blocks left out)."""
-        count, _, height, width = self.planes.shape
-        return count * height * width - int(self.held_out.sum()) * self.patch_size**2
+        return sum(self._free_pixels(g) for g in range(len(self.groups)))
 
-    def _overlaps_validation(self, n: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def _overlaps_validation(self, g: int, n: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
         p = self.patch_size
         r0, c0 = y // p, x // p
         r1, c1 = (y + p - 1) // p, (x + p - 1) // p
-        h = self.held_out
+        h = self.held_out[g]
         return h[n, r0, c0] | h[n, r0, c1] | h[n, r1, c0] | h[n, r1, c1]
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
-        """A (B, C, P, P) batch of random crops with random flips and 90-degree rotations."""
-        count, _, height, width = self.planes.shape
+    def _draw(self, rng: np.random.Generator, draws: int) -> list[tuple[int, int, int, int]]:
+        """`draws` random crop corners (image, plane, y, x) outside the validation blocks."""
         p = self.patch_size
-        chosen: list[tuple[int, int, int]] = []
-        while len(chosen) < batch_size:
-            draws = 4 * batch_size
+        if len(self.groups) == 1:  # one image: the draws of a single-image fit, as they always were
+            count, _, height, width = self.groups[0].shape
             n = rng.integers(0, count, draws)
             y = rng.integers(0, height - p + 1, draws)
             x = rng.integers(0, width - p + 1, draws)
-            keep = ~self._overlaps_validation(n, y, x)
-            chosen.extend(zip(n[keep], y[keep], x[keep]))
+            keep = ~self._overlaps_validation(0, n, y, x)
+            return [(0, a, b, c) for a, b, c in zip(n[keep], y[keep], x[keep])]
+        images = rng.choice(len(self.groups), draws, p=self._weights)
+        chosen = []
+        for g in np.unique(images):  # each image's quota filled from its own free crops
+            count, _, height, width = self.groups[g].shape
+            quota = int((images == g).sum())
+            picks: list[tuple[int, int, int, int]] = []
+            while len(picks) < quota:
+                n = rng.integers(0, count, 2 * quota)
+                y = rng.integers(0, height - p + 1, 2 * quota)
+                x = rng.integers(0, width - p + 1, 2 * quota)
+                keep = ~self._overlaps_validation(int(g), n, y, x)
+                picks.extend((int(g), a, b, c) for a, b, c in zip(n[keep], y[keep], x[keep]))
+            chosen.extend(picks[:quota])
+        order = rng.permutation(len(chosen))  # images mixed within a batch
+        return [chosen[i] for i in order]
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        """A (B, C, P, P) batch of random crops with random flips and 90-degree rotations."""
+        p = self.patch_size
+        chosen: list[tuple[int, int, int, int]] = []
+        while len(chosen) < batch_size:
+            chosen.extend(self._draw(rng, 4 * batch_size if len(self.groups) == 1 else batch_size))
         crops = []
-        for n, y, x in chosen[:batch_size]:
-            crop = self.planes[n, :, y : y + p, x : x + p]
+        for g, n, y, x in chosen[:batch_size]:
+            crop = self.groups[g][n, :, y : y + p, x : x + p]
             crop = np.rot90(crop, k=int(rng.integers(4)), axes=(1, 2))
             if rng.integers(2):
                 crop = crop[:, :, ::-1]
@@ -101,6 +140,17 @@ def load_training_planes(
         check_finite(block, f"{layout.describe_plane(plane)} of the input")
         planes[slot] = normalizer.normalize(block)
     return planes
+
+
+def load_training_images(images, normalizer: Normalizer, max_pixels: int,
+                         planes_each_side: int = 0) -> list[np.ndarray]:
+    """load_training_planes for several (data, layout) images fitted together: the pixel
+    budget shared in proportion to their pixels, at least one plane of each."""
+    images = list(images)
+    sizes = np.array([layout.plane_count * layout.height * layout.width for _, layout in images], dtype=float)
+    shares = [max_pixels if len(images) == 1 else int(max_pixels * size / sizes.sum()) for size in sizes]
+    return [load_training_planes(data, layout, normalizer, share, planes_each_side)
+            for (data, layout), share in zip(images, shares)]
 
 
 def channels_as_samples(planes: np.ndarray, channels: int) -> np.ndarray:

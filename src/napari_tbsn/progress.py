@@ -61,7 +61,8 @@ class Stops:
     training: bool = False  # kept up to date from the fit's progress
 
     def follow(self, item: Any) -> None:
-        """Track from a progress item whether the training is still running."""
+        """Track from a progress item (or a job's progress of one) whether the training is still running."""
+        item = getattr(item, "step", item)
         fraction = getattr(item, "fraction", None)
         self.training = hasattr(item, "iteration") and fraction is not None and fraction < 1
 

@@ -736,3 +736,36 @@ def test_dark_frames_and_the_camera_choice_reach_the_fit_and_the_details(viewer_
     _wait_idle(qtbot, widget)
     assert widget.denoiser.model.camera["mode"] == "off", widget.status.text()
     assert "camera:" not in widget.details.text()
+
+
+def test_fit_on_two_layers_and_denoise_both(viewer_and_widget, qtbot):
+    """One model fitted on two layers of the same axes (different sizes); Fit & Denoise adds a
+    result layer for each, with its source's name and scale; the sources are unchanged."""
+    viewer, widget = viewer_and_widget
+    first = viewer.add_image(noisy_image((64, 96))[1], name="field 1", scale=(0.5, 0.5))
+    second = viewer.add_image(noisy_image((80, 64), seed=3)[1], name="field 2", scale=(0.25, 0.25))
+    originals = first.data.copy(), second.data.copy()
+    widget.form.layer_select.value = first
+    assert second in widget.form.more_layers.choices and first not in widget.form.more_layers.choices
+    widget.form.more_layers.value = [second]
+    widget.form.iterations.value = 2
+    widget.form.time_budget.value = 0
+    widget.form.student.value = "off"
+    widget.fit_denoise_button.click()
+    _wait_idle(qtbot, widget)
+    model = widget.denoiser.model
+    assert [image["name"] for image in model.fitted_on] == ["field 1", "field 2"]
+    assert "on 2 images" in widget.status.text()
+    for layer, original in zip((first, second), originals):
+        result = viewer.layers[f"{layer.name} (TBSN)"]
+        assert result.data.shape == layer.data.shape
+        np.testing.assert_allclose(result.scale, layer.scale)
+        np.testing.assert_array_equal(layer.data, original)
+
+    viewer.layers.remove(f"{first.name} (TBSN)")
+    viewer.layers.remove(f"{second.name} (TBSN)")
+    widget.form.more_layers.value = [second]
+    widget.denoise_button.click()  # Denoise: every chosen layer, with the model held
+    _wait_idle(qtbot, widget)
+    assert f"{first.name} (TBSN)" in viewer.layers and f"{second.name} (TBSN)" in viewer.layers
+    assert "added 2 denoised layers" in widget.status.text()

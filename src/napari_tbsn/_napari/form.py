@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, PushButton, SpinBox
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit, PushButton, Select,
+                              SpinBox)
 
 from ..axes import AXIS_LETTERS, guess_axes, parse_axes
 from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
@@ -77,6 +78,18 @@ class JobSettings:
     threads: int | str = "auto"  # torch's CPU threads; "auto": the free cores less one for the viewer
     same_type: bool = False  # give the result the input's type (rounded, clipped) instead of float32
     camera: str | Calibration = "auto"  # "auto", "off", or dark frames' calibration (camera.py)
+    more_layers: tuple = ()  # further layers (same axes) that Fit fits on and Denoise denoises too
+
+    @property
+    def layers(self) -> tuple:
+        """Every layer the job fits on or denoises: the chosen layer first."""
+        return (self.layer, *self.more_layers)
+
+    def for_layer(self, layer) -> "JobSettings":
+        """These settings for one of the layers (its data; a result file only for the first)."""
+        if layer is self.layer:
+            return self
+        return dataclasses.replace(self, layer=layer, data=layer_data(layer), result_file=None, more_layers=())
 
 
 class SettingsForm(Container):
@@ -84,6 +97,11 @@ class SettingsForm(Container):
 
     def __init__(self, image_layers) -> None:
         self.layer_select = ComboBox(label="image layer", choices=image_layers, nullable=True)
+        self.more_layers = Select(
+            label="more layers", choices=lambda *_: [layer for layer in image_layers()
+                                                     if layer is not self.layer_select.value],
+            tooltip="optional: more images of the same kind (same axes, same microscope): Fit fits one model on "
+            "all of them, Denoise denoises each into a layer of its own (Ctrl-click to choose several)")
         self.axes = LineEdit(label="axes", tooltip="one letter per dimension from STCZYX, e.g. ZYX or TYX")
         self.preset_select = ComboBox(
             label="network", choices=[(PRESET_HINTS[name], name) for name in ("tiny", "small", "paper")], value="small")
@@ -131,7 +149,7 @@ class SettingsForm(Container):
         self.preset_select.changed.connect(lambda preset: setattr(self.patch_size, "value",
                                                                   FIT_PRESETS[preset].patch_size))
         super().__init__(widgets=[
-            self.layer_select, self.axes, self.preset_select, self.iterations, self.time_budget, self.context,
+            self.layer_select, self.more_layers, self.axes, self.preset_select, self.iterations, self.time_budget, self.context,
             self.channels, self.estimator, self.uncertainty, self.student, self.result_file, self.result_type,
             self.device_select, self.show_advanced,
             self.advanced,
@@ -172,6 +190,7 @@ class SettingsForm(Container):
     def _on_layer_changed(self, layer) -> None:
         if layer is not None:
             self.axes.value = layer_axes(layer)
+        self.more_layers.reset_choices()
 
     def _toggle_advanced(self, *_: Any) -> None:
         self.advanced.visible = not self.advanced.visible
@@ -215,15 +234,27 @@ class SettingsForm(Container):
         dark = str(self.dark_frames.value or "").strip()
         if dark not in ("", "."):  # the dark frames are read too: no result may replace them
             sources = (*sources, Path(dark).expanduser().absolute())
+        axes = parse_axes(self.axes.value, len(data.shape))
+        more = tuple(other for other in self.more_layers.value if other is not layer)
+        for other in more:
+            if len(layer_data(other).shape) != len(axes) or bool(getattr(other, "rgb", False)) != \
+                    bool(getattr(layer, "rgb", False)):
+                raise ValueError(f"the layer '{other.name}' has {len(layer_data(other).shape)} dimensions, but "
+                                 f"'{layer.name}' has axes {axes}: choose more layers of the same axes")
+            sources = (*sources, *layer_sources(other))
         result_file, replace = self._result_file(sources, confirm_replace) if writes_result else (None, False)
+        if result_file is not None and more:
+            raise ValueError("the result file takes the denoised stack of one layer: clear it to denoise several "
+                             "layers (each becomes a layer of its own), or choose no more layers")
         if result_file is not None:  # room for the result, and for a large uncertainty map beside it
             nbytes = output_bytes(tuple(data.shape))
             mapped = nbytes > results.IN_MEMORY_LIMIT and bool(self.uncertainty.value)
             check_room([(result_file, nbytes)] + ([(result_file.with_name(".uncertainty"), nbytes)] if mapped else []))
         elif writes_result:
-            results.check_fits_in_memory(tuple(data.shape))
+            for each in (layer, *more):
+                results.check_fits_in_memory(tuple(layer_data(each).shape))
         return JobSettings(
-            layer=layer, data=data, axes=parse_axes(self.axes.value, len(data.shape)), preset=preset,
+            layer=layer, data=data, axes=axes, preset=preset,
             pd=self.pd.value, context=self.context.value, device=self.device_select.value, iterations=iterations,
             time_budget=budget, fit_config=dataclasses.replace(FIT_PRESETS[preset], patch_size=int(self.patch_size.value)),
             noise_model=self.camera_noise(),
@@ -234,7 +265,7 @@ class SettingsForm(Container):
             result_file=result_file, replace_result=replace, sources=sources,
             channels=self.channels.value, threads=int(self.threads.value) or "auto",
             same_type=self.result_type.value == "same" or bool(getattr(layer, "rgb", False)),
-            camera=self.camera_setting(),
+            camera=self.camera_setting(), more_layers=more,
         )
 
     def _result_file(self, sources: tuple[Path, ...],

@@ -26,10 +26,11 @@ from ..devices import choose_threads, torch_threads
 from ..distillation import DistilProgress
 from ..errors import describe_bug, is_user_error, one_line
 from ..image_io import ImageFile, open_output, read_image
+from ..jobs import FitRequest, ImageReport, JobImage, JobProgress, JobSummary, ModelReady, run_job
 from ..prediction import describe_model, uses_posterior
 from ..progress import Cancelled, Stops, format_seconds
 from ..training import FitProgress
-from .form import JobSettings, SettingsForm
+from .form import JobSettings, SettingsForm, layer_data
 from .loss_plot import LossPlot
 from .noise_plot import NoisePlot
 from .results import add_result_layer, contrast_limits, in_type_of, output_array, shown_plane
@@ -62,6 +63,20 @@ class _Failure:
     error: bool = True  # False for a Stop
 
 
+class _Layers:
+    """A job's destination in the viewer: each layer's result (in memory, or the result file)."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        self.settings = settings
+
+    def finished(self, image) -> None:
+        return None
+
+    def deliver(self, image, data, axes, layer, denoiser, cancel, threads):
+        result = yield from DenoiseWidget._predict_job(denoiser, self.settings.for_layer(layer), data, cancel, threads)
+        return layer, result
+
+
 class DenoiseWidget(QWidget):
     """Pick an image layer, fit a TBSN on it, denoise it into a new layer."""
 
@@ -75,6 +90,7 @@ class DenoiseWidget(QWidget):
         self._activity_done = 0
         self._closed = False
         self._distilling = False  # whether the running job's progress is a distillation's
+        self._job_fits, self._job_layers = False, 1  # what the running job does (for its messages)
         self.form = SettingsForm(self._image_layers)
         self.buttons = {name: QPushButton(name) for name in
                         ("Fit", "Stop", "Denoise", "Fit && Denoise", "Preview slice", "Reset", "Save model…",
@@ -137,6 +153,7 @@ class DenoiseWidget(QWidget):
         select.reset_choices()
         if select.value is None and select.choices:
             select.value = select.choices[-1]
+        self.form.more_layers.reset_choices()
 
     def _on_layer_inserted(self, event) -> None:
         """A newly opened image is the one the user most likely wants next."""
@@ -145,6 +162,7 @@ class DenoiseWidget(QWidget):
         self.form.layer_select.reset_choices()
         if isinstance(event.value, Image) and not self.busy and "(TBSN" not in event.value.name:
             self.form.layer_select.value = event.value
+        self.form.more_layers.reset_choices()
 
     # -- running work ------------------------------------------------------------------
     @property
@@ -235,20 +253,32 @@ class DenoiseWidget(QWidget):
             return
         if self._stops is not None:
             self._stops.follow(item)  # on the GUI thread, in step with what the user sees
-        if isinstance(item, DistilProgress):
+        if isinstance(item, ModelReady):
+            self._on_fitted(item.denoiser, student_choice=item.note or None)
+            if item.failed:
+                self._say(item.note, error=True)
+            return
+        if isinstance(item, ImageReport):
+            self._on_image(item)
+            return
+        step, phase = getattr(item, "step", item), getattr(item, "phase", None)
+        if isinstance(step, DistilProgress) or phase == "distil":
             if not self._distilling:  # the plot now shows the student's loss
                 self._distilling = True
                 self.loss_plot.clear()
-            text = f"distil: teacher plane {item.plane + 1}/{item.planes}, ETA {format_seconds(item.eta)}"
-        elif isinstance(item, FitProgress):
-            self.loss_plot.add(item.iteration, item.loss, item.validation_loss)
-            best = "" if item.best_validation_loss is None else f", best val {item.best_validation_loss:.4g}"
+        if isinstance(step, DistilProgress):
+            text = f"distil: teacher plane {step.plane + 1}/{step.planes}, ETA {format_seconds(step.eta)}"
+        elif isinstance(step, FitProgress):
+            self.loss_plot.add(step.iteration, step.loss, step.validation_loss)
+            best = "" if step.best_validation_loss is None else f", best val {step.best_validation_loss:.4g}"
             phase = "distil: student" if self._distilling else "fit:"
-            plateau = f"; {item.describe_plateau()} (Stop keeps the best weights)" if item.plateau else ""
-            text = (f"{phase} iteration {item.iteration}, loss {item.loss:.4g}{best}, ETA {format_seconds(item.eta)}"
+            plateau = f"; {step.describe_plateau()} (Stop keeps the best weights)" if step.plateau else ""
+            text = (f"{phase} iteration {step.iteration}, loss {step.loss:.4g}{best}, ETA {format_seconds(step.eta)}"
                     f"{plateau}")
-        elif isinstance(item, PredictProgress):
-            text = f"denoise: plane {item.plane + 1}/{item.planes}, ETA {format_seconds(item.eta)}"
+        elif isinstance(step, PredictProgress):
+            layers = f"layer {item.image + 1}/{item.images}, " if getattr(item, "images", 1) > 1 else ""
+            eta = item.eta if isinstance(item, JobProgress) else step.eta
+            text = f"denoise: {layers}plane {step.plane + 1}/{step.planes}, ETA {format_seconds(eta)}"
         else:
             return
         steps = int(round(item.fraction * PROGRESS_STEPS))
@@ -259,6 +289,17 @@ class DenoiseWidget(QWidget):
         if self._activity is not None and steps > self._activity_done:
             self._activity.update(steps - self._activity_done)
             self._activity_done = steps
+
+    def _on_image(self, report: ImageReport) -> None:
+        """One layer's result (its layer added as soon as it is done), or why it failed."""
+        if report.status == "done":
+            self._add_result(report.result[0], report.result[1])
+            return
+        if report.error is not None and not is_user_error(report.error):
+            _reported(report.error)  # the traceback of a bug to the console
+        fitted = "the fit succeeded, " if self._job_fits else ""
+        which = f" of '{report.name}'" if self._job_layers > 1 else ""
+        self._say(f"{fitted}the denoise{which} failed: {report.message}", error=True)
 
     def _on_bug(self, error: Exception) -> None:
         """An error no check foresaw: a notification that says it is a bug, and where (the
@@ -333,43 +374,29 @@ class DenoiseWidget(QWidget):
         else:
             self._say("fitting a new model: the progress bar shows the time left; Stop keeps the best weights")
 
+        fit = FitRequest(settings.iterations, settings.time_budget,
+                         settings.student if then_denoise or settings.student == "on" else "off")
+        self._run_job(settings, denoiser, fit, then_denoise, "TBSN fit & denoise" if then_denoise else "TBSN fit")
+
+    def _run_job(self, settings: JobSettings, denoiser: Denoiser, fit: FitRequest | None, denoise: bool,
+                 description: str) -> None:
+        """The core job (jobs.run_job) on the chosen layers: results become layers as each is done."""
+        images = [JobImage(layer.name, lambda layer=layer: (layer_data(layer), settings.axes, layer))
+                  for layer in settings.layers]
+        destination = _Layers(settings) if denoise else None
+
         def job(stops, threads):
-            plan = denoiser.plan_student(settings.student if then_denoise or settings.student == "on" else "off",
-                                         settings.data, settings.axes, settings.time_budget)
-            yield from denoiser.fit_iter(settings.data, settings.axes, settings.iterations,
-                                         plan.fit_budget or settings.time_budget,
-                                         cancel=stops.cancel, stop_training=stops.stop_training, threads=threads)
-            if stops.cancel.is_set() or stops.stop_training.is_set():
-                return denoiser, None, plan.reason  # Stop pressed: keep the model, skip what follows
-            if plan.distil:  # a distillation that fails or is cancelled keeps the fitted teacher
-                try:
-                    yield from denoiser.distil_iter(settings.data, settings.axes, time_budget=plan.distil_budget,
-                                                    cancel=stops.cancel, stop_training=stops.stop_training,
-                                                    threads=threads)
-                except Cancelled:
-                    return denoiser, None, plan.reason
-                except Exception as error:  # a bug too: the fitted model is kept, the bug reported
-                    return denoiser, _Failure(f"the fit succeeded, the distillation failed: {_reported(error)}"), \
-                        plan.reason
-            if not then_denoise or stops.cancel.is_set():
-                return denoiser, None, plan.reason
-            try:  # the fitted model is kept whatever becomes of the denoise
-                denoised = yield from self._predict_job(denoiser, settings, settings.data, stops.cancel, threads)
-                return denoiser, denoised, plan.reason
-            except Cancelled:
-                return denoiser, None, plan.reason
-            except Exception as error:
-                return denoiser, _Failure(f"the fit succeeded, the denoise failed: {_reported(error)}"), plan.reason
+            return (yield from run_job(denoiser, images, stops, fit=fit, destination=destination, threads=threads))
 
-        def done(result) -> None:
-            self._on_fitted(result[0], student_choice=result[2] if result[0].student is not None
-                            or settings.student != "off" else None)
-            if isinstance(result[1], _Failure):
-                self._say(result[1].message, error=True)
-            elif then_denoise:
-                self._add_result(settings.layer, result[1])
+        def done(summary: JobSummary) -> None:
+            if summary.stopped:
+                kept = "; the fitted model is kept" if fit is not None else ""
+                self._say(f"stopped: {len(summary.done)} of {len(images)} layer(s) denoised{kept}")
+            elif denoise and len(images) > 1 and not summary.failed:
+                self._say(f"added {len(summary.done)} denoised layers")
 
-        self._start(job, "TBSN fit & denoise" if then_denoise else "TBSN fit", done, settings.threads)
+        self._job_fits, self._job_layers = fit is not None, len(images)
+        self._start(job, description, done, settings.threads)
 
     def _on_fitted(self, denoiser: Denoiser, student_choice: str | None = None) -> None:
         self.denoiser, self._model_origin = denoiser, "fitted"
@@ -419,9 +446,7 @@ class DenoiseWidget(QWidget):
         chosen = self._job_settings()
         if chosen is not None:
             settings, denoiser = chosen
-            self._start(lambda stops, threads: (yield from self._predict_job(denoiser, settings, settings.data,
-                                                                             stops.cancel, threads)),
-                        "TBSN denoise", lambda result: self._add_result(settings.layer, result), settings.threads)
+            self._run_job(settings, denoiser, None, True, "TBSN denoise")
 
     def _add_result(self, layer, result, name: str | None = None, translate=None) -> None:
         if result is None:

@@ -1,0 +1,228 @@
+"""Datasets: one model fitted on many images, many images denoised with it (core, jobs, CLI)."""
+
+import hashlib
+import warnings
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_tbsn import Denoiser
+from napari_tbsn.cli import main
+from napari_tbsn.errors import BadInput
+from napari_tbsn.jobs import FitRequest, JobImage, run_job
+from napari_tbsn.patches import PatchSampler
+from napari_tbsn.progress import Stops, drive
+
+from .conftest import noisy_image
+
+
+def test_crops_come_from_every_image_by_its_pixels_and_never_touch_validation():
+    rng = np.random.default_rng(0)
+    small = np.zeros((1, 1, 64, 64), np.float32)
+    large = np.ones((2, 1, 128, 96), np.float32)  # 6x the pixels of `small`
+    sampler = PatchSampler([small, large], 32, 0.1, 100, rng)
+    held = [int(h.sum()) for h in sampler.held_out]
+    assert sum(held) == len(sampler.validation) == round(0.1 * (4 + 2 * 12)) and min(held) >= 0
+    # Mark the held-out blocks in the planes themselves: no training crop may contain them.
+    marked = [small.copy(), large.copy()]
+    for group, mask in zip(marked, sampler.held_out):
+        for n, r, c in zip(*np.nonzero(mask)):
+            group[n, :, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = 7.0
+    sampler.groups = marked
+    batch = sampler.sample(rng, 4000)
+    assert not np.any(batch == 7.0)
+    share_large = float(np.mean(batch[:, 0, 0, 0] == 1.0))
+    free = [pixels - held_blocks * 32 * 32 for pixels, held_blocks in zip((64 * 64, 2 * 128 * 96), held)]
+    assert share_large == pytest.approx(free[1] / sum(free), abs=0.02)  # by the pixels each offers
+    assert sampler.training_pixels == 64 * 64 + 2 * 128 * 96 - sum(held) * 32 * 32
+
+
+def test_an_image_held_out_whole_gives_no_crops():
+    rng = np.random.default_rng(1)
+    images = [np.full((1, 1, 64, 64), float(i), np.float32) for i in range(3)]  # one block each
+    sampler = PatchSampler(images, 64, 0.1, 10, rng)
+    held = [bool(h.any()) for h in sampler.held_out]
+    assert sum(held) == 1
+    values = set(sampler.sample(rng, 200)[:, 0, 0, 0].tolist())
+    assert values == {float(i) for i in range(3) if not held[i]}
+
+
+def test_one_model_fitted_on_images_of_different_sizes_records_them(tmp_path):
+    _, first = noisy_image((64, 96), seed=1)
+    _, second = noisy_image((2, 80, 64), seed=2)
+    denoiser = Denoiser(preset="tiny", device="cpu").fit([(first, "YX"), (second, "ZYX")], iterations=3,
+                                                          names=["a.tif", "b.tif"])
+    model = denoiser.model
+    assert [image["name"] for image in model.fitted_on] == ["a.tif", "b.tif"]
+    assert [image["shape"] for image in model.fitted_on] == [[64, 96], [2, 80, 64]]
+    assert denoiser.summary.images == 2 and "on 2 images" in denoiser.summary.headline()
+    assert denoiser.context_planes == 0  # a 2D image among them: no stack context
+    saved = Denoiser.load(denoiser.save(tmp_path / "m.safetensors"), device="cpu")
+    assert saved.model.fitted_on == model.fitted_on
+    # A fine-tune knows what its starting model knew.
+    tuned = Denoiser.from_model(saved.model, device="cpu").fit(first, "YX", iterations=1, names=["c.tif"])
+    assert [image["name"] for image in tuned.model.fitted_on] == ["a.tif", "b.tif", "c.tif"]
+
+
+def test_a_single_image_fit_is_the_same_through_a_list():
+    _, noisy = noisy_image((64, 64), seed=4)
+    alone = Denoiser(preset="tiny", device="cpu").fit(noisy, "YX", iterations=2)
+    listed = Denoiser(preset="tiny", device="cpu").fit([noisy], "YX", iterations=2)
+    np.testing.assert_array_equal(alone.predict(noisy, ensemble=1), listed.predict(noisy, ensemble=1))
+
+
+@pytest.mark.parametrize("images, names, words", [
+    ([], None, "at least one"),
+    ([np.zeros((64, 64, 2), np.float32), np.zeros((64, 64), np.float32)], None, "channel"),
+    ([np.zeros((64, 64), np.float32)] * 2, ["one"], "one name per image"),
+])
+def test_bad_image_sets_are_refused_with_the_fix(images, names, words):
+    axes = None if images and images[0].ndim == 3 else "YX"
+    items = [(images[0], "YXC"), (images[1], "YX")] if axes is None else images
+    with pytest.raises((BadInput, ValueError), match=words):
+        Denoiser(preset="tiny", device="cpu").fit(items, axes, iterations=1, names=names)
+
+
+def test_images_that_disagree_on_their_noise_are_said_to():
+    _, first = noisy_image((96, 96), seed=1, peak=30)
+    _, second = noisy_image((96, 96), seed=2, peak=30)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Denoiser(preset="tiny", device="cpu", camera="off").fit([first, 2.0 * second], "YX", iterations=1)
+    assert any("disagree on their noise" in str(w.message) for w in caught)
+    _, dim = noisy_image((96, 96), seed=3, peak=8)  # the same camera, a dimmer sample: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Denoiser(preset="tiny", device="cpu", camera="off").fit([first, second, dim], "YX", iterations=1)
+    assert not any("disagree" in str(w.message) for w in caught)
+
+
+def test_predict_many_is_predict_for_each_and_reports_progress_over_the_set():
+    _, first = noisy_image((64, 96), seed=1)
+    _, second = noisy_image((64, 64), seed=2)
+    denoiser = Denoiser(preset="tiny", device="cpu").fit([first, second], "YX", iterations=2)
+    seen = []
+    results = denoiser.predict_many([first, second], callback=seen.append, ensemble=1)
+    for result, image in zip(results, (first, second)):
+        # predict's path, whose blindness tests/test_blindness.py proves.
+        np.testing.assert_array_equal(result, denoiser.predict(image, ensemble=1))
+    fractions = [item.fraction for item in seen if hasattr(item, "fraction")]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_a_job_stopped_after_the_fit_keeps_the_model_and_writes_nothing():
+    _, noisy = noisy_image((64, 64), seed=1)
+    denoiser = Denoiser(preset="tiny", device="cpu")
+    stops = Stops()
+    delivered = []
+
+    class Recorder:
+        def finished(self, image):
+            return None
+
+        def deliver(self, image, data, axes, like, denoiser, cancel, threads):
+            delivered.append(image.name)
+            return (yield from denoiser.predict_iter(data, axes, cancel=cancel))
+
+    def cancel_when_ready(item):
+        if type(item).__name__ == "ModelReady":
+            stops.cancel.set()
+
+    images = [JobImage(f"n{i}", lambda: (noisy, "YX", None)) for i in range(2)]
+    summary = drive(run_job(denoiser, images, stops, fit=FitRequest(2),
+                            destination=Recorder()), cancel_when_ready)
+    assert summary.stopped and denoiser.is_fitted and delivered == []
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def _digest(folder):
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def raw_folder(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for index in range(3):
+        tifffile.imwrite(raw / f"field{index}.tif", noisy_image((64, 80), seed=index)[1].astype(np.float32))
+    (raw / "broken.tif").write_bytes(b"II*\x00 truncated")
+    np.save(raw / "wrong.npy", np.zeros((64, 64, 3), np.float32))  # three channels for a one-channel model
+    return raw
+
+
+def test_a_folder_with_bad_files_completes_the_others_names_them_and_resumes(raw_folder, tmp_path, capsys,
+                                                                             monkeypatch):
+    model = tmp_path / "model.safetensors"
+    good = [str(raw_folder / f"field{index}.tif") for index in range(3)]
+    assert main(["fit", *good, "-o", str(model), "--preset", "tiny", "--iterations", "2", "--quiet"]) == 0
+    assert len(Denoiser.load(model).model.fitted_on) == 3
+    before = _digest(raw_folder)
+    out = tmp_path / "denoised"
+    assert main(["predict", str(raw_folder), "--model", str(model), "-o", str(out), "--ensemble", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.tif" in err and "wrong.npy" in err and "2 of 5 inputs failed" in err
+    assert sorted(path.name for path in out.iterdir()) == ["field0.tif", "field1.tif", "field2.tif"]
+    complete = _digest(out)
+    assert _digest(raw_folder) == before  # no input touched
+
+    # Interrupted after the first file (a Ctrl-C), then run again: the rest is done, the same.
+    partial = tmp_path / "partial"
+    from napari_tbsn import denoiser as facade
+
+    real = facade.Denoiser.predict_iter
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(facade.Denoiser, "predict_iter", interrupted)
+    assert main(["predict", *good, "--model", str(model), "-o", str(partial), "--ensemble", "1", "--quiet"]) == 130
+    assert sorted(path.name for path in partial.iterdir()) == ["field0.tif"]
+    monkeypatch.setattr(facade.Denoiser, "predict_iter", real)
+    assert main(["predict", *good, "--model", str(model), "-o", str(partial), "--ensemble", "1"]) == 0
+    assert "field0.tif: skipped" in capsys.readouterr().err
+    assert _digest(partial) == complete
+
+
+def test_denoise_fits_one_model_on_all_inputs_and_writes_each(raw_folder, tmp_path):
+    out = tmp_path / "out"
+    model = out / "model.safetensors"  # the model may go into the output folder
+    inputs = [str(raw_folder / f"field{index}.tif") for index in range(2)]
+    assert main(["denoise", *inputs, "-o", str(out), "--preset", "tiny", "--iterations", "2", "--format", "npy",
+                 "--save-model", str(model), "--quiet"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["field0.npy", "field1.npy", "model.safetensors"]
+    assert np.load(out / "field0.npy").shape == (64, 80)
+    assert [image["name"] for image in Denoiser.load(model).model.fitted_on] == inputs
+
+
+@pytest.mark.parametrize("case, words", [
+    ("output is the input folder", "folder holding the input"),
+    ("two inputs, one name", "would both be written"),
+    ("output is a file", "is a file"),
+    ("uncertainty with several", "takes a single input"),
+])
+def test_batch_paths_that_would_lose_data_are_refused_before_any_work(raw_folder, tmp_path, capsys, case, words):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"not read: the paths are refused first")
+    other = tmp_path / "other"
+    other.mkdir()
+    tifffile.imwrite(other / "field0.tif", np.zeros((64, 64), np.float32))
+    taken = tmp_path / "taken.tif"
+    taken.write_bytes(b"x")
+    args = {
+        "output is the input folder": [str(raw_folder), "-o", str(raw_folder)],
+        "two inputs, one name": [str(raw_folder / "field0.tif"), str(other / "field0.tif"), "-o", str(tmp_path / "o")],
+        "output is a file": [str(raw_folder), "-o", str(taken)],
+        "uncertainty with several": [str(raw_folder), "-o", str(tmp_path / "o"), "--uncertainty",
+                                     str(tmp_path / "u.tif")],
+    }[case]
+    before = _digest(raw_folder)
+    assert main(["predict", *args, "--model", str(model), "--quiet"]) == 2
+    assert words in capsys.readouterr().err
+    assert _digest(raw_folder) == before and not (tmp_path / "o").exists()
