@@ -445,6 +445,9 @@ def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
     if summary.stopped:
         raise Cancelled("the rest was not denoised" if summary.done else "nothing was denoised")
     if options is None:
+        if summary.failed:  # the model was fitted on the others
+            raise BatchFailed(f"{len(summary.failed)} of {len(images)} inputs could not be read and were left out of "
+                              "the fit: " + "; ".join(f"{report.name}: {report.message}" for report in summary.failed))
         return
     if not args.batch:
         _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
