@@ -33,6 +33,22 @@ def _network(preset: str, channels: int = 2) -> TBSN:
     return net
 
 
+def _recomputed(net: TBSN) -> TBSN:
+    """`net` with each transformer block's activations recomputed in the backward pass instead
+    of kept (torch.utils.checkpoint): the same functions, in float64 on the CPU the same
+    gradients bit for bit, at a fraction of the memory (the paper preset's float64 graph at
+    128x128 held over 6 GB)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from napari_tbsn.network.tbsn import TransformerBlock
+
+    for module in net.modules():
+        if isinstance(module, TransformerBlock):
+            module.forward = (lambda x, split=True, forward=module.forward:
+                              checkpoint(forward, x, split, use_reentrant=False))
+    return net
+
+
 def _sizes_for(preset: str):
     if NETWORK_PRESETS[preset].size_multiple > 64:
         pytest.skip("sizes below the preset's size multiple")
@@ -41,10 +57,13 @@ def _sizes_for(preset: str):
 
 @pytest.mark.parametrize("preset", sorted(NETWORK_PRESETS))
 def test_exactly_blind_to_the_same_parity_lattice(preset):
-    net = _network(preset)
+    net = _recomputed(_network(preset))
     generator = torch.Generator().manual_seed(1)
-    for height, width in _sizes_for(preset):
-        x = torch.randn(2, 2, height, width, dtype=torch.float64, generator=generator, requires_grad=True)
+    for index, (height, width) in enumerate(_sizes_for(preset)):
+        # Two batch items at the first size show that no gradient crosses between them; one item
+        # at the larger sizes halves their float64 graph (paper at 128x128: gigabytes).
+        x = torch.randn(2 if index == 0 else 1, 2, height, width, dtype=torch.float64, generator=generator,
+                        requires_grad=True)
         out = net(x)
         for py in range(2):
             for px in range(2):
@@ -54,7 +73,8 @@ def test_exactly_blind_to_the_same_parity_lattice(preset):
                 selected = (out[0] * weights * cls).sum()
                 (grad,) = torch.autograd.grad(selected, x, retain_graph=True)
                 assert torch.count_nonzero(grad[0][:, cls]) == 0, (preset, height, width, py, px)
-                assert torch.count_nonzero(grad[1]) == 0, "gradient crossed between batch items"
+                if len(grad) > 1:
+                    assert torch.count_nonzero(grad[1]) == 0, "gradient crossed between batch items"
                 # The other three classes are seen.
                 assert torch.count_nonzero(grad[0][:, ~cls]) > 0.9 * grad[0][:, ~cls].numel()
         del out, selected, grad  # this size's graph goes before the next is built (paper: gigabytes)

@@ -226,3 +226,52 @@ def test_batch_paths_that_would_lose_data_are_refused_before_any_work(raw_folder
     assert main(["predict", *args, "--model", str(model), "--quiet"]) == 2
     assert words in capsys.readouterr().err
     assert _digest(raw_folder) == before and not (tmp_path / "o").exists()
+
+
+def test_a_stop_during_training_ends_it_and_the_job_still_denoises_without_a_student():
+    _, noisy = noisy_image((64, 64), seed=1)
+    denoiser = Denoiser(preset="tiny", device="cpu")
+    stops = Stops()
+    seen = []
+
+    class Recorder:
+        def finished(self, image):
+            return None
+
+        def deliver(self, image, data, axes, like, denoiser, cancel, threads):
+            return (yield from denoiser.predict_iter(data, axes, cancel=cancel, ensemble=1))
+
+    def stop_in_training(item):
+        seen.append(item)
+        stops.follow(item)
+        if getattr(item, "phase", None) == "fit" and item.step.iteration == 3:
+            assert stops.stop() == "training"
+
+    images = [JobImage("one", lambda: (noisy, "YX", None))]
+    summary = drive(run_job(denoiser, images, stops, fit=FitRequest(100_000, student="on"), destination=Recorder()),
+                    stop_in_training)
+    assert 3 <= denoiser.summary.iterations < 100_000 and denoiser.student is None
+    ready = [item for item in seen if type(item).__name__ == "ModelReady"]
+    assert "no student" in ready[0].note
+    assert [report.status for report in summary.reports] == ["done"] and summary.done[0].result.shape == (64, 64)
+
+
+def test_predict_many_is_exactly_blind():
+    """The set path feeds the network as predict does: a pixel's own noisy value never reaches
+    its output (plain blind-spot mean, lattice filter on), while its neighbours' outputs move."""
+    from napari_tbsn import PredictOptions
+
+    from .test_blindness import _seam_model
+
+    options = PredictOptions(estimator="blind_spot", ensemble=1, lattice=True, tile_size=64, tile_overlap=0)
+    denoiser = Denoiser.from_model(_seam_model(), options, device="cpu")
+    _, first = noisy_image((64, 128), seed=1)
+    _, second = noisy_image((128, 64), seed=2)
+    before = denoiser.predict_many([first, second], "YX")
+    for y, x in ((5, 7), (63, 31), (64, 32), (100, 60)):
+        changed = second.copy()
+        changed[y, x] += 40.0
+        after = denoiser.predict_many([first, changed], "YX")
+        np.testing.assert_array_equal(after[0], before[0])
+        assert after[1][y, x] == before[1][y, x], (y, x)
+        assert np.abs(after[1] - before[1]).max() > 1e-3  # the perturbation is seen by the other pixels
