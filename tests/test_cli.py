@@ -180,3 +180,28 @@ def test_under_torchrun_sigterm_is_a_ctrl_c_and_its_echo_the_same_stop(monkeypat
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+
+
+def test_a_ctrl_c_after_the_training_it_ended_is_over_stops_what_runs_then(monkeypatch):
+    """One Ctrl-C handler spans a whole job (fit, then every file): the Ctrl-C that ended the
+    training is spent when the training is over, so the next one cancels gracefully (finished
+    outputs kept), and only a third aborts."""
+    import os
+    import signal
+    import time
+
+    from napari_tbsn import cli
+
+    def deliver():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+
+    with cli._interrupts() as stops:
+        stops.training = True
+        deliver()
+        assert stops.stop_training.is_set() and not stops.cancel.is_set()
+        stops.training = False  # the fit completed; the files are being denoised
+        deliver()
+        assert stops.cancel.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            deliver()

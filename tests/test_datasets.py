@@ -2,6 +2,7 @@
 
 import hashlib
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def test_crops_come_from_every_image_by_its_pixels_and_never_touch_validation():
     large = np.ones((2, 1, 128, 96), np.float32)  # 6x the pixels of `small`
     sampler = PatchSampler([small, large], 32, 0.1, 100, rng)
     held = [int(h.sum()) for h in sampler.held_out]
-    assert sum(held) == len(sampler.validation) == round(0.1 * (4 + 2 * 12)) and min(held) >= 0
+    assert sum(held) == len(sampler.validation) == round(0.1 * (4 + 2 * 12))
     # Mark the held-out blocks in the planes themselves: no training crop may contain them.
     marked = [small.copy(), large.copy()]
     for group, mask in zip(marked, sampler.held_out):
@@ -33,8 +34,15 @@ def test_crops_come_from_every_image_by_its_pixels_and_never_touch_validation():
     batch = sampler.sample(rng, 4000)
     assert not np.any(batch == 7.0)
     share_large = float(np.mean(batch[:, 0, 0, 0] == 1.0))
-    free = [pixels - held_blocks * 32 * 32 for pixels, held_blocks in zip((64 * 64, 2 * 128 * 96), held)]
-    assert share_large == pytest.approx(free[1] / sum(free), abs=0.02)  # by the pixels each offers
+    # Every crop position clear of validation equally likely, across the images: count them all.
+    free = []
+    for g, group in enumerate(marked):
+        count, _, height, width = group.shape
+        n, y, x = (axis.ravel() for axis in np.meshgrid(np.arange(count), np.arange(height - 31),
+                                                        np.arange(width - 31), indexing="ij"))
+        free.append(int((~sampler._overlaps_validation(g, n, y, x)).sum()))
+    assert [sampler._free_positions(g) for g in range(2)] == free
+    assert share_large == pytest.approx(free[1] / sum(free), abs=0.02)
     assert sampler.training_pixels == 64 * 64 + 2 * 128 * 96 - sum(held) * 32 * 32
 
 
@@ -67,8 +75,10 @@ def test_one_model_fitted_on_images_of_different_sizes_records_them(tmp_path):
 
 def test_a_single_image_fit_is_the_same_through_a_list():
     _, noisy = noisy_image((64, 64), seed=4)
-    alone = Denoiser(preset="tiny", device="cpu").fit(noisy, "YX", iterations=2)
-    listed = Denoiser(preset="tiny", device="cpu").fit([noisy], "YX", iterations=2)
+    # One thread each: "auto" counts the cores free at the start, and a thread count of its own
+    # would sum in another order.
+    alone = Denoiser(preset="tiny", device="cpu", threads=1).fit(noisy, "YX", iterations=2)
+    listed = Denoiser(preset="tiny", device="cpu", threads=1).fit([noisy], "YX", iterations=2)
     np.testing.assert_array_equal(alone.predict(noisy, ensemble=1), listed.predict(noisy, ensemble=1))
 
 
@@ -275,3 +285,31 @@ def test_predict_many_is_exactly_blind():
         np.testing.assert_array_equal(after[0], before[0])
         assert after[1][y, x] == before[1][y, x], (y, x)
         assert np.abs(after[1] - before[1]).max() > 1e-3  # the perturbation is seen by the other pixels
+
+
+def test_a_fit_over_a_folder_leaves_out_what_does_not_fit_and_says_so(raw_folder, tmp_path, capsys):
+    model = tmp_path / "model.safetensors"
+    assert main(["fit", str(raw_folder), "-o", str(model), "--preset", "tiny", "--iterations", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.tif" in err and "wrong.npy" in err and "left out of the fit" in err
+    assert [Path(image["name"]).name for image in Denoiser.load(model).model.fitted_on] == \
+        ["field0.tif", "field1.tif", "field2.tif"]
+
+
+def test_a_blank_field_among_the_images_is_said_to_and_the_fit_goes_on():
+    _, noisy = noisy_image((96, 96), seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        denoiser = Denoiser(preset="tiny", device="cpu", camera="off").fit([noisy, np.full_like(noisy, 100.0)], "YX",
+                                                                           iterations=1)
+    assert denoiser.is_fitted and any("shows no noise" in str(w.message) for w in caught)
+
+
+def test_a_rerun_that_finds_every_output_written_fits_nothing(raw_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    inputs = [str(raw_folder / f"field{index}.tif") for index in range(2)]
+    argv = ["denoise", *inputs, "-o", str(out), "--preset", "tiny", "--iterations", "1", "--student", "off"]
+    assert main([*argv, "--quiet"]) == 0
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "fitted:" not in err and err.count(": skipped: ") == 2 and "nothing to fit" in err

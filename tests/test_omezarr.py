@@ -98,3 +98,19 @@ def test_cluster_prediction_refuses_inputs_workers_cannot_open(ome_input, tmp_pa
                  "--workers", "2", "--axes", "ZYX"])
     assert code != 0
     assert "read .zarr or .ome.zarr inputs" in capsys.readouterr().err
+
+
+def test_denoise_fits_here_and_predicts_on_the_cluster(ome_input, tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    from napari_tbsn import cli
+
+    path, _, stack = ome_input
+    called = []
+    real = cli._predict_on_cluster
+    monkeypatch.setattr(cli, "_predict_on_cluster", lambda *args: called.append(1) or real(*args))
+    target, model = tmp_path / "out.ome.zarr", tmp_path / "fitted.safetensors"
+    assert main(["denoise", str(path), "-o", str(target), "--workers", "1", "--tile-size", "64", "--preset", "tiny",
+                 "--iterations", "1", "--student", "off", "--save-model", str(model), "--quiet"]) == 0
+    assert called == [1]
+    expected = Denoiser.load(model, device="cpu").predict(stack, "ZYX", tile_size=64)
+    np.testing.assert_allclose(read_image(target).data[:], expected, atol=1e-5)

@@ -100,23 +100,27 @@ SAME_STOP_SECONDS = 5.0
 
 @contextlib.contextmanager
 def _interrupts(processes: int = 1) -> Iterator[Stops]:
-    """The first Ctrl-C in the block is a Stop (Stops.stop); a second one aborts. Under DDP
-    (`processes` > 1) SIGTERM, which torchrun sends its ranks, counts as a Ctrl-C too."""
+    """The first Ctrl-C in the block is a Stop (Stops.stop); a second one aborts. A Ctrl-C that
+    ended a training is spent once that training is over: the next one is a first again (it
+    cancels what runs then). Under DDP (`processes` > 1) SIGTERM, which torchrun sends its ranks,
+    counts as a Ctrl-C too."""
     stops = Stops()
     numbers = (signal.SIGINT, signal.SIGTERM) if processes > 1 else (signal.SIGINT,)
     first: list[float] = []
 
     def stop(signum, frame):
+        if first and processes > 1 and time.monotonic() - first[0] < SAME_STOP_SECONDS:
+            return
+        if first and stops.stop_training.is_set() and not stops.training and not stops.cancel.is_set():
+            first.clear()  # the training it ended is over: this one stops what runs now
         if first:
-            if processes > 1 and time.monotonic() - first[0] < SAME_STOP_SECONDS:
-                return
             handler = previous[signum]
             if callable(handler):
                 handler(signum, frame)
             raise KeyboardInterrupt
         first.append(time.monotonic())
         if stops.stop() == "training":
-            sys.stderr.write("\nending the training; the fit completes with the best weights (Ctrl-C again to abort)\n")
+            sys.stderr.write("\nending the training; the fit completes with the best weights (Ctrl-C again stops everything)\n")
         else:
             sys.stderr.write("\nstopping (Ctrl-C again to abort)\n")
 
@@ -206,10 +210,10 @@ def _plan_inputs(args: argparse.Namespace) -> None:
         names: dict[str, Path] = {}
         for path in args.inputs:
             name = _output_name(path, args.format)
-            if name in names:
-                raise ValueError(f"{names[name]} and {path} would both be written to {args.output / name}: give "
-                                 "inputs with different names, or denoise them in two runs")
-            names[name] = path
+            if name.casefold() in names:  # case-insensitive file systems (macOS, Windows) too
+                raise ValueError(f"{names[name.casefold()]} and {path} would both be written to {args.output / name}: "
+                                 "give inputs with different names, or denoise them in two runs")
+            names[name.casefold()] = path
             args.outputs[str(path)] = args.output / name
     else:
         if args.format is not None:
@@ -224,7 +228,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Path]:
     inputs = getattr(args, "inputs", None) or ([args.input] if getattr(args, "input", None) else [])
     if len(inputs) <= 1:
         return {"input": inputs[0], **named} if inputs else named
-    return {**{f"input ({path.name})": path for path in inputs}, **named}
+    return {**{f"input {index} ({path})": path for index, path in enumerate(inputs, start=1)}, **named}
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -341,7 +345,7 @@ class _Files:
     def finished(self, image: JobImage) -> str | None:
         path = self.args.outputs[image.name]
         if self.args.batch and not self.args.overwrite and path.exists():
-            return f"{path} is there from an earlier run (give --overwrite to redo it)"
+            return f"{path} is already there (an earlier run's; --overwrite redoes it)"
         return None
 
     def deliver(self, image: JobImage, data, axes: str, like, denoiser: Denoiser, cancel, threads):
@@ -381,7 +385,9 @@ def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
         if args.batch:
             args.output.mkdir(parents=True, exist_ok=True)
     what = f"{len(images)} images" if len(images) > 1 else f"{args.inputs[0]}"
-    if fit is not None:
+    if destination is not None and all(destination.finished(image) is not None for image in images):
+        _log(args, f"every output is already in {args.output}: nothing to fit or denoise (--overwrite redoes them)")
+    elif fit is not None:
         _log(args, f"fitting the {denoiser.preset} TBSN on {what} on {denoiser.device} (pd {args.pd})")
     elif options is not None:
         _log(args, f"denoising {what} with the {describe_output(denoiser.model, options)} output")
@@ -593,9 +599,15 @@ def command_denoise(args: argparse.Namespace) -> None:
     def on_model(ready: ModelReady) -> None:
         if args.save_model:
             denoiser.save(args.save_model)
+            args.saved_model = args.save_model
             _log(args, f"saved the model to {args.save_model}")
 
     fit = FitRequest(args.iterations, args.time_budget, "off" if args.uncertainty else args.student)
+    if args.workers is not None or args.scheduler:  # fit here, then the cluster predicts
+        _run(args, denoiser, fit, on_model=on_model)
+        image = read_image(args.inputs[0])
+        _predict_on_cluster(args, denoiser, image, _input_axes(image, args.axes), options)
+        return
     _run(args, denoiser, fit, options, on_model=on_model)
 
 
@@ -795,9 +807,10 @@ def _auto_or_whole(text: str) -> int | str:
 
 def _written(args: argparse.Namespace) -> str:
     """What a stopped command leaves: nothing, or a batch's finished outputs."""
+    saved = f"; the model was saved to {args.saved_model}" if getattr(args, "saved_model", None) else ""
     if getattr(args, "batch", False) and args.command in ("denoise", "predict"):
-        return f"the finished outputs in {args.output} are kept: run the same command again to resume"
-    return "nothing was written"
+        return f"the finished outputs in {args.output} are kept: run the same command again to resume{saved}"
+    return f"no image was written{saved}" if saved else "nothing was written"
 
 
 def _terminate(signum, frame):

@@ -365,6 +365,19 @@ class Denoiser:
         return self._in_threads(threads, self._fit_steps(images, iterations, time_budget, token, previous,
                                                          stop_training))
 
+    def check_fit_image(self, data, axes: str | None) -> PlaneLayout:
+        """The layout of one image a fit would take, checked as fit() checks it alone (its axes,
+        its size for the preset, the channels of the model it would fine-tune)."""
+        image = fit_images(data, axes or self._default_axes(data))[0]
+        previous, layout = self._model, image.layout
+        if previous is not None and previous.channels != layout.channels:
+            raise BadInput(f"this model has {previous.channels} channel(s) but the image has {layout.channels}; "
+                           "fit a new model for it")
+        smallest = network_preset(self._settings.preset).size_multiple
+        if min(layout.height, layout.width) < smallest:
+            raise BadInput(_too_small(layout, self.preset, smallest))
+        return layout
+
     def _fit_steps(self, images, iterations, time_budget, token, previous, stop_training):
         model = yield from fit_model(self._settings, images, iterations, time_budget, self._device, token,
                                      previous, stop_training)

@@ -159,6 +159,11 @@ def _warn_on_disagreement(images: list[FitImage], pooled: NoiseModel) -> None:
     ratios = [NoiseMeasurement.of(image.data, image.layout).model_ratio(pooled) for image in images]
     for channel in range(len(ratios[0])):
         each = [ratio[channel] for ratio in ratios]
+        flat = [image for image, ratio in zip(images, each) if not np.isfinite(ratio) or ratio <= 0]
+        if flat:  # no noise measured at all: a blank or padded field
+            warnings.warn(f"{flat[0].label} shows no noise (a blank or constant field?): it adds nothing to the fit; "
+                          "leave it out", stacklevel=3)
+            return
         if max(each) / min(each) > NOISE_DISAGREEMENT:
             far = max(range(len(each)), key=lambda i: abs(np.log(each[i])))
             where = f" in channel {channel}" if len(ratios[0]) > 1 else ""

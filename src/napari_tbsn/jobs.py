@@ -139,29 +139,20 @@ def run_job(denoiser, images: Sequence[JobImage], stops: Stops, *, fit: FitReque
     if not images:
         raise BadInput("no images: give at least one")
     summary = JobSummary(denoiser)
-    read: dict[int, tuple[Any, str, Any]] = {}
-    if fit is not None:
-        for index, image in enumerate(images):
-            try:
-                read[index] = image.read()
-            except Exception as error:
-                if not keep_going or not is_user_error(error):
-                    raise
-                report = ImageReport(image.name, index, len(images), "failed", f"cannot be read: {_failure(error)}",
-                                     error=error)
-                summary.reports.append(report)
-                yield report
-        if not read:
-            raise BadInput(f"none of the {len(images)} images could be read: see the messages above")
+    waiting = [image for image in images if destination is None or destination.finished(image) is None]
+    if fit is not None and waiting:  # (a rerun that finds every result written fits nothing)
+        read = yield from _read_for_fit(denoiser, images, summary, keep_going)
         note = yield from _fit(denoiser, images, read, fit, stops, threads)
+        read.clear()  # each image is read again at its turn: nothing held open meanwhile
         if stops.cancel.is_set():
-            summary.stopped = True
-            yield ModelReady(denoiser, note or "stopped after the fit: nothing was denoised")
+            # The fitted model is kept (a cancelled first fit keeps its best weights).
+            summary.stopped = destination is not None
+            yield ModelReady(denoiser, "stopped after the fit: the fitted model is kept" +
+                             (", nothing was denoised" if destination is not None else ""))
             return summary
-        failed = note.startswith("the distillation failed")
-        yield ModelReady(denoiser, note, failed)
+        yield ModelReady(denoiser, note, note.startswith("the distillation failed"))
         if stops.cancel.is_set():
-            summary.stopped = True
+            summary.stopped = destination is not None
             return summary
     if destination is None:
         return summary
@@ -178,7 +169,7 @@ def run_job(denoiser, images: Sequence[JobImage], stops: Stops, *, fit: FitReque
             report = ImageReport(image.name, index, len(images), "skipped", reason)
         else:
             try:
-                data, axes, like = read.pop(index) if index in read else image.read()
+                data, axes, like = image.read()
                 steps = destination.deliver(image, data, axes, like, denoiser, stops.cancel, threads)
                 result = yield from _denoise_steps(steps, index, len(images), image.name, started, finished)
                 finished += 1
@@ -193,6 +184,33 @@ def run_job(denoiser, images: Sequence[JobImage], stops: Stops, *, fit: FitReque
         summary.reports.append(report)
         yield report
     return summary
+
+
+def _read_for_fit(denoiser, images: list[JobImage], summary: JobSummary, keep_going: bool):
+    """Every image the fit can use, read and checked (index -> (data, axes, like)); with
+    `keep_going`, one that cannot be read or does not fit with the others is reported and left
+    out (a generator of those reports)."""
+    read: dict[int, tuple[Any, str, Any]] = {}
+    channels = None
+    for index, image in enumerate(images):
+        try:
+            data, axes, like = image.read()
+            layout = denoiser.check_fit_image(data, axes)
+            if channels is not None and layout.channels != channels:
+                raise BadInput(f"it has {layout.channels} channel(s) where the images before it have {channels}")
+            channels = layout.channels
+            read[index] = (data, axes, like)
+        except Exception as error:
+            if not keep_going or not is_user_error(error):
+                raise
+            report = ImageReport(image.name, index, len(images), "failed", f"left out of the fit: {_failure(error)}",
+                                 error=error)
+            summary.reports.append(report)
+            yield report
+    if not read:
+        raise BadInput(f"none of the {len(images)} images can be fitted: " + "; ".join(
+            f"{report.name}: {report.message}" for report in summary.failed))
+    return read
 
 
 def _denoise_steps(steps: Generator, index: int, images: int, name: str, started: float, finished: int):

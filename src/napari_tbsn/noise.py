@@ -291,16 +291,17 @@ def correlation_of(planes: list[np.ndarray]) -> NoiseCorrelation:
     """measure_correlation over (C, Y, X) planes, which may differ in size."""
     from scipy.ndimage import gaussian_filter
 
-    references: dict[tuple[int, int], np.ndarray] = {}
-    excess = []
+    by_shape: dict[tuple[int, int], list[np.ndarray]] = {}
     for plane in planes:
-        shape = plane.shape[1:]
-        if shape not in references:  # white noise of the plane's own size, through the same filter
-            white = np.random.default_rng(0).standard_normal(shape)
-            references[shape] = _autocorrelation(white - gaussian_filter(white, RESIDUAL_SMOOTHING))
-        excess.extend(_autocorrelation(channel - gaussian_filter(channel, RESIDUAL_SMOOTHING)) - references[shape]
-                      for channel in plane)
-    excess = np.mean(excess, axis=0)
+        by_shape.setdefault(plane.shape[1:], []).extend(
+            _autocorrelation(channel - gaussian_filter(channel, RESIDUAL_SMOOTHING)) for channel in plane)
+    excesses, counts = [], []
+    for shape, measured in by_shape.items():  # white noise of the planes' own size, through the same filter
+        white = np.random.default_rng(0).standard_normal(shape)
+        reference = _autocorrelation(white - gaussian_filter(white, RESIDUAL_SMOOTHING))
+        excesses.append(np.mean(measured, axis=0) - reference)
+        counts.append(len(measured))
+    excess = excesses[0] if len(excesses) == 1 else np.average(excesses, axis=0, weights=counts)
     lags = range(1, MAX_AUTO_PD)
     return NoiseCorrelation(tuple(float(max(excess[k, 0], excess[0, k])) for k in lags),
                             (float(excess[1, 0]), float(excess[0, 1])))

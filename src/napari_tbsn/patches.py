@@ -55,11 +55,10 @@ class PatchSampler:
                 self.held_out[g][n, r, c] = True
         self.validation = np.stack([self.groups[g][n, :, r * p : (r + 1) * p, c * p : (c + 1) * p]
                                     for g, n, r, c in chosen])
-        # Each image's share of the crops: its pixels outside the held-out blocks (none where every
-        # block of it is held out: no crop fits there).
-        free = np.array([self._free_pixels(g) if (held[:, :-1, :-1].sum() < held[:, :-1, :-1].size) else 0.0
-                         for g, held in enumerate(self.held_out)], dtype=float)
-        self._weights = free / free.sum()
+        # Each image's share of the crops: its crop positions clear of the held-out blocks, so that
+        # every such position of every image is equally likely, as within one image.
+        positions = np.array([self._free_positions(g) for g in range(len(self.groups))], dtype=float)
+        self._weights = positions / positions.sum()
 
     @property
     def planes(self) -> np.ndarray:
@@ -67,6 +66,25 @@ class PatchSampler:
         if len(self.groups) != 1:
             raise ValueError("this sampler holds several images: read .groups")
         return self.groups[0]
+
+    def _free_positions(self, g: int) -> int:
+        """How many crop corners (plane, y, x) of image g overlap no held-out block. A corner's
+        crop touches block rows y // p and (y + p - 1) // p: corners are counted by those pairs."""
+        count, _, height, width = self.groups[g].shape
+        p = self.patch_size
+
+        def classes(length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            corners = np.arange(length - p + 1)
+            pairs, counts = np.unique(np.stack([corners // p, (corners + p - 1) // p]), axis=1, return_counts=True)
+            return pairs[0], pairs[1], counts
+
+        r0, r1, row_counts = classes(height)
+        c0, c1, column_counts = classes(width)
+        held = self.held_out[g]
+        rows0, rows1 = r0[:, None], r1[:, None]
+        blocked = (held[:, rows0, c0[None, :]] | held[:, rows0, c1[None, :]] | held[:, rows1, c0[None, :]]
+                   | held[:, rows1, c1[None, :]])
+        return int(((~blocked) * row_counts[:, None] * column_counts[None, :]).sum())
 
     def _free_pixels(self, g: int) -> int:
         count, _, height, width = self.groups[g].shape
@@ -101,9 +119,10 @@ class PatchSampler:
             quota = int((images == g).sum())
             picks: list[tuple[int, int, int, int]] = []
             while len(picks) < quota:
-                n = rng.integers(0, count, 2 * quota)
-                y = rng.integers(0, height - p + 1, 2 * quota)
-                x = rng.integers(0, width - p + 1, 2 * quota)
+                draws = max(2 * quota, 64)
+                n = rng.integers(0, count, draws)
+                y = rng.integers(0, height - p + 1, draws)
+                x = rng.integers(0, width - p + 1, draws)
                 keep = ~self._overlaps_validation(int(g), n, y, x)
                 picks.extend((int(g), a, b, c) for a, b, c in zip(n[keep], y[keep], x[keep]))
             chosen.extend(picks[:quota])

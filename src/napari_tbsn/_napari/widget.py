@@ -297,8 +297,11 @@ class DenoiseWidget(QWidget):
             return
         if report.error is not None and not is_user_error(report.error):
             _reported(report.error)  # the traceback of a bug to the console
-        fitted = "the fit succeeded, " if self._job_fits else ""
         which = f" of '{report.name}'" if self._job_layers > 1 else ""
+        if report.message.startswith("left out of the fit"):
+            self._say(f"'{report.name}' was {report.message}", error=True)
+            return
+        fitted = "the fit succeeded, " if self._job_fits else ""
         self._say(f"{fitted}the denoise{which} failed: {report.message}", error=True)
 
     def _on_bug(self, error: Exception) -> None:
@@ -394,6 +397,8 @@ class DenoiseWidget(QWidget):
                 self._say(f"stopped: {len(summary.done)} of {len(images)} layer(s) denoised{kept}")
             elif denoise and len(images) > 1 and not summary.failed:
                 self._say(f"added {len(summary.done)} denoised layers")
+            elif summary.failed and len(summary.failed) < len(images):  # the others went on: name the failed ones
+                self._say("; ".join(f"'{report.name}': {report.message}" for report in summary.failed), error=True)
 
         self._job_fits, self._job_layers = fit is not None, len(images)
         self._start(job, description, done, settings.threads)
