@@ -121,19 +121,25 @@ def test_predict_many_is_predict_for_each_and_reports_progress_over_the_set():
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
+class _Recorder:
+    """A job's destination that hands back each prediction and records which images came."""
+
+    def __init__(self) -> None:
+        self.delivered = []
+
+    def finished(self, image):
+        return None
+
+    def deliver(self, image, data, axes, like, denoiser, cancel, threads):
+        self.delivered.append(image.name)
+        return (yield from denoiser.predict_iter(data, axes, cancel=cancel, ensemble=1))
+
+
 def test_a_job_stopped_after_the_fit_keeps_the_model_and_writes_nothing():
     _, noisy = noisy_image((64, 64), seed=1)
     denoiser = Denoiser(preset="tiny", device="cpu")
     stops = Stops()
-    delivered = []
-
-    class Recorder:
-        def finished(self, image):
-            return None
-
-        def deliver(self, image, data, axes, like, denoiser, cancel, threads):
-            delivered.append(image.name)
-            return (yield from denoiser.predict_iter(data, axes, cancel=cancel))
+    recorder = _Recorder()
 
     def cancel_when_ready(item):
         if type(item).__name__ == "ModelReady":
@@ -141,8 +147,8 @@ def test_a_job_stopped_after_the_fit_keeps_the_model_and_writes_nothing():
 
     images = [JobImage(f"n{i}", lambda: (noisy, "YX", None)) for i in range(2)]
     summary = drive(run_job(denoiser, images, stops, fit=FitRequest(2),
-                            destination=Recorder()), cancel_when_ready)
-    assert summary.stopped and denoiser.is_fitted and delivered == []
+                            destination=recorder), cancel_when_ready)
+    assert summary.stopped and denoiser.is_fitted and recorder.delivered == []
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -244,13 +250,6 @@ def test_a_stop_during_training_ends_it_and_the_job_still_denoises_without_a_stu
     stops = Stops()
     seen = []
 
-    class Recorder:
-        def finished(self, image):
-            return None
-
-        def deliver(self, image, data, axes, like, denoiser, cancel, threads):
-            return (yield from denoiser.predict_iter(data, axes, cancel=cancel, ensemble=1))
-
     def stop_in_training(item):
         seen.append(item)
         stops.follow(item)
@@ -258,7 +257,7 @@ def test_a_stop_during_training_ends_it_and_the_job_still_denoises_without_a_stu
             assert stops.stop() == "training"
 
     images = [JobImage("one", lambda: (noisy, "YX", None))]
-    summary = drive(run_job(denoiser, images, stops, fit=FitRequest(100_000, student="on"), destination=Recorder()),
+    summary = drive(run_job(denoiser, images, stops, fit=FitRequest(100_000, student="on"), destination=_Recorder()),
                     stop_in_training)
     assert 3 <= denoiser.summary.iterations < 100_000 and denoiser.student is None
     ready = [item for item in seen if type(item).__name__ == "ModelReady"]

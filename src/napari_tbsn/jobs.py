@@ -215,19 +215,14 @@ def _read_for_fit(denoiser, images: list[JobImage], summary: JobSummary, keep_go
 
 def _denoise_steps(steps: Generator, index: int, images: int, name: str, started: float, finished: int):
     """The prediction's progress as JobProgress over all images (the ETA from the images so far)."""
-    result = None
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            result = stop.value
-            break
+    def over_all(step) -> JobProgress:
         remaining = images - index - 1
         per_image = (time.monotonic() - started) / finished if finished else \
             (step.elapsed + (step.eta or 0.0)) if step.eta is not None else None
         eta = None if step.eta is None or per_image is None else step.eta + remaining * per_image
-        yield JobProgress("denoise", step, index, images, name, eta)
-    return result
+        return JobProgress("denoise", step, index, images, name, eta)
+
+    return (yield from _as_phase("denoise", steps, over_all))
 
 
 def _fit(denoiser, images: list[JobImage], read: dict[int, tuple[Any, str, Any]], fit: FitRequest, stops: Stops,
@@ -259,16 +254,15 @@ def _fit(denoiser, images: list[JobImage], read: dict[int, tuple[Any, str, Any]]
     return plan.reason
 
 
-def _as_phase(phase: str, steps: Generator) -> Generator[JobProgress, None, Any]:
-    result = None
+def _as_phase(phase: str, steps: Generator, wrap=None) -> Generator[JobProgress, None, Any]:
+    """`steps` passed on as JobProgress of `phase` (made by `wrap(step)` where given); returns
+    what `steps` returns."""
     while True:
         try:
             step = next(steps)
         except StopIteration as stop:
-            result = stop.value
-            break
-        yield JobProgress(phase, step)
-    return result
+            return stop.value
+        yield wrap(step) if wrap is not None else JobProgress(phase, step)
 
 
 def _pixels(data) -> int:

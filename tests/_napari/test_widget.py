@@ -748,6 +748,7 @@ def test_fit_on_two_layers_and_denoise_both(viewer_and_widget, qtbot):
     widget.form.layer_select.value = first
     assert second in widget.form.more_layers.choices and first not in widget.form.more_layers.choices
     widget.form.more_layers.value = [second]
+    assert widget.denoise_button.text() == "Denoise all (2)"
     widget.form.iterations.value = 2
     widget.form.time_budget.value = 0
     widget.form.student.value = "off"

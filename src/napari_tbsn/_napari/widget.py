@@ -123,6 +123,9 @@ class DenoiseWidget(QWidget):
         # Closing the widget or the viewer stops a running job. Not a bound method: PyQt drops
         # those before a dying object's own destroyed signal.
         self.destroyed.connect(lambda *_: self._on_destroyed())
+        # With more layers chosen, Denoise denoises them all: its label says so.
+        self.form.more_layers.changed.connect(lambda chosen: self.denoise_button.setText(
+            f"Denoise all ({1 + len(chosen)})" if chosen else "Denoise"))
         self._set_busy(False)
         self._refresh_layers()
 
