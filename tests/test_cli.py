@@ -201,7 +201,10 @@ def test_a_ctrl_c_after_the_training_it_ended_is_over_stops_what_runs_then(monke
         deliver()
         assert stops.stop_training.is_set() and not stops.cancel.is_set()
         stops.training = False  # the fit completed; the files are being denoised
-        deliver()
+        try:
+            deliver()
+        except KeyboardInterrupt:
+            pytest.fail("the Ctrl-C after a training it ended was over aborted instead of cancelling")
         assert stops.cancel.is_set()
         with pytest.raises(KeyboardInterrupt):
             deliver()

@@ -42,6 +42,7 @@ def test_crops_come_from_every_image_by_its_pixels_and_never_touch_validation():
                                                         np.arange(width - 31), indexing="ij"))
         free.append(int((~sampler._overlaps_validation(g, n, y, x)).sum()))
     assert [sampler._free_positions(g) for g in range(2)] == free
+    np.testing.assert_allclose(sampler._weights, np.array(free) / sum(free))
     assert share_large == pytest.approx(free[1] / sum(free), abs=0.02)
     assert sampler.training_pixels == 64 * 64 + 2 * 128 * 96 - sum(held) * 32 * 32
 
@@ -222,6 +223,7 @@ def test_denoise_fits_one_model_on_all_inputs_and_writes_each(raw_folder, tmp_pa
     ("two inputs, one name", "would both be written"),
     ("output is a file", "is a file"),
     ("uncertainty with several", "takes a single input"),
+    ("names differ only in case", "would both be written"),
 ])
 def test_batch_paths_that_would_lose_data_are_refused_before_any_work(raw_folder, tmp_path, capsys, case, words):
     model = tmp_path / "m.safetensors"
@@ -237,7 +239,11 @@ def test_batch_paths_that_would_lose_data_are_refused_before_any_work(raw_folder
         "output is a file": [str(raw_folder), "-o", str(taken)],
         "uncertainty with several": [str(raw_folder), "-o", str(tmp_path / "o"), "--uncertainty",
                                      str(tmp_path / "u.tif")],
+        "names differ only in case": [str(raw_folder / "field0.tif"), str(other / "FIELD0.tif"), "-o",
+                                      str(tmp_path / "o")],
     }[case]
+    if case == "names differ only in case":
+        (other / "field0.tif").rename(other / "FIELD0.tif")
     before = _digest(raw_folder)
     assert main(["predict", *args, "--model", str(model), "--quiet"]) == 2
     assert words in capsys.readouterr().err
@@ -312,3 +318,25 @@ def test_a_rerun_that_finds_every_output_written_fits_nothing(raw_folder, tmp_pa
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "fitted:" not in err and err.count(": skipped: ") == 2 and "nothing to fit" in err
+
+
+def test_a_model_file_may_not_replace_an_input_that_shares_its_name_with_another(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        tifffile.imwrite(folder / "x.tif", noisy_image((64, 64))[1].astype(np.float32))
+    before = (first / "x.tif").read_bytes()
+    assert main(["fit", str(first / "x.tif"), str(second / "x.tif"), "-o", str(first / "x.tif"), "--quiet"]) == 2
+    assert "input" in capsys.readouterr().err and (first / "x.tif").read_bytes() == before
+
+
+def test_the_channels_most_images_have_decide_what_a_folder_fit_leaves_out(tmp_path, capsys):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    np.save(folder / "a_preview.npy", np.zeros((64, 64, 3), np.float32))  # sorts first, three channels
+    for index in range(2):
+        tifffile.imwrite(folder / f"field{index}.tif", noisy_image((64, 64), seed=index)[1].astype(np.float32))
+    model = tmp_path / "m.safetensors"
+    assert main(["fit", str(folder), "-o", str(model), "--preset", "tiny", "--iterations", "1", "--quiet"]) == 2
+    assert "a_preview.npy" in capsys.readouterr().err
+    assert [Path(image["name"]).name for image in Denoiser.load(model).model.fitted_on] == ["field0.tif", "field1.tif"]

@@ -43,7 +43,7 @@ from .model_io import write_text_atomic
 from .outputs import check_not_input, check_output, check_room, check_writable_file, overlaps
 from .noise import NoiseModel
 from .prediction import describe_output, uses_posterior, uses_student
-from .jobs import FitRequest, ImageReport, JobImage, JobProgress, ModelReady, run_job
+from .jobs import FitRequest, ImageReport, JobImage, JobProgress, JobSummary, ModelReady, run_job
 from .progress import Cancelled, Stops, drive, format_seconds
 from .training import FitProgress
 
@@ -228,7 +228,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Path]:
     inputs = getattr(args, "inputs", None) or ([args.input] if getattr(args, "input", None) else [])
     if len(inputs) <= 1:
         return {"input": inputs[0], **named} if inputs else named
-    return {**{f"input {index} ({path})": path for index, path in enumerate(inputs, start=1)}, **named}
+    return {**{f"input {index}": path for index, path in enumerate(inputs, start=1)}, **named}
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -375,7 +375,7 @@ def _job_images(args: argparse.Namespace) -> list[JobImage]:
 
 
 def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
-         options: PredictOptions | None = None, on_model=None) -> None:
+         options: PredictOptions | None = None, on_model=None) -> JobSummary:
     """The core job (jobs.run_job) with a progress bar per phase, a line per file and the
     outputs written as files."""
     images = _job_images(args)
@@ -450,11 +450,14 @@ def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
             each.close()
     if summary.stopped:
         raise Cancelled("the rest was not denoised" if summary.done else "nothing was denoised")
+    if fit is not None and not denoiser.is_fitted:
+        _log(args, "nothing was fitted" + (f", so no model was saved to {args.save_model}"
+                                           if getattr(args, "save_model", None) else ""))
     if options is None:
         if summary.failed:  # the model was fitted on the others
-            raise BatchFailed(f"{len(summary.failed)} of {len(images)} inputs could not be read and were left out of "
-                              "the fit: " + "; ".join(f"{report.name}: {report.message}" for report in summary.failed))
-        return
+            raise BatchFailed(f"{len(summary.failed)} of {len(images)} inputs were left out of the fit: " + "; ".join(
+                f"{report.name}: {report.message.removeprefix('left out of the fit: ')}" for report in summary.failed))
+        return summary
     if not args.batch:
         _log(args, f"wrote {args.output}" + (f" and the posterior standard deviation to {args.uncertainty}"
                                              if args.uncertainty else ""))
@@ -462,11 +465,12 @@ def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
             _log(args, denoiser.quality.describe())
         if args.report:
             _write_report(args.report, denoiser, options)
-        return
+        return summary
     _log(args, f"{args.output}: {summary.describe()}")
     if summary.failed:
         raise BatchFailed(f"{len(summary.failed)} of {len(images)} inputs failed: " + "; ".join(
             f"{report.name}: {report.message}" for report in summary.failed))
+    return summary
 
 
 @contextlib.contextmanager
@@ -513,7 +517,10 @@ def _predict_on_cluster(args: argparse.Namespace, denoiser: Denoiser, image: Ima
                                                       on_submit=on_submit)
         except BaseException:
             if submitted and not args.quiet:
-                print("\nthe finished blocks are kept: run the same command again to resume", file=sys.stderr)
+                again = "run the same command again to resume" if args.command == "predict" else \
+                    "tbsn predict with the model saved by --save-model and the same output resumes them (a new fit " \
+                    "would start them over)"
+                print(f"\nthe finished blocks are kept: {again}", file=sys.stderr)
             raise
     _log(args, f"wrote {args.output}: {summary.describe()}")
     if args.report:
@@ -604,7 +611,8 @@ def command_denoise(args: argparse.Namespace) -> None:
 
     fit = FitRequest(args.iterations, args.time_budget, "off" if args.uncertainty else args.student)
     if args.workers is not None or args.scheduler:  # fit here, then the cluster predicts
-        _run(args, denoiser, fit, on_model=on_model)
+        if _run(args, denoiser, fit, on_model=on_model).cancelled:
+            raise Cancelled("stopped after the fit: nothing was denoised")
         image = read_image(args.inputs[0])
         _predict_on_cluster(args, denoiser, image, _input_axes(image, args.axes), options)
         return

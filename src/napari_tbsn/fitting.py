@@ -157,13 +157,16 @@ def _warn_on_disagreement(images: list[FitImage], pooled: NoiseModel) -> None:
     """Warn where the images' own noise measurements sit apart around the model fitted on all of
     them (measured / model variance, per image: 1 where the model describes it)."""
     ratios = [NoiseMeasurement.of(image.data, image.layout).model_ratio(pooled) for image in images]
+    flat = [image for image, ratio in zip(images, ratios) if not all(np.isfinite(r) and r > 0 for r in ratio)]
+    if flat:  # no noise measured at all: a blank or padded field, which only skews the pooled noise model
+        warnings.warn(f"{flat[0].label} shows no noise (a blank or constant field?): leave it out of the fit",
+                      stacklevel=3)
+    kept = [(image, ratio) for image, ratio in zip(images, ratios) if not any(image is each for each in flat)]
+    if len(kept) < 2:
+        return
+    images, ratios = [image for image, _ in kept], [ratio for _, ratio in kept]
     for channel in range(len(ratios[0])):
         each = [ratio[channel] for ratio in ratios]
-        flat = [image for image, ratio in zip(images, each) if not np.isfinite(ratio) or ratio <= 0]
-        if flat:  # no noise measured at all: a blank or padded field
-            warnings.warn(f"{flat[0].label} shows no noise (a blank or constant field?): it adds nothing to the fit; "
-                          "leave it out", stacklevel=3)
-            return
         if max(each) / min(each) > NOISE_DISAGREEMENT:
             far = max(range(len(each)), key=lambda i: abs(np.log(each[i])))
             where = f" in channel {channel}" if len(ratios[0]) > 1 else ""

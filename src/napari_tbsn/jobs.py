@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -106,6 +107,7 @@ class JobSummary:
     denoiser: Any
     reports: list[ImageReport] = field(default_factory=list)
     stopped: bool = False  # cancelled before every image was handled
+    cancelled: bool = False  # the job's cancel token was set (a stop after the fit, in the closing fits...)
 
     def _with(self, status: str) -> list[ImageReport]:
         return [report for report in self.reports if report.status == status]
@@ -139,9 +141,21 @@ def run_job(denoiser, images: Sequence[JobImage], stops: Stops, *, fit: FitReque
     if not images:
         raise BadInput("no images: give at least one")
     summary = JobSummary(denoiser)
-    waiting = [image for image in images if destination is None or destination.finished(image) is None]
+    summary = yield from _steps(denoiser, images, stops, fit, destination, keep_going, threads, summary)
+    summary.cancelled = stops.cancel.is_set()
+    return summary
+
+
+def _steps(denoiser, images: list[JobImage], stops: Stops, fit: FitRequest | None, destination: Destination | None,
+           keep_going: bool, threads, summary: JobSummary) -> Generator[Any, None, JobSummary]:
+    waiting = [index for index, image in enumerate(images)
+               if destination is None or destination.finished(image) is None]
+    read = {}
     if fit is not None and waiting:  # (a rerun that finds every result written fits nothing)
         read = yield from _read_for_fit(denoiser, images, summary, keep_going)
+    # A fit when an image still waiting for its result can be fitted (not when what is left is
+    # only images that fail: said so, and the others were written by an earlier run).
+    if any(index in read for index in waiting):
         note = yield from _fit(denoiser, images, read, fit, stops, threads)
         read.clear()  # each image is read again at its turn: nothing held open meanwhile
         if stops.cancel.is_set():
@@ -191,22 +205,31 @@ def _read_for_fit(denoiser, images: list[JobImage], summary: JobSummary, keep_go
     `keep_going`, one that cannot be read or does not fit with the others is reported and left
     out (a generator of those reports)."""
     read: dict[int, tuple[Any, str, Any]] = {}
-    channels = None
+    layouts = {}
+    failed: list[tuple[int, BaseException]] = []
     for index, image in enumerate(images):
         try:
             data, axes, like = image.read()
-            layout = denoiser.check_fit_image(data, axes)
-            if channels is not None and layout.channels != channels:
-                raise BadInput(f"it has {layout.channels} channel(s) where the images before it have {channels}")
-            channels = layout.channels
+            layouts[index] = denoiser.check_fit_image(data, axes)
             read[index] = (data, axes, like)
         except Exception as error:
             if not keep_going or not is_user_error(error):
                 raise
-            report = ImageReport(image.name, index, len(images), "failed", f"left out of the fit: {_failure(error)}",
-                                 error=error)
-            summary.reports.append(report)
-            yield report
+            failed.append((index, error))
+    if read:  # the channels most images have decide; the others are left out (a fit needs one count)
+        counts = Counter(layout.channels for layout in layouts.values())
+        channels = max(counts, key=lambda count: (counts[count], -min(i for i in read if layouts[i].channels == count)))
+        for index in [i for i in read if layouts[i].channels != channels]:
+            error = BadInput(f"it has {layouts[index].channels} channel(s) where most of the images have {channels}")
+            if not keep_going:
+                raise error
+            del read[index]
+            failed.append((index, error))
+    for index, error in sorted(failed, key=lambda pair: pair[0]):
+        report = ImageReport(images[index].name, index, len(images), "failed", f"left out of the fit: {_failure(error)}",
+                             error=error)
+        summary.reports.append(report)
+        yield report
     if not read:
         raise BadInput(f"none of the {len(images)} images can be fitted: " + "; ".join(
             f"{report.name}: {report.message}" for report in summary.failed))
