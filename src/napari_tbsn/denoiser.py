@@ -101,14 +101,19 @@ def _check_budget(iterations, time_budget) -> None:
         raise ValueError(f"time_budget must be a finite, positive number of seconds, got {time_budget!r}")
 
 
+def _with_axes(arrays: Sequence, axes: str | None) -> list[tuple[Any, str | None]]:
+    """(array, axes) for each item: an (array, axes) pair as given, an array with `axes`."""
+    return [item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str) else (item, axes)
+            for item in arrays]
+
+
 def fit_images(data, axes: str | None, names: Sequence[str] | None = None) -> list[FitImage]:
     """The images of a fit, checked: one array with `axes`, a sequence of arrays sharing
     `axes`, or a sequence of (array, axes) pairs; all with the same channels."""
     if isinstance(data, (list, tuple)):
         if not data:
             raise BadInput("no images to fit: give at least one array")
-        items = [item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str) else (item, axes)
-                 for item in data]
+        items = _with_axes(data, axes)
     else:
         items = [(data, axes)]
     if names is not None and len(names) != len(items):
@@ -352,12 +357,7 @@ class Denoiser:
         layouts = [image.layout for image in images]
         for image in images:
             layout, which = image.layout, image.label if len(images) > 1 else ""
-            if previous is not None and previous.channels != layout.channels:
-                raise ValueError(f"this model has {previous.channels} channel(s) but {which or 'the data'} has "
-                                 f"{layout.channels}; fit a new Denoiser for this data")
-            smallest = network_preset(self._settings.preset).size_multiple
-            if min(layout.height, layout.width) < smallest:
-                raise ValueError(f"{which}: " * bool(which) + _too_small(layout, self.preset, smallest))
+            self._check_fit_layout(layout, which)
             layout.check_context(context_for(self._settings, layouts, previous),
                                  ("choose a smaller context (0 for none)" if previous is None else "fit a new model")
                                  + f" ({which})" * bool(which))
@@ -368,15 +368,20 @@ class Denoiser:
     def check_fit_image(self, data, axes: str | None) -> PlaneLayout:
         """The layout of one image a fit would take, checked as fit() checks it alone (its axes,
         its size for the preset, the channels of the model it would fine-tune)."""
-        image = fit_images(data, axes or self._default_axes(data))[0]
-        previous, layout = self._model, image.layout
+        layout = fit_images(data, axes or self._default_axes(data))[0].layout
+        self._check_fit_layout(layout)
+        return layout
+
+    def _check_fit_layout(self, layout: PlaneLayout, which: str = "") -> None:
+        """Refuse an image this Denoiser cannot fit: channels other than the model it would
+        fine-tune, or planes too small for the preset. `which` names the image among several."""
+        previous = self._model
         if previous is not None and previous.channels != layout.channels:
-            raise BadInput(f"this model has {previous.channels} channel(s) but the image has {layout.channels}; "
-                           "fit a new model for it")
+            raise BadInput(f"this model has {previous.channels} channel(s) but {which or 'the data'} has "
+                           f"{layout.channels}; fit a new Denoiser for this data")
         smallest = network_preset(self._settings.preset).size_multiple
         if min(layout.height, layout.width) < smallest:
-            raise BadInput(_too_small(layout, self.preset, smallest))
-        return layout
+            raise BadInput(f"{which}: " * bool(which) + _too_small(layout, self.preset, smallest))
 
     def _fit_steps(self, images, iterations, time_budget, token, previous, stop_training):
         model = yield from fit_model(self._settings, images, iterations, time_budget, self._device, token,
@@ -518,8 +523,7 @@ class Denoiser:
         per array); options as predict(). The first array that fails raises its error."""
         from .jobs import JobImage, run_job
 
-        items = [item if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], str) else (item, axes)
-                 for item in arrays]
+        items = _with_axes(arrays, axes)
         if names is not None and len(names) != len(items):
             raise BadInput(f"{len(names)} name(s) for {len(items)} array(s): give one name per array, or none")
         options = self.prediction_options(options, **changes)
