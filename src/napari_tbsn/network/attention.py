@@ -10,6 +10,10 @@ overlapping 12x12 key window, keeping only keys at even offsets in both directio
 dilation-2 receptive field), with a learned relative position embedding. In the split
 layout a parity class's queries (a 4x4 window) and its kept keys (a 6x6 window) form an
 ordinary window attention with nothing masked: the same logits, a quarter of the work.
+
+Both work on the (B, H, W, C) view of channels-last features (see layers.py): heads and
+windows are cut from it without changing the memory order, and the products read the
+pixel-major tensors transposed where the formula has them channel-major.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .layers import DilatedConv3x3
+from .layers import DilatedConv3x3, PointwiseConv2d, from_pixels, to_pixels
 
 
 class ParityChannelAttention(nn.Module):
@@ -34,32 +38,35 @@ class ParityChannelAttention(nn.Module):
         self.heads = heads
         self.block = block
         self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=False)
+        self.qkv = PointwiseConv2d(dim, dim * 3)
         self.qkv_depthwise = DilatedConv3x3(dim * 3, dim * 3, groups=dim * 3)
-        self.project = nn.Conv2d(dim, dim, 1, bias=False)
+        self.project = PointwiseConv2d(dim, dim)
 
     def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         height, width = x.shape[-2:]
-        q, k, v = self.qkv_depthwise(self.qkv(x), split).chunk(3, dim=1)
+        q, k, v = to_pixels(self.qkv_depthwise(self.qkv(x), split)).chunk(3, dim=-1)
         # Each (block, parity class) gets its own statistics. In the split layout every
         # batch item already is one parity class, at half the resolution.
         block = self.block // 2 if split else self.block
         block_h, block_w = (block, block) if block else ((height, width) if split else (height // 2, width // 2))
         if split:
-            to_heads = "b (head c) (nh h) (nw w) -> b nh nw head c (h w)"
-            from_heads = "b nh nw head c (h w) -> b (head c) (nh h) (nw w)"
+            to_heads = "b (nh h) (nw w) (head c) -> b nh nw head (h w) c"
+            from_heads = "b nh nw head (h w) c -> b (nh h) (nw w) (head c)"
             sizes = {"h": block_h, "w": block_w}
         else:
-            to_heads = "b (head c) (nh h py) (nw w px) -> b nh nw py px head c (h w)"
-            from_heads = "b nh nw py px head c (h w) -> b (head c) (nh h py) (nw w px)"
+            to_heads = "b (nh h py) (nw w px) (head c) -> b nh nw py px head (h w) c"
+            from_heads = "b nh nw py px head (h w) c -> b (nh h py) (nw w px) (head c)"
             block_h, block_w = (block // 2, block // 2) if block else (block_h, block_w)
             sizes = {"h": block_h, "w": block_w, "py": 2, "px": 2}
         q, k, v = (rearrange(t, to_heads, head=self.heads, **sizes) for t in (q, k, v))
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        weights = (q @ k.transpose(-2, -1)) * self.temperature
-        out = rearrange(weights.softmax(dim=-1) @ v, from_heads, **sizes)
-        return self.project(out)
+        # Cosine similarity of channels over the block's positions (the rows here): the product
+        # of the raw channels divided by their norms, which spares normalising q and k themselves
+        # (F.normalize's division, eps included, moved onto the C x C product).
+        norms_q = torch.linalg.vector_norm(q, dim=-2).clamp_min(1e-12)
+        norms_k = torch.linalg.vector_norm(k, dim=-2).clamp_min(1e-12)
+        weights = (q.transpose(-2, -1) @ k) / (norms_q[..., :, None] * norms_k[..., None, :]) * self.temperature
+        out = v @ weights.softmax(dim=-1).transpose(-2, -1)  # each position's channels mixed
+        return self.project(from_pixels(rearrange(out, from_heads, **sizes).contiguous()))
 
 
 def _relative_offsets(window: int, key_window: int, padding: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +81,31 @@ def _relative_offsets(window: int, key_window: int, padding: int, step: int) -> 
     return offset_y, offset_x
 
 
+def overlapping_windows(pixels: torch.Tensor, window: int, padding: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B, H/window, key, W/window, key, C): each window with `padding` pixels of
+    its neighbours on every side (zeros beyond the image), key = window + 2 padding; what
+    F.unfold(kernel=key, stride=window, padding=padding) gives, but cut from the windows and
+    their neighbours' edges, whose gradient is a sum of slices instead of unfold's scatter."""
+    if padding > window:  # reaches past the neighbouring window (no preset does)
+        padded = F.pad(pixels, (0, 0, padding, padding, padding, padding))
+        key = window + 2 * padding
+        return padded.unfold(1, key, window).unfold(2, key, window).permute(0, 1, 4, 2, 5, 3)
+
+    def with_halo(blocks: torch.Tensor, axis: int) -> torch.Tensor:
+        # `blocks` has the windows along `axis` and the pixels within a window along axis + 1.
+        if not padding:
+            return blocks
+        zeros = blocks.new_zeros(blocks.shape[:axis] + (1, padding) + blocks.shape[axis + 2:])
+        before = torch.cat([zeros, blocks.narrow(axis, 0, blocks.shape[axis] - 1).narrow(axis + 1, window - padding,
+                                                                                           padding)], dim=axis)
+        after = torch.cat([blocks.narrow(axis, 1, blocks.shape[axis] - 1).narrow(axis + 1, 0, padding), zeros],
+                          dim=axis)
+        return torch.cat([before, blocks, after], dim=axis + 1)
+
+    rows = with_halo(pixels.unflatten(1, (-1, window)), 1)  # (B, nh, key, W, C)
+    return with_halo(rows.unflatten(3, (-1, window)), 3)  # (B, nh, key, nw, key, C)
+
+
 class MaskedWindowAttention(nn.Module):
     """M-WSA: window queries, overlapping key windows, relative positions, dilation mask."""
 
@@ -85,9 +117,9 @@ class MaskedWindowAttention(nn.Module):
         self.key_window = key_window
         self.padding = (key_window - window) // 2
         inner = heads * head_dim
-        self.query = nn.Conv2d(dim, inner, 1, bias=False)
-        self.key_value = nn.Conv2d(dim, inner * 2, 1, bias=False)
-        self.project = nn.Conv2d(inner, dim, 1, bias=False)
+        self.query = PointwiseConv2d(dim, inner)
+        self.key_value = PointwiseConv2d(dim, inner * 2)
+        self.project = PointwiseConv2d(inner, dim)
         reach = window - 1 + self.padding
         # Relative position embedding along each axis, content dependent (q . r), indexed by
         # the full-resolution offset.
@@ -115,12 +147,12 @@ class MaskedWindowAttention(nn.Module):
             window, key_window, padding = self.window, self.key_window, self.padding
             index_y, index_x, blocked = self.full_index_y, self.full_index_x, self.full_blocked
         q = rearrange(
-            self.query(x), "b (head d) (nh wy) (nw wx) -> (b nh nw) head (wy wx) d",
+            to_pixels(self.query(x)), "b (nh wy) (nw wx) (head d) -> (b nh nw) head (wy wx) d",
             head=self.heads, wy=window, wx=window,
         )
-        key_value = F.unfold(self.key_value(x), key_window, stride=window, padding=padding)
+        key_value = overlapping_windows(to_pixels(self.key_value(x)), window, padding)
         k, v = rearrange(
-            key_value, "b (two head d kk) windows -> two (b windows) head kk d",
+            key_value, "b nh ky nw kx (two head d) -> two (b nh nw) head (ky kx) d",
             two=2, head=self.heads, d=self.head_dim,
         )
         q = q * self.head_dim**-0.5
@@ -133,7 +165,7 @@ class MaskedWindowAttention(nn.Module):
             logits = logits.masked_fill(blocked, float("-inf"))
         out = logits.softmax(dim=-1) @ v
         out = rearrange(
-            out, "(b nh nw) head (wy wx) d -> b (head d) (nh wy) (nw wx)",
+            out, "(b nh nw) head (wy wx) d -> b (nh wy) (nw wx) (head d)",
             nh=height // window, nw=width // window, wy=window, wx=window,
         )
-        return self.project(out)
+        return self.project(from_pixels(out.contiguous()))

@@ -7,6 +7,11 @@ Every layer after the input conv runs in one of two equivalent layouts:
   where a dilation-2 convolution becomes an ordinary 3x3 convolution. The same weights give
   the same function (a float64 test checks it) with a quarter of the attention work.
 The network runs split; the full layout is kept as the readable reference.
+
+Memory layout: features are (B, C, H, W) tensors stored channels last (each pixel's channels
+side by side), and every reshuffle below is written on the (B, H, W, C) view and keeps that
+order. oneDNN runs convolutions on such tensors several times faster than on NCHW ones in
+bfloat16 (see docs/measurements.md), and 1x1 convolutions become plain matrix products.
 """
 
 from __future__ import annotations
@@ -15,6 +20,44 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The same tensor stored channels last (a no-op when it already is)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> its (B, H, W, C) view: no copy for a channels-last tensor."""
+    return x.permute(0, 2, 3, 1)
+
+
+def from_pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> its (B, C, H, W) view, channels last when `x` is contiguous."""
+    return x.permute(0, 3, 1, 2)
+
+
+def rearrange_pixels(x: torch.Tensor, pattern: str, **sizes: int) -> torch.Tensor:
+    """einops `pattern` applied to the (B, H, W, C) view of `x` and its result given back as
+    (B, C, H, W), stored channels last: a reshuffle that keeps the layout."""
+    return from_pixels(rearrange(to_pixels(x), pattern, **sizes).contiguous())
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A bias-free (unless asked) 1x1 convolution computed as a matrix product over each
+    pixel's channels: the same weights and result as nn.Conv2d(..., 1), without oneDNN's
+    layout reorders."""
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise(x, self.weight, self.bias)
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 1x1 convolution of (B, C, H, W) by an (out, C, 1, 1) weight, result stored channels last."""
+    return from_pixels(F.linear(to_pixels(x), weight.flatten(1), bias))
 
 
 class CentreMaskedConv2d(nn.Conv2d):
@@ -36,12 +79,12 @@ class CentreMaskedConv2d(nn.Conv2d):
 
 def split_parity(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) full resolution -> (4B, C, H/2, W/2), one image per parity class."""
-    return rearrange(x, "b c (h py) (w px) -> (py px b) c h w", py=2, px=2)
+    return rearrange_pixels(x, "b (h py) (w px) c -> (py px b) h w c", py=2, px=2)
 
 
 def merge_parity(x: torch.Tensor) -> torch.Tensor:
     """The inverse of split_parity."""
-    return rearrange(x, "(py px b) c h w -> b c (h py) (w px)", py=2, px=2)
+    return rearrange_pixels(x, "(py px b) h w c -> b (h py) (w px) c", py=2, px=2)
 
 
 class DilatedConv3x3(nn.Module):
@@ -59,7 +102,8 @@ class DilatedConv3x3(nn.Module):
 
 
 class BiasFreeLayerNorm(nn.Module):
-    """LayerNorm over channels at each position, with a scale and no bias (Restormer style)."""
+    """LayerNorm over channels at each position, with a scale and no bias (Restormer style):
+    x / sqrt(var(x) + eps) * weight, x itself not centred."""
 
     def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -67,11 +111,39 @@ class BiasFreeLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The statistics in at least float32: squared float16 activations overflow past 256.
+        # Under autocast the result goes straight to the layers after it in their reduced
+        # precision, which they would cast it to anyway (one pass over the features less).
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _BiasFreeNorm.apply(x, self.weight, self.eps, dtype)
+
+
+class _BiasFreeNorm(torch.autograd.Function):
+    """The norm with its gradient written out: autograd's chain of a dozen element-wise steps
+    over full-size tensors took most of a block's time; this is about half (docs/measurements.md).
+    The statistics in at least float32: squared float16 activations overflow past 256."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
         centred = wide - wide.mean(dim=1, keepdim=True)
-        variance = (centred * centred).mean(dim=1, keepdim=True)
-        return (wide * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight.view(1, -1, 1, 1)
+        inverse_std = torch.rsqrt((centred * centred).mean(dim=1, keepdim=True) + eps)
+        ctx.save_for_backward(x, inverse_std, weight)
+        return (wide * inverse_std * weight.view(1, -1, 1, 1)).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        # y = w x r with r = (var + eps)^-1/2 and d var / dx = 2 (x - mean) / C, so
+        # dx = r (w g) - r^3 (x - mean) mean_C(w g x), and dw = sum over pixels of g x r.
+        x, inverse_std, weight = ctx.saved_tensors
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        grad = grad_output.to(wide.dtype)
+        grad_weight = (grad * wide * inverse_std).sum(dim=(0, 2, 3))
+        grad = grad * weight.view(1, -1, 1, 1).to(wide.dtype)
+        centred = wide - wide.mean(dim=1, keepdim=True)
+        projection = (grad * wide).mean(dim=1, keepdim=True)
+        grad_input = inverse_std * grad - (inverse_std**3 * projection) * centred
+        return grad_input.to(x.dtype), grad_weight.to(weight.dtype), None, None
 
 
 class FeedForward(nn.Module):
@@ -97,15 +169,15 @@ class ParityDownsample(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.reduce = nn.Conv2d(dim, dim // 2, 1, bias=False)
+        self.reduce = PointwiseConv2d(dim, dim // 2)
 
     def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         x = self.reduce(x)
         if split:  # within one parity class this is a plain pixel unshuffle
-            return rearrange(x, "b c (cell_y pair_y) (cell_x pair_x) -> b (c pair_y pair_x) cell_y cell_x",
-                             pair_y=2, pair_x=2)
-        return rearrange(
-            x, "b c (cell_y pair_y py) (cell_x pair_x px) -> b (c pair_y pair_x) (cell_y py) (cell_x px)",
+            return rearrange_pixels(x, "b (cell_y pair_y) (cell_x pair_x) c -> b cell_y cell_x (c pair_y pair_x)",
+                                    pair_y=2, pair_x=2)
+        return rearrange_pixels(
+            x, "b (cell_y pair_y py) (cell_x pair_x px) c -> b (cell_y py) (cell_x px) (c pair_y pair_x)",
             pair_y=2, py=2, pair_x=2, px=2,
         )
 
@@ -115,14 +187,14 @@ class ParityUpsample(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.expand = nn.Conv2d(dim, dim * 2, 1, bias=False)
+        self.expand = PointwiseConv2d(dim, dim * 2)
 
     def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         x = self.expand(x)
         if split:
-            return rearrange(x, "b (c pair_y pair_x) cell_y cell_x -> b c (cell_y pair_y) (cell_x pair_x)",
-                             pair_y=2, pair_x=2)
-        return rearrange(
-            x, "b (c pair_y pair_x) (cell_y py) (cell_x px) -> b c (cell_y pair_y py) (cell_x pair_x px)",
+            return rearrange_pixels(x, "b cell_y cell_x (c pair_y pair_x) -> b (cell_y pair_y) (cell_x pair_x) c",
+                                    pair_y=2, pair_x=2)
+        return rearrange_pixels(
+            x, "b (cell_y py) (cell_x px) (c pair_y pair_x) -> b (cell_y pair_y py) (cell_x pair_x px) c",
             pair_y=2, py=2, pair_x=2, px=2,
         )

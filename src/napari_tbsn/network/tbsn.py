@@ -14,7 +14,10 @@ from .layers import (
     FeedForward,
     ParityDownsample,
     ParityUpsample,
+    PointwiseConv2d,
+    channels_last,
     merge_parity,
+    pointwise,
     split_parity,
 )
 
@@ -91,13 +94,13 @@ class TBSN(nn.Module):
         self.down_2 = ParityDownsample(2 * dim)
         self.latent = Stage(config.encoder_blocks[2], 4 * dim, ch[2], sp[2], config, 4)
         self.up_2 = ParityUpsample(4 * dim)
-        self.reduce_2 = nn.Conv2d(4 * dim, 2 * dim, 1, bias=False)
+        self.reduce_2 = PointwiseConv2d(4 * dim, 2 * dim)
         self.decoder_2 = Stage(config.decoder_blocks[0], 2 * dim, ch[1], sp[1], config, 2)
         self.up_1 = ParityUpsample(2 * dim)
         self.decoder_1 = Stage(config.decoder_blocks[1], 2 * dim, ch[0], sp[0], config, 1)
         self.refinement = Stage(config.refinement_blocks, 2 * dim, ch[0], sp[0], config, 1)
         heads = 2 if config.variance_head else 1
-        self.output_conv = nn.Conv2d(2 * dim, heads * self.mean_outputs, 1, bias=True)
+        self.output_conv = PointwiseConv2d(2 * dim, heads * self.mean_outputs, bias=True)
 
     @property
     def mean_outputs(self) -> int:
@@ -149,6 +152,7 @@ class TBSN(nn.Module):
         features = self.input_conv(x[:, :blind])
         if self.context_conv is not None:
             features = features + self.context_conv(x[:, blind:])
+        features = channels_last(features)  # the layout every later layer keeps (layers.py)
         if split:
             features = split_parity(features)
         decoded = self._body(features, split)
@@ -169,7 +173,7 @@ class TBSN(nn.Module):
         """A 1x1 conv of the features (as features() gives them) with rows of the output conv's
         shape: (B, rows * C, H, W) per channel when the channels run as samples (unless the input
         was `per_sample` already), else (B, rows, H, W)."""
-        output = F.conv2d(features, weight, bias)
+        output = pointwise(features, weight, bias).contiguous()
         groups = self.config.groups
         if groups == 1 or per_sample:
             return output
