@@ -126,24 +126,26 @@ class _BiasFreeNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
         wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        centred = wide - wide.mean(dim=1, keepdim=True)
+        mean = wide.mean(dim=1, keepdim=True)
+        centred = wide - mean
         inverse_std = torch.rsqrt((centred * centred).mean(dim=1, keepdim=True) + eps)
-        ctx.save_for_backward(x, inverse_std, weight)
-        return (wide * inverse_std * weight.view(1, -1, 1, 1)).to(dtype)
+        scaled = wide * inverse_std
+        ctx.save_for_backward(scaled, inverse_std, mean, weight)
+        ctx.input_dtype = x.dtype
+        return (scaled * weight.view(1, -1, 1, 1)).to(dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
-        # y = w x r with r = (var + eps)^-1/2 and d var / dx = 2 (x - mean) / C, so
-        # dx = r (w g) - r^3 (x - mean) mean_C(w g x), and dw = sum over pixels of g x r.
-        x, inverse_std, weight = ctx.saved_tensors
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        grad = grad_output.to(wide.dtype)
-        grad_weight = (grad * wide * inverse_std).sum(dim=(0, 2, 3))
-        grad = grad * weight.view(1, -1, 1, 1).to(wide.dtype)
-        centred = wide - wide.mean(dim=1, keepdim=True)
-        projection = (grad * wide).mean(dim=1, keepdim=True)
-        grad_input = inverse_std * grad - (inverse_std**3 * projection) * centred
-        return grad_input.to(x.dtype), grad_weight.to(weight.dtype), None, None
+        # y = w s with s = x r, r = (var + eps)^-1/2 and d var / dx = 2 (x - mean) / C. With
+        # g = w dy and m = mean_C(g s): dx = r g - r m (x - mean) r = r g - r m s + r m mean r,
+        # and dw = the sum over pixels of dy s: a few passes over s, not autograd's dozen.
+        scaled, inverse_std, mean, weight = ctx.saved_tensors
+        grad = grad_output.to(scaled.dtype)
+        grad_weight = (grad * scaled).sum(dim=(0, 2, 3))
+        grad = grad * weight.view(1, -1, 1, 1).to(scaled.dtype)
+        projection = inverse_std * (grad * scaled).mean(dim=1, keepdim=True)
+        grad_input = torch.addcmul(projection * mean * inverse_std, grad, inverse_std) - projection * scaled
+        return grad_input.to(ctx.input_dtype), grad_weight.to(weight.dtype), None, None
 
 
 class FeedForward(nn.Module):
