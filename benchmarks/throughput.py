@@ -19,6 +19,7 @@ slows both alike; a cell is the median over --rounds. (Make the baseline tree wi
 - teacher / student: `predict` of a 1024x1024 plane with the default options (the teacher's
   ensemble and lattice refinement; the student's single pass), megapixels per second.
 - matmul: this CPU's 2048^3 matrix product in float32 and bfloat16 (this tree only).
+FLOPs leave out the relative-position products (q . r, under 1%) and the output convolution.
 
 --profile prints where one training step's time goes, per operator and per kind of work.
 """
@@ -177,9 +178,18 @@ def run_worker(kind: str, tree: str | None) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _convolution_weight(name: str, shapes: list) -> list:
+    """The weight's shape among a convolution operator's inputs (the backward's third input)."""
+    index = 2 if "backward" in name else 1
+    return shapes[index] if len(shapes) > index and shapes[index] else []
+
+
 CATEGORIES = (  # (name, test on the operator's name and its input shapes), the first match wins
-    ("1x1 convolutions (products)", lambda n, s: n in ("aten::mm", "aten::addmm", "aten::linear")),
-    ("depthwise 3x3 convolutions", lambda n, s: "convolution" in n and len(s) > 1 and len(s[1]) == 4 and s[1][1] == 1),
+    ("1x1 convolutions and relative-position products (mm)",
+     lambda n, s: n in ("aten::mm", "aten::addmm", "aten::linear")),
+    ("depthwise 3x3 convolutions", lambda n, s: "convolution" in n and _convolution_weight(n, s)[1:2] == [1]
+     and _convolution_weight(n, s)[2:] == [3, 3]),
+    ("1x1 convolutions (NCHW convolutions)", lambda n, s: "convolution" in n and _convolution_weight(n, s)[2:] == [1, 1]),
     ("dense 3x3 convolutions", lambda n, s: "convolution" in n),
     ("attention products", lambda n, s: n in ("aten::bmm", "aten::matmul")),
     ("softmax", lambda n, s: "softmax" in n),
@@ -265,11 +275,13 @@ def main() -> None:
             row += f" | {1 / ratio if kind == 'step' else ratio:.2f}x faster |"
         print(row + (" |" if len(trees) == 1 else ""))
         if kind == "step":
+            cells = []
             for name in trees:
                 cell = results[(kind, name)][0]
                 flops = statistics.median(r["gflop_s"] for r in results[(kind, name)])
-                print(f"|   step GFLOP/s ({name}: {cell['gflop']:.2f} GFLOP per step, {cell['dtype']}) | "
-                      f"{flops:.0f} ({100 * flops / matmul['bfloat16']:.0f}% of the bf16 product) |")
+                cells.append(f"{flops:.0f} ({100 * flops / matmul[cell['dtype']]:.0f}% of the {cell['dtype']} product)")
+            print(f"| step GFLOP/s ({results[(kind, 'this tree')][0]['gflop']:.1f} GFLOP per step) | "
+                  + " | ".join(cells) + (" | |" if len(trees) > 1 else " |"))
 
 
 if __name__ == "__main__":

@@ -31,14 +31,16 @@ def test_norm_matches_the_formula_and_its_gradient_is_exact():
     assert torch.autograd.gradcheck(lambda a, w: _BiasFreeNorm.apply(a, w, 1e-5, a.dtype), (x, norm.weight))
 
 
-def test_norm_under_autocast_gives_the_autocast_dtype_from_float32_statistics():
+def test_norm_keeps_float32_statistics_for_half_inputs_and_hands_on_autocasts_dtype():
     torch.manual_seed(1)
     norm = BiasFreeLayerNorm(8)
-    x = torch.randn(1, 8, 4, 4) * 300  # squares past float16's range: statistics must be float32
+    x = torch.randn(1, 8, 4, 4) * 300 + 100  # squares past float16's range (65504)
+    out = norm(x.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.allclose(out.float(), _plain_norm(x.half().float(), norm.weight), rtol=1e-2, atol=1e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = norm(x)
-    assert out.dtype == torch.bfloat16
-    assert torch.allclose(out.float(), _plain_norm(x, norm.weight), rtol=1e-2, atol=1e-2)
+        assert norm(x).dtype == torch.bfloat16
+        assert norm(x.double()).dtype == torch.float64  # autocast leaves float64 alone, and so does the norm
 
 
 def test_pointwise_conv_is_the_1x1_convolution():
@@ -50,7 +52,7 @@ def test_pointwise_conv_is_the_1x1_convolution():
     assert pointwise(x).is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("window, padding", [(4, 1), (2, 1), (4, 2), (4, 0), (2, 3)])
+@pytest.mark.parametrize("window, padding", [(4, 1), (2, 1), (4, 2), (4, 4), (4, 0), (2, 3)])
 def test_overlapping_windows_are_unfolds_windows(window, padding):
     torch.manual_seed(3)
     x = torch.randn(2, 5, 4 * window, 3 * window, dtype=torch.float64)
@@ -61,22 +63,39 @@ def test_overlapping_windows_are_unfolds_windows(window, padding):
 
 
 def _normalised_channel_attention(attention: ParityChannelAttention, x: torch.Tensor) -> torch.Tensor:
-    """The split-layout G-CSA as first written: q and k normalised over positions, then multiplied."""
+    """The split-layout G-CSA as first written (NCHW): q and k normalised over each block's
+    positions, then multiplied."""
     q, k, v = attention.qkv_depthwise(F.conv2d(x, attention.qkv.weight), True).chunk(3, dim=1)
-    heads = attention.heads
-    q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=heads) for t in (q, k, v))
+    block = attention.block // 2 or x.shape[-1]
+    sizes = {"head": attention.heads, "h": attention.block // 2 or x.shape[-2], "w": block}
+    q, k, v = (rearrange(t, "b (head c) (nh h) (nw w) -> b nh nw head c (h w)", **sizes) for t in (q, k, v))
     weights = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * attention.temperature
-    out = rearrange(weights.softmax(dim=-1) @ v, "b head c (h w) -> b (head c) h w", h=x.shape[-2])
+    out = rearrange(weights.softmax(dim=-1) @ v, "b nh nw head c (h w) -> b (head c) (nh h) (nw w)",
+                    h=sizes["h"], w=sizes["w"])
     return F.conv2d(out, attention.project.weight)
 
 
-def test_channel_attention_matches_normalising_q_and_k():
+@pytest.mark.parametrize("block", [0, 8])
+def test_channel_attention_matches_normalising_q_and_k(block):
     torch.manual_seed(4)
-    attention = ParityChannelAttention(8, heads=2).double()
+    attention = ParityChannelAttention(8, heads=2, block=block).double()
     with torch.no_grad():
         attention.temperature.uniform_(0.5, 2.0)
-    x = torch.randn(2, 8, 6, 10, dtype=torch.float64)
+    x = torch.randn(2, 8, 8, 12, dtype=torch.float64)
     assert torch.allclose(attention(x, True), _normalised_channel_attention(attention, x), rtol=0, atol=1e-12)
+
+
+def test_channel_attention_in_float16_does_not_overflow():
+    """Raw products over a block's positions pass float16's range where normalised ones did not."""
+    torch.manual_seed(5)
+    attention = ParityChannelAttention(8, heads=1)
+    x = torch.randn(1, 8, 64, 64) * 100
+    half = ParityChannelAttention(8, heads=1).half()
+    half.load_state_dict(attention.state_dict())
+    with torch.no_grad():
+        reference, out = attention(x, True), half(x.half(), True)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
 
 
 def test_parity_split_round_trips_channels_last():

@@ -64,7 +64,12 @@ class ParityChannelAttention(nn.Module):
         # (F.normalize's division, eps included, moved onto the C x C product).
         norms_q = torch.linalg.vector_norm(q, dim=-2).clamp_min(1e-12)
         norms_k = torch.linalg.vector_norm(k, dim=-2).clamp_min(1e-12)
-        weights = (q.transpose(-2, -1) @ k) / (norms_q[..., :, None] * norms_k[..., None, :]) * self.temperature
+        if q.dtype == torch.float16:  # raw sums over a block's positions can pass float16's range
+            with torch.autocast(q.device.type, enabled=False):
+                product = q.float().transpose(-2, -1) @ k.float()
+        else:
+            product = q.transpose(-2, -1) @ k
+        weights = (product / (norms_q[..., :, None] * norms_k[..., None, :]) * self.temperature).to(v.dtype)
         out = v @ weights.softmax(dim=-1).transpose(-2, -1)  # each position's channels mixed
         return self.project(from_pixels(rearrange(out, from_heads, **sizes).contiguous()))
 

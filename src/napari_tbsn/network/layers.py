@@ -111,11 +111,19 @@ class BiasFreeLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the result goes straight to the layers after it in their reduced
+        # Under autocast a float32 result goes straight to the layers after it in their reduced
         # precision, which they would cast it to anyway (one pass over the features less).
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return _BiasFreeNorm.apply(x, self.weight, self.eps, dtype)
+        reduced = _autocast_dtype(x.device.type) if x.dtype == torch.float32 else None
+        return _BiasFreeNorm.apply(x, self.weight, self.eps, reduced or x.dtype)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs in on this device type now, or None when it is off (or unknown to
+    this torch, as MPS is to some versions)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
 
 
 class _BiasFreeNorm(torch.autograd.Function):
@@ -135,6 +143,7 @@ class _BiasFreeNorm(torch.autograd.Function):
         return (scaled * weight.view(1, -1, 1, 1)).to(dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative would need the saved tensors' own
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         # y = w s with s = x r, r = (var + eps)^-1/2 and d var / dx = 2 (x - mean) / C. With
         # g = w dy and m = mean_C(g s): dx = r g - r m (x - mean) r = r g - r m s + r m mean r,
