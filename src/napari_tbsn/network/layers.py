@@ -128,7 +128,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 class _BiasFreeNorm(torch.autograd.Function):
     """The norm with its gradient written out: autograd's chain of a dozen element-wise steps
-    over full-size tensors took most of a block's time; this is about half (docs/measurements.md).
+    over full-size tensors becomes a few passes (timings in docs/measurements.md).
     The statistics in at least float32: squared float16 activations overflow past 256."""
 
     @staticmethod

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .layers import channels_last
+
 
 @dataclass(frozen=True)
 class StudentConfig:
@@ -156,7 +158,7 @@ class UNet(nn.Module):
     def core(self, noisy: torch.Tensor) -> torch.Tensor:
         """The network on an input whose H and W are multiples of size_multiple; the outer
         `margin` pixels of its output depend on what lies beyond the input."""
-        features = self.input(F.pixel_unshuffle(noisy, self.shuffle).contiguous(memory_format=torch.channels_last))
+        features = self.input(channels_last(F.pixel_unshuffle(noisy, self.shuffle)))
         skips = []
         for convolution, down in zip(self.encoder, self.down):
             features = convolution(features)
