@@ -79,15 +79,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def save_model(path: str | os.PathLike, state: dict[str, torch.Tensor], description: dict[str, Any]) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **description}
     tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
+    # Serialised in memory and written into our own hidden file: safetensors' save_file makes a
+    # temporary file of its own (".tmpXXXX", mode 0600) that a killed process leaves behind.
+    data = save(tensors, metadata={METADATA_KEY: json.dumps(header)})
     with atomic_file(path) as temporary:
-        mode = os.stat(temporary).st_mode  # what the umask gives a new file
-        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(header)})
-        os.chmod(temporary, mode)  # safetensors makes its file anew, private (0600): a colleague could not read it
+        temporary.write_bytes(data)
     return path
 
 
