@@ -52,8 +52,10 @@ def device(request) -> str:
     return request.param
 
 
-# Two runs of one model agree to float32 rounding on the CPU; on a GPU they predict in bfloat16
-# (Ampere on) with convolutions in TF32, and differently shaped batches or windows round differently.
+# Two runs of one model agree to float32 rounding on the CPU (in bfloat16 on CPUs with bf16 units,
+# where tiles and whole planes still agree to 1e-4: compare with a direct network call under
+# in_prediction_precision); on a GPU they predict in bfloat16 (Ampere on) with convolutions in
+# TF32, and differently shaped batches or windows round differently.
 GPU_AGREEMENT = 2e-2
 
 
@@ -64,6 +66,16 @@ def agreement(device, reference: np.ndarray, cpu_atol: float) -> float:
     if kind == "cpu":
         return cpu_atol
     return max(cpu_atol, GPU_AGREEMENT * float(np.max(reference) - np.min(reference)))
+
+
+def in_prediction_precision(denoiser):
+    """A context in which a direct call of `denoiser`'s networks computes in the precision its
+    predictions use (bfloat16 autocast on devices with bf16 units, float32 elsewhere), so that a
+    prediction can be compared with that call at float32 rounding, not at bf16's."""
+    from napari_tbsn.prediction import prediction_autocast
+
+    dtype = prediction_autocast(denoiser.model, denoiser.device)
+    return torch.autocast(denoiser.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 @pytest.fixture(scope="session")

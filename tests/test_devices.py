@@ -68,3 +68,38 @@ def test_float16_steps_the_loss_scaler_skips_do_not_end_the_fit(monkeypatch, flo
     else:
         with pytest.raises(FloatingPointError, match="the training loss became inf"):
             denoiser.fit(noisy_image((64, 64))[1], "YX", iterations=overflowing + 3)
+
+
+@pytest.mark.parametrize("unit, mixed_precision, expected", [
+    (torch.bfloat16, True, torch.bfloat16),  # a CPU with AMX or AVX512-BF16, an Ampere GPU
+    (torch.bfloat16, False, None),           # a model fitted in float32 predicts in float32
+    (torch.float16, True, None),             # an older GPU: float16 without a loss scale could overflow
+    (None, True, None),                      # no fast reduced precision
+])
+def test_prediction_precision_follows_the_device_and_the_model(monkeypatch, fitted_tiny, unit, mixed_precision, expected):
+    import dataclasses
+
+    from napari_tbsn import prediction
+
+    monkeypatch.setattr(prediction, "autocast_dtype", lambda device: unit)
+    model = fitted_tiny.model
+    model = dataclasses.replace(model, fit_config=dataclasses.replace(model.fit_config, mixed_precision=mixed_precision))
+    assert prediction.prediction_autocast(model, torch.device("cpu")) == expected
+
+
+def test_bfloat16_prediction_runs_in_bfloat16_and_stays_close_to_float32(monkeypatch, fitted_tiny):
+    import numpy as np
+
+    from napari_tbsn import prediction
+
+    from .conftest import noisy_image
+
+    _, noisy = noisy_image((96, 128), seed=5)
+    results = {}
+    for unit in (None, torch.bfloat16):
+        monkeypatch.setattr(prediction, "autocast_dtype", lambda device, unit=unit: unit)
+        results[unit] = fitted_tiny.predict(noisy, "YX")
+    difference = np.abs(results[torch.bfloat16] - results[None])
+    span = float(np.ptp(results[None]))
+    assert difference.max() > 1e-4 * span  # the prediction did run in bfloat16
+    assert difference.max() < 2e-2 * span  # and bf16 rounding is all that changed

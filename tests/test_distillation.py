@@ -18,7 +18,7 @@ from napari_tbsn.axes import PlaneLayout
 from napari_tbsn.network.unet import StudentConfig, UNet, student_preset
 from napari_tbsn.student import Student
 
-from .conftest import agreement, noisy_image
+from .conftest import agreement, in_prediction_precision, noisy_image
 
 
 def with_student(denoiser: Denoiser, seed: int = 1) -> Denoiser:
@@ -51,8 +51,8 @@ def test_tiled_student_prediction_equals_one_whole_pass(fitted_tiny):
     tiled = denoiser.predict(noisy, "YX", tile_size=64)  # windows keep 64 pixels: 5 x 7 of them
     network = denoiser.student.network
     normalizer = denoiser.normalizer
-    with torch.no_grad():
-        direct = network(torch.from_numpy(normalizer.normalize(noisy[None]))[None])[0].numpy()
+    with torch.no_grad(), in_prediction_precision(denoiser):
+        direct = network(torch.from_numpy(normalizer.normalize(noisy[None]))[None])[0].float().numpy()
     atol = agreement(denoiser.device, whole, 1e-4)
     np.testing.assert_allclose(tiled, whole, atol=atol)
     np.testing.assert_allclose(whole, normalizer.denormalize(direct)[0], atol=atol)
@@ -69,8 +69,8 @@ def test_tiled_student_with_channels_and_context_planes_equals_one_whole_pass(de
     atol = agreement(device, whole, 1e-4)
     np.testing.assert_allclose(tiled, whole, atol=atol)
     block = np.concatenate([stack[1], stack[0], stack[2]])  # plane 1, then its neighbours, as the teacher reads
-    with torch.no_grad():
-        direct = denoiser.student.network(torch.from_numpy(denoiser.normalizer.normalize(block))[None])[0].numpy()
+    with torch.no_grad(), in_prediction_precision(denoiser):
+        direct = denoiser.student.network(torch.from_numpy(denoiser.normalizer.normalize(block))[None])[0].float().numpy()
     np.testing.assert_allclose(whole[1], denoiser.normalizer.denormalize(direct), atol=atol)
 
 
