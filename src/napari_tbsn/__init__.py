@@ -6,7 +6,16 @@ widget lives in `napari_tbsn._napari` and is imported only when asked for.
 
 from __future__ import annotations
 
+import os
+
 __version__ = "0.1.0"
+
+# Large CPU tensors on transparent huge pages: torch reads this at its first CPU allocation, so
+# it takes effect when napari_tbsn is imported before anything allocates a tensor (the CLI, the
+# widget, a script importing it first). Without it every tile-sized activation is a fresh mmap
+# whose 4 KiB pages fault one by one: a 1024x1024 teacher prediction spent half its time in the
+# kernel (docs/measurements.md, "Throughput"). A user's own setting, 0 included, is kept.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .config import PredictOptions  # noqa: E402
 from .denoiser import Denoiser, FitProgress, PredictProgress  # noqa: E402
