@@ -88,6 +88,17 @@ def fitted_tiny(device):
 
 
 @pytest.fixture(autouse=True)
+def _fresh_cpu_load():
+    """Every test measures the other processes' load itself (choose_threads reuses a measurement
+    for a few seconds: one test's stand-in load must not reach the next)."""
+    from napari_tbsn import devices
+
+    devices.forget_busy_cores()
+    yield
+    devices.forget_busy_cores()
+
+
+@pytest.fixture(autouse=True)
 def _memory_record(request):
     """With TBSN_MEMORY_REPORT=FILE, append each test that raised this process's peak memory and
     by how much (MB of ru_maxrss): what finds the test that holds the machine."""

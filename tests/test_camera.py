@@ -354,3 +354,25 @@ def test_lattice_medians_at_a_few_pixels_are_the_median_filters():
     where[[0, 1, 5, 36, 20, 36], [0, 49, 7, 49, 25, 0]] = True  # corners and edges: the mirrored ring
     expected = np.where(where, lattice_median(image), image)
     assert np.array_equal(with_lattice_medians(image, where), expected)
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (7, 10), (64, 65), (2, 9)])
+def test_lattice_order_statistics_equal_scipys_filters(shape):
+    """The sorting network and the running top two give scipy's median_filter and rank_filter on
+    the lattice ring exactly, ties (integer counts) and mirrored edges included."""
+    import itertools
+
+    from scipy.ndimage import median_filter, rank_filter
+
+    from napari_tbsn.camera import _LATTICE_RING, _SORT_8, lattice_median, second_brightest_neighbour
+
+    for bits in itertools.product((0, 1), repeat=8):  # a network that sorts every 0/1 input sorts all (zero-one principle)
+        values = list(bits)
+        for low, high in _SORT_8:
+            values[low], values[high] = min(values[low], values[high]), max(values[low], values[high])
+        assert values == sorted(bits)
+    rng = np.random.default_rng(sum(shape))
+    for image in (rng.normal(size=shape), rng.poisson(3.0, shape).astype(np.float64)):
+        np.testing.assert_array_equal(lattice_median(image), median_filter(image, footprint=_LATTICE_RING, mode="mirror"))
+        np.testing.assert_array_equal(second_brightest_neighbour(image),
+                                      rank_filter(image, -2, footprint=_LATTICE_RING, mode="mirror"))

@@ -114,3 +114,16 @@ def test_importing_the_package_puts_large_cpu_tensors_on_huge_pages_unless_told_
         assert int(faults) > 0.5 * small_pages
     elif _huge_pages_possible():
         assert int(faults) < 0.1 * small_pages
+
+
+def test_a_load_measurement_is_reused_for_a_few_seconds_then_taken_again(monkeypatch):
+    measured = []
+    monkeypatch.setattr(devices, "cores_busy_elsewhere", lambda window=0.25: measured.append(window) or 1.0)
+    monkeypatch.setattr(devices, "usable_cores", lambda: 4)
+    clock = [100.0]
+    monkeypatch.setattr(devices.time, "monotonic", lambda: clock[0])
+    assert devices.choose_threads("auto") == 3 and len(measured) == 1
+    clock[0] += devices.BUSY_REUSE_SECONDS - 1
+    assert devices.choose_threads("auto") == 3 and len(measured) == 1  # a call soon after: no new window
+    clock[0] += 2
+    assert devices.choose_threads("auto") == 3 and len(measured) == 2  # later: measured again

@@ -446,12 +446,49 @@ def with_lattice_medians(image: np.ndarray, where: np.ndarray) -> np.ndarray:
     return result
 
 
-def lattice_median(image: np.ndarray) -> np.ndarray:
-    """The median of each pixel's 8 lattice neighbours, 2 pixels away (mirrored at the edges,
-    which keeps the lattice)."""
-    from scipy.ndimage import median_filter
+def lattice_neighbours(image: np.ndarray) -> list[np.ndarray]:
+    """Each pixel's 8 lattice neighbours, 2 pixels away, as 8 images (mirrored at the edges,
+    which keeps the lattice: scipy's "mirror", numpy's "reflect")."""
+    padded = np.pad(image, 2, mode="reflect")
+    height, width = image.shape
+    return [padded[2 + dy: 2 + dy + height, 2 + dx: 2 + dx + width]
+            for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx]
 
-    return median_filter(image, footprint=_LATTICE_RING, mode="mirror")
+
+# A sorting network for 8 values (19 compare-exchanges): after it, slot k holds the k-th smallest.
+_SORT_8 = ((0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1), (2, 3), (4, 5), (6, 7),
+           (2, 4), (3, 5), (1, 4), (3, 6), (1, 2), (3, 4), (5, 6))
+
+
+def lattice_median(image: np.ndarray) -> np.ndarray:
+    """The median of each pixel's 8 lattice neighbours as scipy's median_filter takes it (the 5th
+    smallest), by a sorting network over whole images: the same values, several times faster
+    than the filter's per-pixel selection on a megapixel plane."""
+    if min(image.shape) < 3:  # too small to mirror twice by padding
+        from scipy.ndimage import median_filter
+
+        return median_filter(image, footprint=_LATTICE_RING, mode="mirror")
+    values = [neighbour.copy() for neighbour in lattice_neighbours(image)]
+    for low, high in _SORT_8:
+        smaller = np.minimum(values[low], values[high])
+        np.maximum(values[low], values[high], out=values[high])
+        values[low] = smaller
+    return values[4]
+
+
+def second_brightest_neighbour(image: np.ndarray) -> np.ndarray:
+    """The second largest of each pixel's 8 lattice neighbours (scipy's rank_filter(image, -2)
+    on the lattice ring), by a running top two."""
+    if min(image.shape) < 3:
+        from scipy.ndimage import rank_filter
+
+        return rank_filter(image, -2, footprint=_LATTICE_RING, mode="mirror")
+    first = np.full_like(image, -np.inf)
+    second = first.copy()
+    for value in lattice_neighbours(image):
+        np.maximum(second, np.minimum(first, value), out=second)
+        np.maximum(first, value, out=first)
+    return second
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -674,11 +711,9 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
         block = block.astype(np.float64)
         found = np.zeros(block.shape, dtype=bool)
         for channel, image in enumerate(block):
-            from scipy.ndimage import rank_filter
-
             neighbours = lattice_median(image)
             sigma = _binned(neighbours, image - neighbours, _robust_sigma)
-            second = rank_filter(image, -2, footprint=_LATTICE_RING, mode="mirror")
+            second = second_brightest_neighbour(image)
             found[channel] = image - second > HOT_SIGMAS_IN_PLANE * sigma
         decisions.append(found)
     if len(decisions) == 1:  # a single image decides on itself (CameraCorrection.decided_on_itself)

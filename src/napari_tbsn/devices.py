@@ -155,8 +155,31 @@ def choose_threads(threads: int | str = "auto", keep_free: int = 0) -> int:
     check_threads(threads)
     if threads != "auto":
         return int(threads)
-    free = usable_cores() - round(cores_busy_elsewhere())
+    free = usable_cores() - round(recent_busy_cores())
     return max(1, free - keep_free)
+
+
+# A measurement of the other processes' load is reused this long: a script calling predict plane
+# after plane would otherwise wait out the measuring window at every call (0.25 s of a 0.8 s
+# student prediction of a 1024x1024 plane).
+BUSY_REUSE_SECONDS = 5.0
+_recent_busy: tuple[float, float] | None = None  # (time.monotonic() when measured, cores busy)
+
+
+def recent_busy_cores() -> float:
+    """cores_busy_elsewhere(), measured anew when the last measurement is older than
+    BUSY_REUSE_SECONDS."""
+    global _recent_busy
+    if _recent_busy is None or time.monotonic() - _recent_busy[0] > BUSY_REUSE_SECONDS:
+        busy = cores_busy_elsewhere()
+        _recent_busy = (time.monotonic(), busy)
+    return _recent_busy[1]
+
+
+def forget_busy_cores() -> None:
+    """Measure the other processes' load afresh at the next choose_threads("auto")."""
+    global _recent_busy
+    _recent_busy = None
 
 
 def check_threads(threads: int | str) -> None:
