@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from napari_tbsn import Denoiser
-from napari_tbsn.devices import choose_threads, usable_cores
+from napari_tbsn.devices import choose_threads, forget_busy_cores, usable_cores
 
 
 def iterations_per_second(image: np.ndarray, iterations: int, threads) -> tuple[float, int]:
     """(training iterations per second, threads used), from the progress of one fit, without
     its set-up and closing steps."""
     stamps: list[tuple[int, float]] = []
+    forget_busy_cores()  # measure the load now: a busy process may have started since the last run
     used = choose_threads(threads)
     denoiser = Denoiser(preset="small", device="cpu", threads=used)
     denoiser.fit(image, "YX", iterations=iterations,

@@ -446,34 +446,53 @@ def with_lattice_medians(image: np.ndarray, where: np.ndarray) -> np.ndarray:
     return result
 
 
-def lattice_neighbours(image: np.ndarray) -> list[np.ndarray]:
-    """Each pixel's 8 lattice neighbours, 2 pixels away, as 8 images (mirrored at the edges,
-    which keeps the lattice: scipy's "mirror", numpy's "reflect")."""
-    padded = np.pad(image, 2, mode="reflect")
-    height, width = image.shape
-    return [padded[2 + dy: 2 + dy + height, 2 + dx: 2 + dx + width]
-            for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx]
-
-
+# The 8 lattice neighbours of a pixel: 2 pixels away in y, x or both.
+_LATTICE_OFFSETS = tuple((dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx)
 # A sorting network for 8 values (19 compare-exchanges): after it, slot k holds the k-th smallest.
 _SORT_8 = ((0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1), (2, 3), (4, 5), (6, 7),
            (2, 4), (3, 5), (1, 4), (3, 6), (1, 2), (3, 4), (5, 6))
+_STRIP_ROWS = 256  # rows per strip: 8 neighbour images of a strip, not of the whole plane, in memory at once
+
+
+def _over_lattice_neighbours(image: np.ndarray, statistic) -> np.ndarray:
+    """`statistic` of each pixel's 8 lattice neighbours (mirrored at the edges, which keeps the
+    lattice: scipy's "mirror", numpy's "reflect"), computed strip by strip. `statistic` takes
+    the 8 neighbour images of a strip (read-only views) and returns the strip's result."""
+    padded = np.pad(image, 2, mode="reflect")
+    height, width = image.shape
+    result = np.empty_like(image)
+    for top in range(0, height, _STRIP_ROWS):
+        bottom = min(top + _STRIP_ROWS, height)
+        result[top:bottom] = statistic([padded[2 + dy + top: 2 + dy + bottom, 2 + dx: 2 + dx + width]
+                                        for dy, dx in _LATTICE_OFFSETS])
+    return result
+
+
+def _fifth_smallest(values: list[np.ndarray]) -> np.ndarray:
+    values = list(values)
+    for low, high in _SORT_8:  # new arrays each step: the inputs are views of the padded plane
+        values[low], values[high] = np.minimum(values[low], values[high]), np.maximum(values[low], values[high])
+    return values[4]
+
+
+def _second_largest(values: list[np.ndarray]) -> np.ndarray:
+    first = np.full_like(values[0], -np.inf)
+    second = first.copy()
+    for value in values:
+        np.maximum(second, np.minimum(first, value), out=second)
+        np.maximum(first, value, out=first)
+    return second
 
 
 def lattice_median(image: np.ndarray) -> np.ndarray:
     """The median of each pixel's 8 lattice neighbours as scipy's median_filter takes it (the 5th
-    smallest), by a sorting network over whole images: the same values, several times faster
-    than the filter's per-pixel selection on a megapixel plane."""
+    smallest), by a sorting network over whole image strips: the same values, several times
+    faster than the filter's per-pixel selection on a megapixel plane."""
     if min(image.shape) < 3:  # too small to mirror twice by padding
         from scipy.ndimage import median_filter
 
         return median_filter(image, footprint=_LATTICE_RING, mode="mirror")
-    values = [neighbour.copy() for neighbour in lattice_neighbours(image)]
-    for low, high in _SORT_8:
-        smaller = np.minimum(values[low], values[high])
-        np.maximum(values[low], values[high], out=values[high])
-        values[low] = smaller
-    return values[4]
+    return _over_lattice_neighbours(image, _fifth_smallest)
 
 
 def second_brightest_neighbour(image: np.ndarray) -> np.ndarray:
@@ -483,12 +502,7 @@ def second_brightest_neighbour(image: np.ndarray) -> np.ndarray:
         from scipy.ndimage import rank_filter
 
         return rank_filter(image, -2, footprint=_LATTICE_RING, mode="mirror")
-    first = np.full_like(image, -np.inf)
-    second = first.copy()
-    for value in lattice_neighbours(image):
-        np.maximum(second, np.minimum(first, value), out=second)
-        np.maximum(first, value, out=first)
-    return second
+    return _over_lattice_neighbours(image, _second_largest)
 
 
 def _robust_sigma(values: np.ndarray) -> float:

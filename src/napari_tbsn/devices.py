@@ -163,17 +163,18 @@ def choose_threads(threads: int | str = "auto", keep_free: int = 0) -> int:
 # after plane would otherwise wait out the measuring window at every call (0.25 s of a 0.8 s
 # student prediction of a 1024x1024 plane).
 BUSY_REUSE_SECONDS = 5.0
-_recent_busy: tuple[float, float] | None = None  # (time.monotonic() when measured, cores busy)
+_recent_busy: tuple[float, float] | None = None  # (_clock() when measured, cores busy)
+_clock = time.monotonic
 
 
 def recent_busy_cores() -> float:
     """cores_busy_elsewhere(), measured anew when the last measurement is older than
     BUSY_REUSE_SECONDS."""
     global _recent_busy
-    if _recent_busy is None or time.monotonic() - _recent_busy[0] > BUSY_REUSE_SECONDS:
-        busy = cores_busy_elsewhere()
-        _recent_busy = (time.monotonic(), busy)
-    return _recent_busy[1]
+    recent = _recent_busy  # read once: another thread may forget it meanwhile
+    if recent is None or _clock() - recent[0] > BUSY_REUSE_SECONDS:
+        recent = _recent_busy = (_clock(), cores_busy_elsewhere())
+    return recent[1]
 
 
 def forget_busy_cores() -> None:
