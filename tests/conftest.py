@@ -52,17 +52,20 @@ def device(request) -> str:
     return request.param
 
 
-# Two runs of one model agree to float32 rounding on the CPU (in bfloat16 on CPUs with bf16 units,
-# where tiles and whole planes still agree to 1e-4: compare with a direct network call under
+# Two runs of one model agree to float32 rounding on a CPU predicting in float32; a CPU with bf16
+# units predicts in bfloat16 (CPU_BF16_AGREEMENT; a direct network call to compare with runs under
 # in_prediction_precision); on a GPU they predict in bfloat16 (Ampere on) with convolutions in
 # TF32, and differently shaped batches or windows round differently.
 GPU_AGREEMENT = 2e-2
 
 
 # On a CPU predicting in bfloat16 (AMX or AVX512-BF16), oneDNN picks its kernels and blocking by
-# shape, so differently shaped tiles or batches may round an output differently: at most one
-# bf16 step of the largest activations, far below what a tiling or context bug changes.
-CPU_BF16_AGREEMENT = 1e-3
+# shape, so differently shaped tiles or batches may round an output differently. The network's
+# last layer hands on bf16 values: one bf16 step (2^-8 relative) of an output near the top of a
+# normalised range of about 1 is ~4e-3 of it; this allows two such steps, half the GPU's
+# allowance, and still catches a tiling or context bug. (On this session's AMX Xeon every
+# comparison agreed within 1e-5 absolute: oneDNN rounded alike across these shapes there.)
+CPU_BF16_AGREEMENT = 1e-2
 
 
 def agreement(device, reference: np.ndarray, cpu_atol: float) -> float:

@@ -186,6 +186,22 @@ def test_planning_a_student(fitted_tiny, monkeypatch):
         plan_student("maybe", teacher, "tiny", stack, 1, None, cpu)
 
 
+@pytest.mark.parametrize("mixed_precision", [True, False])
+def test_the_plan_times_passes_in_the_precision_prediction_will_use(monkeypatch, mixed_precision):
+    import napari_tbsn.distillation as distillation
+    from napari_tbsn import prediction
+    from napari_tbsn.config import FIT_PRESETS
+
+    monkeypatch.setattr(prediction, "autocast_dtype", lambda device: torch.bfloat16)  # a CPU with bf16 units
+    timed = []
+    monkeypatch.setattr(distillation, "_seconds_per_pixel", lambda *args: timed.append(args[-1]) or 1e-6)
+    fit_config = dataclasses.replace(FIT_PRESETS["tiny"], mixed_precision=mixed_precision)
+    denoiser = Denoiser(preset="tiny", device="cpu", fit_config=fit_config)
+    stack = np.broadcast_to(np.float32(0), (400, 512, 512))  # a plane count a student pays on, without the memory
+    denoiser.plan_student("auto", stack, "ZYX")
+    assert timed == [torch.bfloat16 if mixed_precision else None] * 2  # the teacher's pass and the student's
+
+
 def test_target_planes_spread_over_the_stack_in_any_prefix():
     layout = PlaneLayout.of((100, 256, 256), "ZYX")
     picks = [plane[0] for plane in target_planes(layout)]

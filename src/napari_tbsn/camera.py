@@ -476,9 +476,8 @@ def _fifth_smallest(values: list[np.ndarray]) -> np.ndarray:
 
 
 def _second_largest(values: list[np.ndarray]) -> np.ndarray:
-    first = np.full_like(values[0], -np.inf)
-    second = first.copy()
-    for value in values:
+    first, second = np.maximum(values[0], values[1]), np.minimum(values[0], values[1])
+    for value in values[2:]:
         np.maximum(second, np.minimum(first, value), out=second)
         np.maximum(first, value, out=first)
     return second

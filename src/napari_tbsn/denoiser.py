@@ -442,7 +442,9 @@ class Denoiser:
                                           channels_as_samples=self._settings.channels != "joint"))
         pd = 1 if self.pd == "auto" else int(self.pd)
         passes = ensemble_size(pd, self._options, layout.shape) * (1 + self._options.refine if pd > 1 else 1)
-        return plan_student(choice, teacher, self.preset, layout, passes, time_budget, self._device)
+        # self.fit_config: the one the coming fit runs with, whose model then predicts.
+        return plan_student(choice, teacher, self.preset, layout, passes, time_budget, self._device,
+                            self.fit_config.mixed_precision)
 
     def export_bioimageio(self, path: str | Path, *, name: str | None = None, authors: list[str] | None = None,
                           **details: Any) -> Path:

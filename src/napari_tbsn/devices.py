@@ -173,7 +173,8 @@ def recent_busy_cores() -> float:
     global _recent_busy
     recent = _recent_busy  # read once: another thread may forget it meanwhile
     if recent is None or _clock() - recent[0] > BUSY_REUSE_SECONDS:
-        recent = _recent_busy = (_clock(), cores_busy_elsewhere())
+        busy = cores_busy_elsewhere()
+        recent = _recent_busy = (_clock(), busy)  # stamped when the window ends
     return recent[1]
 
 

@@ -187,10 +187,10 @@ class StudentPlan:
     distil_budget: float | None = None
 
 
-def _seconds_per_pixel(network: torch.nn.Module, channels: int, size: int, device: torch.device) -> float:
-    """One timed pass (after a warm-up) on a random input of size x size, in the precision
-    prediction runs in there; a pass the device has no memory for is timed at 256 pixels."""
-    autocast = prediction_autocast(None, device)
+def _seconds_per_pixel(network: torch.nn.Module, channels: int, size: int, device: torch.device,
+                       autocast: torch.dtype | None) -> float:
+    """One timed pass (after a warm-up) on a random input of size x size under `autocast` (the
+    precision prediction runs in); a pass the device has no memory for is timed at 256 pixels."""
     try:
         sample = torch.rand(1, channels, size, size, device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
@@ -207,7 +207,7 @@ def _seconds_per_pixel(network: torch.nn.Module, channels: int, size: int, devic
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return _seconds_per_pixel(network, channels, 256, device)
+        return _seconds_per_pixel(network, channels, 256, device, autocast)
 
 
 def timing_side(multiple: int, layout: PlaneLayout, device: torch.device, bytes_per_pixel: float = 0.0) -> int:
@@ -224,12 +224,14 @@ def timing_side(multiple: int, layout: PlaneLayout, device: torch.device, bytes_
 
 
 def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: PlaneLayout, passes: int,
-                 time_budget: float | None, device: torch.device) -> StudentPlan:
+                 time_budget: float | None, device: torch.device, mixed_precision: bool = True) -> StudentPlan:
     # time_budget: the fit's, passed through to the plan (the distillation adds its own time).
     """`choice` "on", "off" or "auto": auto distils when distillation plus student prediction
     takes less time than teacher prediction (`passes` network passes per pixel: ensemble views,
     R3 rounds), both estimated from passes timed on this device with networks of the shapes this
-    data needs (their speed does not depend on their weights)."""
+    data needs (their speed does not depend on their weights), in the precision prediction will
+    run in (bfloat16 where the device has it, unless `mixed_precision` is off). The student's
+    training is estimated from the same timed pass: an approximation."""
     if choice not in ("auto", "on", "off"):
         raise ValueError(f"student must be 'auto', 'on' or 'off', got {choice!r}")
     if choice == "off":
@@ -245,8 +247,11 @@ def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: Pla
     size = timing_side(teacher.size_multiple, layout, device, TEACHER_BYTES_PER_PIXEL_PER_DIM * teacher.config.dim)
     timed_teacher = copy.deepcopy(teacher).to(device).eval()
     student = UNet(student_preset(preset, channels, teacher.config.in_channels)).to(device).eval()
-    teacher_rate = _seconds_per_pixel(timed_teacher, channels, size, device) * passes
-    student_rate = _seconds_per_pixel(student, channels, size, device)
+    # Timed in the precision prediction will run in: bf16 where the device has it, unless the
+    # fit runs (and so the model predicts) in float32.
+    autocast = prediction_autocast(None, device) if mixed_precision else None
+    teacher_rate = _seconds_per_pixel(timed_teacher, channels, size, device, autocast) * passes
+    student_rate = _seconds_per_pixel(student, channels, size, device, autocast)
     plane_pixels = layout.height * layout.width
     teacher_seconds = layout.plane_count * plane_pixels * teacher_rate
     config = DISTIL_CONFIGS[preset]
