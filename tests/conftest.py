@@ -72,13 +72,13 @@ def agreement(device, reference: np.ndarray, cpu_atol: float) -> float:
     """The absolute tolerance for comparing two predictions made on `device`: `cpu_atol` on a
     CPU predicting in float32, CPU_BF16_AGREEMENT of the reference's range on one predicting in
     bfloat16, GPU_AGREEMENT of it on a GPU (never less than `cpu_atol`)."""
-    from napari_tbsn.prediction import prediction_autocast
+    from napari_tbsn.prediction import prediction_precision
 
     device = torch.device(device)
     span = float(np.max(reference) - np.min(reference))
     if device.type != "cpu":
         return max(cpu_atol, GPU_AGREEMENT * span)
-    return max(cpu_atol, CPU_BF16_AGREEMENT * span) if prediction_autocast(None, device) else cpu_atol
+    return max(cpu_atol, CPU_BF16_AGREEMENT * span) if prediction_precision(device) else cpu_atol
 
 
 def in_prediction_precision(denoiser):

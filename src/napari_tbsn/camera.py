@@ -68,6 +68,8 @@ PREDICTOR_PIXELS = 2**18
 _LATTICE_RING = np.zeros((5, 5), dtype=bool)
 _LATTICE_RING[::2, ::2] = True
 _LATTICE_RING[2, 2] = False
+# The 8 lattice neighbours of a pixel: 2 pixels away in y, x or both.
+_LATTICE_OFFSETS = tuple((dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx)
 _LATTICES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
@@ -440,14 +442,12 @@ def with_lattice_medians(image: np.ndarray, where: np.ndarray) -> np.ndarray:
         return image
     ys, xs = np.nonzero(where)
     padded = np.pad(image, 2, mode="reflect")  # scipy's "mirror"
-    values = np.stack([padded[ys + 2 + dy, xs + 2 + dx] for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx])
+    values = np.stack([padded[ys + 2 + dy, xs + 2 + dx] for dy, dx in _LATTICE_OFFSETS])
     result = image.copy()
     result[ys, xs] = np.partition(values, 4, axis=0)[4]  # median_filter's median of 8: the 5th smallest
     return result
 
 
-# The 8 lattice neighbours of a pixel: 2 pixels away in y, x or both.
-_LATTICE_OFFSETS = tuple((dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx)
 # A sorting network for 8 values (19 compare-exchanges): after it, slot k holds the k-th smallest.
 _SORT_8 = ((0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1), (2, 3), (4, 5), (6, 7),
            (2, 4), (3, 5), (1, 4), (3, 6), (1, 2), (3, 4), (5, 6))

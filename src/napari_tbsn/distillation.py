@@ -30,7 +30,7 @@ from .network.unet import UNet, student_preset
 from .student import DistilSummary, Student, sample_crop
 from .patches import PatchSampler, check_finite, fitting_patch_size
 from .prediction import (TEACHER_BYTES_PER_PIXEL_PER_DIM, TileModel, ensemble_size, plane_steps,
-                         prediction_autocast, smaller_tile, tile_side)
+                         prediction_precision, smaller_tile, tile_side)
 from .progress import CancellableArray, FitCancelled, PredictionCancelled, raise_if_cancelled
 from .training import Trainer
 
@@ -249,7 +249,7 @@ def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: Pla
     student = UNet(student_preset(preset, channels, teacher.config.in_channels)).to(device).eval()
     # Timed in the precision prediction will run in: bf16 where the device has it, unless the
     # fit runs (and so the model predicts) in float32.
-    autocast = prediction_autocast(None, device) if mixed_precision else None
+    autocast = prediction_precision(device, mixed_precision)
     teacher_rate = _seconds_per_pixel(timed_teacher, channels, size, device, autocast) * passes
     student_rate = _seconds_per_pixel(student, channels, size, device, autocast)
     plane_pixels = layout.height * layout.width

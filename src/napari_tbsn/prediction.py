@@ -129,14 +129,18 @@ def needs_move(held: torch.device, device: torch.device) -> bool:
     return device.index is not None and device.index != held.index
 
 
-def prediction_autocast(model: FittedModel | None, device: torch.device) -> torch.dtype | None:
+def prediction_precision(device: torch.device, mixed_precision: bool = True) -> torch.dtype | None:
     """bfloat16 where the device has fast bfloat16 units (CUDA from Ampere on, CPUs with AMX or
-    AVX512-BF16), unless `model` was fitted without mixed precision; float32 (None) elsewhere,
+    AVX512-BF16), unless the model is fitted without `mixed_precision`; float32 (None) elsewhere,
     and on older GPUs, whose float16 could overflow with no loss scale to catch it. On the CPU
     bfloat16 prediction measured D1 (x8 ensemble) 31.088 -> 31.082 dB in 0.6x the time
     (docs/measurements.md); float64 networks are never cast (autocast leaves float64 alone)."""
-    wanted = model is None or model.fit_config.mixed_precision
-    return torch.bfloat16 if wanted and autocast_dtype(device) == torch.bfloat16 else None
+    return torch.bfloat16 if mixed_precision and autocast_dtype(device) == torch.bfloat16 else None
+
+
+def prediction_autocast(model: FittedModel | None, device: torch.device) -> torch.dtype | None:
+    """prediction_precision for `model` (None: one fitted with the defaults)."""
+    return prediction_precision(device, model is None or model.fit_config.mixed_precision)
 
 
 class TileModel:
