@@ -91,6 +91,10 @@ CASES = {
                (np.s_[128:384, 128:384], np.s_[30], np.s_[0, 128:384, 128:384])),
     # A small single 2D image (a 320x320 crop of D1's reference), where long fits used to lose.
     "D6": Case("D6", "img2d.tif", "YX", 20, 1, False, np.s_[96:416, 96:416]),
+    # Two more small single images for the fit-length benchmark (benchmarks/monotone.py): the
+    # lower-left 256x256 quarter of D1's reference, and the middle plane of D2's stack.
+    "S1": Case("S1", "img2d.tif", "YX", 20, 1, False, np.s_[256:512, 0:256]),
+    "S2": Case("S2", "nuclei.tif", "YX", 10, 1, False, np.s_[30]),
     # The developers' sCMOS cases: D1's image and 32 planes of D2's through Camera() (read_sigma: the
     # camera's typical read noise, for the Poisson-Gaussian twin).
     "C1": Case("C1", "img2d.tif", "YX", 20, Camera().rms_read_sigma, False, camera=Camera()),

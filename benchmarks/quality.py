@@ -51,6 +51,7 @@ def run_tbsn(noisy: np.ndarray, axes: str, budget: float | int, preset: str, pd:
         result["report"] = json.loads(report.read_text())
         denoiser = Denoiser.load(model, device=device)
         result["iterations"] = denoiser.summary.iterations
+        result["kept"] = denoiser.summary.best_iteration
         plain = plain and denoiser.uses_posterior
 
         if plain:

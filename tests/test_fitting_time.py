@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 
 from napari_tbsn import Denoiser
 from napari_tbsn.config import FIT_PRESETS, FitConfig, TrainingSummary
@@ -44,3 +45,16 @@ def test_validation_that_stopped_improving_is_said():
                               plateau_iteration=900)
     assert "validation stopped improving at iteration 900: more fitting time would not help" in summary.describe()
     assert np.isfinite(summary.best_validation_loss)
+
+
+@pytest.mark.parametrize("plateau, limit, stopped, said", [
+    (None, None, False, "best at iteration 80 of 100; still improving at the end: more time would likely help"),
+    (40, None, False, "best at iteration 80 of 100: more time would not help"),
+    (None, 100, False, "best at iteration 80 of 100; it covered the image many times over"),
+    (None, None, True, "best at iteration 80 of 100; stopped early: more time may still help"),
+])
+def test_the_summary_says_where_the_fit_found_its_best_point(plateau, limit, stopped, said):
+    summary = TrainingSummary(iterations=100, seconds=10, best_iteration=80, best_validation_loss=0.1,
+                              plateau_iteration=plateau, pass_limit=limit, stopped_early=stopped)
+    assert said in summary.headline()
+    assert "best validation loss 0.1 at iteration 80 of 100" in summary.describe()

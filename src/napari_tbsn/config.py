@@ -325,8 +325,10 @@ class TrainingSummary:
 
         on = f" on {self.images} images" if self.images > 1 else ""
         done = f"fitted{on} in {format_seconds(self.seconds)} ({self.iterations} iterations)"
+        if self.best_iteration > 0:
+            done += f"; best at iteration {self.best_iteration} of {self.iterations}"
         if self.plateau_iteration is not None:
-            return f"{done}; best at iteration {self.best_iteration} of {self.iterations}: more time would not help"
+            return f"{done}: more time would not help"
         if self.pass_limit is not None and self.iterations >= self.pass_limit:
             return f"{done}; it covered the image many times over: more time would only fit the noise"
         if self.stopped_early:
@@ -338,7 +340,7 @@ class TrainingSummary:
         from .progress import format_seconds
 
         best = "no validation loss" if self.best_validation_loss is None else \
-            f"best validation loss {self.best_validation_loss:.6g} at iteration {self.best_iteration}"
+            f"best validation loss {self.best_validation_loss:.6g} at iteration {self.best_iteration} of {self.iterations}"
         stopped = " (stopped early)" if self.stopped_early else ""
         plateau = "" if self.plateau_iteration is None else \
             f"; {describe_plateau(self.plateau_iteration)}: more fitting time would not help"
