@@ -74,11 +74,12 @@ def test_context_planes_fit_predict_and_need_a_stack(tmp_path, device):
     assert Denoiser(preset="tiny", device=device).fit(noisy[0], "YX", iterations=1).context_planes == 0
 
 
-def test_auto_ensemble_averages_eight_views_only_for_small_inputs():
+def test_auto_ensemble_averages_eight_views_for_small_inputs_and_correlated_noise():
     from napari_tbsn import FittedModel
     from napari_tbsn.network import TBSN
     from napari_tbsn.normalization import Normalizer
-    from napari_tbsn.prediction import AUTO_ENSEMBLE_PIXELS
+    from napari_tbsn.config import PredictOptions
+    from napari_tbsn.prediction import AUTO_ENSEMBLE_PIXELS, ensemble_size
 
     def denoiser_with_pd(pd):
         return Denoiser.from_model(FittedModel(TBSN.from_preset("tiny"), Normalizer((0.0,), (1.0,)), pd, "tiny"))
@@ -88,5 +89,7 @@ def test_auto_ensemble_averages_eight_views_only_for_small_inputs():
     assert denoiser.ensemble_size((512, 512)) == 8
     assert denoiser.ensemble_size((4, 512, 512)) == 1
     assert denoiser.ensemble_size((AUTO_ENSEMBLE_PIXELS + 1,)) == 1
-    assert denoiser_with_pd(2).ensemble_size((64, 64)) == 1  # R3 averages already
+    # Correlated noise: the x8 ensemble at any size, unless R3 (which averages its own passes) is asked for.
+    assert denoiser_with_pd(2).ensemble_size((4, 1024, 1024)) == 8
+    assert ensemble_size(2, PredictOptions(refine=2), (64, 64)) == 1
     assert denoiser.ensemble_size((64, 64), ensemble=1) == 1

@@ -240,7 +240,12 @@ FIT_PRESETS: dict[str, FitConfig] = {
 
 ESTIMATORS = ("posterior", "blind_spot")
 ENSEMBLES = (1, 8, "auto")
-R3_ROUNDS = 8
+# R3 (AP-BSN) rounds for correlated noise (pd > 1) unless asked for: none. Measured on D4 (pd 3, three
+# fits of 386 iterations, docs/measurements.md): R3's full-resolution passes, a network fitted on pd-3
+# sub-images run on a mostly denoised full-resolution image, shifted the output's level by -0.35 to
+# -0.56 (26.41-27.54 dB), where the x8 self-ensemble of the first pass, about the same number of
+# passes, gave 28.17-28.41 and no shift.
+R3_ROUNDS = 0
 MIN_TILE_SIZE = 64  # the tiling floor an out-of-memory retry halves down to
 
 
@@ -250,8 +255,8 @@ class PredictOptions:
 
     `estimator`: "posterior" (noise model + blind spot, pixel-independent noise) or
     "blind_spot" (the plain blind-spot mean). `ensemble`: 8 averages over flips and 90-degree
-    rotations, 1 does not, "auto" takes 8 for small pixel-independent inputs. `refine`: R3
-    rounds for correlated noise (pd > 1; 0 for none). `lattice`: apply the fitted lattice
+    rotations, 1 does not, "auto" takes 8 for small pixel-independent inputs and for correlated
+    noise (pd > 1) without R3. `refine`: R3 rounds for correlated noise (pd > 1; 0, the default, for none). `lattice`: apply the fitted lattice
     filter (pixel-independent noise). Tiles of `tile_size` pixels ("auto": as large as a
     quarter of the free memory allows) overlap by `tile_overlap` and run `batch_size` at a
     time. `student`: predict with the distilled student where the model has one (one fast

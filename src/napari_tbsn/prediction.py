@@ -94,8 +94,9 @@ def ensemble_size(pd: int, options: PredictOptions, shape: tuple[int, ...]) -> i
     """How many flipped and rotated views a prediction at `pd` of data of this shape averages."""
     if options.ensemble != "auto":
         return int(options.ensemble)
-    # Measured with pixel-independent noise; with pd > 1, R3 already averages 8 passes.
-    return 8 if pd == 1 and math.prod(shape) <= AUTO_ENSEMBLE_PIXELS else 1
+    if pd > 1:  # R3 averages its own passes; without it, the ensemble takes R3's place (config.R3_ROUNDS)
+        return 1 if options.refine else 8
+    return 8 if math.prod(shape) <= AUTO_ENSEMBLE_PIXELS else 1  # measured with pixel-independent noise
 
 
 def uses_student(model: FittedModel, options: PredictOptions) -> bool:
