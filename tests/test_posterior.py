@@ -93,3 +93,12 @@ def test_auto_ensemble_averages_eight_views_for_small_inputs_and_correlated_nois
     assert denoiser_with_pd(2).ensemble_size((4, 1024, 1024)) == 8
     assert ensemble_size(2, PredictOptions(refine=2), (64, 64)) == 1
     assert denoiser.ensemble_size((64, 64), ensemble=1) == 1
+
+
+def test_a_model_saved_with_r3_keeps_it_and_one_view(tmp_path, device):
+    """Models saved before R3 went off by default carry refine 8: loaded, they predict as before."""
+    _, noisy = noisy_image((128, 128), seed=21)
+    path = Denoiser(preset="tiny", device=device, pd=2, refine=8).fit(noisy, "YX", iterations=1).save(tmp_path / "m")
+    loaded = Denoiser.load(path, device=device)
+    assert loaded.refine == 8 and loaded.ensemble_size((64, 64)) == 1
+    assert Denoiser(preset="tiny", device=device, pd=2).refine == 0
