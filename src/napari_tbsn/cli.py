@@ -719,8 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="8: average over flips and rotations (8x the prediction time); auto: 8 for "
                          "pixel-independent noise (pd 1) on inputs up to half a megapixel and for correlated noise "
                          "(pd > 1) without R3, else 1 (default auto)")
-        sub.add_argument("--refine", type=int, help="R3 rounds for correlated noise (pd > 1; default: the model's own, 0 for new fits: the x8 "
-                         "ensemble instead; models saved before 2026-12-07 say 8: give --refine 0)")
+        sub.add_argument("--refine", type=int,
+                         help="R3 rounds for correlated noise (pd > 1; default: the model's own, 0 for new fits: "
+                         "the x8 ensemble instead; models saved before 2026-12-07 say 8: give --refine 0)")
         sub.add_argument("--uncertainty", type=Path,
                          help="also write the posterior standard deviation (same format and units as the output)")
         sub.add_argument("--report", type=Path, help="write the noise model, fit summary and quality estimate (JSON)")

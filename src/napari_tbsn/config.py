@@ -256,10 +256,10 @@ class PredictOptions:
     `estimator`: "posterior" (noise model + blind spot, pixel-independent noise) or
     "blind_spot" (the plain blind-spot mean). `ensemble`: 8 averages over flips and 90-degree
     rotations, 1 does not, "auto" takes 8 for small pixel-independent inputs and for correlated
-    noise (pd > 1) without R3. `refine`: R3 rounds for correlated noise (pd > 1; 0, the default, for none). `lattice`: apply the fitted lattice
-    filter (pixel-independent noise). Tiles of `tile_size` pixels ("auto": as large as a
-    quarter of the free memory allows) overlap by `tile_overlap` and run `batch_size` at a
-    time. `student`: predict with the distilled student where the model has one (one fast
+    noise (pd > 1) without R3. `refine`: R3 rounds for correlated noise (pd > 1; 0, the default,
+    for none). `lattice`: apply the fitted lattice filter (pixel-independent noise). Tiles of
+    `tile_size` pixels ("auto": as large as a quarter of the free memory allows) overlap by
+    `tile_overlap` and run `batch_size` at a time. `student`: predict with the distilled student where the model has one (one fast
     pass; the teacher's estimator, ensemble, R3 and lattice settings are then built into it)."""
 
     estimator: str = "posterior"
