@@ -259,8 +259,9 @@ class PredictOptions:
     noise (pd > 1) without R3. `refine`: R3 rounds for correlated noise (pd > 1; 0, the default,
     for none). `lattice`: apply the fitted lattice filter (pixel-independent noise). Tiles of
     `tile_size` pixels ("auto": as large as a quarter of the free memory allows) overlap by
-    `tile_overlap` and run `batch_size` at a time. `student`: predict with the distilled student where the model has one (one fast
-    pass; the teacher's estimator, ensemble, R3 and lattice settings are then built into it)."""
+    `tile_overlap` and run `batch_size` at a time. `student`: predict with the distilled student
+    where the model has one (one fast pass; the teacher's estimator, ensemble, R3 and lattice
+    settings are then built into it)."""
 
     estimator: str = "posterior"
     ensemble: int | str = "auto"
