@@ -57,7 +57,7 @@ def _fit(monkeypatch, fake: FakeCompile | None, compile: str = "always", **budge
     if fake is not None:
         monkeypatch.setattr(torch, "compile", fake)
     config = dataclasses.replace(FIT_PRESETS["tiny"], compile=compile, validation_every=5,
-                                 validation_fraction=0.4)  # 6 patches: a chunk of 4 and one of 2
+                                 validation_patches_max=6)  # 6 crops: a chunk of 4 and one of 2
     _, noisy = noisy_image((256, 256))
     return Denoiser(preset="tiny", device="cpu", seed=0, fit_config=config, estimator="blind_spot",
                     lattice=False).fit(noisy, "YX", **budget)

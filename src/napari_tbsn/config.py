@@ -196,8 +196,11 @@ class FitConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.02
-    validation_fraction: float = 0.1
-    validation_patches_max: int = 16
+    validation_fraction: float = 0.1  # of the patch-sized blocks, where no pixels are held out
+    validation_patches_max: int = 16  # validation crops
+    # The share of the pixels held out of the blind-spot loss for validation (training.Trainer);
+    # 0 holds out whole blocks instead (validation_fraction), as distillation does.
+    validation_pixels: float = 0.03
     validation_every: int = 25  # at most this often (training.validation_interval)
     ema_decay: float = 0.99  # weight averaging; 0 turns it off
     mixed_precision: bool = True  # bfloat16 autocast where the device has fast bf16 (CUDA, AMX CPUs)
@@ -205,8 +208,8 @@ class FitConfig:
     max_training_pixels: int = 2**26
     compile: str = "auto"  # "auto" (CUDA, fits of COMPILE_MIN_SECONDS or more), "always" or "never"
     # The fit ends once its crops have covered the training pixels this many times (0: no limit),
-    # however much time is left: more would fit the noise of a small image (training.pass_horizon).
-    max_passes: float = 300.0
+    # however much time is left: a backstop behind the held-out pixels' plateau (training.pass_horizon).
+    max_passes: float = 1000.0
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "batch_size", "validation_patches_max", "validation_every", "default_iterations",
@@ -214,6 +217,7 @@ class FitConfig:
             object.__setattr__(self, name, _check_whole(name, getattr(self, name), minimum=1))
         for name, low, high in (("learning_rate", 0.0, None), ("weight_decay", 0.0, None), ("warmup_fraction", 0.0, 1.0),
                                 ("min_lr_fraction", 0.0, 1.0), ("validation_fraction", 0.0, 1.0), ("ema_decay", 0.0, 1.0),
+                                ("validation_pixels", 0.0, 0.5),
                                 ("max_passes", 0.0, None)):
             _check_number(name, getattr(self, name), low, high)
         if self.learning_rate <= 0:
@@ -324,6 +328,7 @@ class TrainingSummary:
     camera: str | None = None  # what camera effects were found and taken out
     compile_seconds: float = 0.0  # torch.compile's time before the fit, outside `seconds` and the budget
     images: int = 1  # how many images (files, layers) were fitted together
+    runaways: int = 0  # steps that threw validation off, undone (back to the kept weights, half the rate)
 
     def headline(self) -> str:
         """What a user needs first: how long the fit took, and whether more time would help."""
@@ -357,5 +362,6 @@ class TrainingSummary:
         camera = f"; camera: {self.camera}" if self.camera else ""
         compiled = f" (after {format_seconds(self.compile_seconds)} compiling the network)" if self.compile_seconds else ""
         on = f" on {self.images} images" if self.images > 1 else ""
+        runaways = f"; {self.runaways} unstable step(s) undone at a lower learning rate" if self.runaways else ""
         return (f"{self.iterations} iterations{on} in {format_seconds(self.seconds)}{compiled}{stopped}, {best}{plateau}"
-                f"{limit}{channels}{camera}")
+                f"{limit}{runaways}{channels}{camera}")

@@ -261,11 +261,12 @@ def fit_model(
     planes = load_training_images([(image.data, image.layout) for image in analysis.images], analysis.normalizer,
                                   config.max_training_pixels, network.config.context_planes)
     rng = np.random.default_rng(settings.seed)
-    sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
+    sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng,
+                           config.validation_pixels)
     # Channels as samples train one channel of a plane per sample: each iteration costs what
     # one single-channel crop does. The closing fits see whole planes, every channel at once.
     training = PatchSampler([channels_as_samples(group, layout.channels) for group in planes], patch,
-                            config.validation_fraction, config.validation_patches_max, rng) \
+                            config.validation_fraction, config.validation_patches_max, rng, config.validation_pixels) \
         if network.config.channels_as_samples else sampler
     horizon = pass_horizon(training.training_pixels, config, patch, world()[1])
     trainer = Trainer(network, training, config, device, analysis.pd, settings.seed, cancel, stop_training,

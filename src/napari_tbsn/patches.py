@@ -25,6 +25,14 @@ class PatchSampler:
     for validation, drawn across every image, and training crops never overlap them. Crops
     come from each image in proportion to its pixels. With a single block there is nothing to
     hold out: validation then reuses it (and says so in `shared_validation`).
+
+    With `held_out_pixels` > 0 (the blind-spot fit), no block is held out: that share of the
+    pixels, scattered over every plane, is held out instead. Crops come from anywhere, with a
+    mask that takes the held-out pixels out of the training loss (sample_with_mask), and the
+    validation crops (up to `validation_max`, spread over the images) score the network on them
+    alone: a blind-spot network never sees a pixel it predicts, and is never trained to predict
+    these, so their blind-spot loss estimates the MSE plus the noise variance without the bias a
+    network fitted to those very noisy values would have.
     """
 
     def __init__(
@@ -34,11 +42,17 @@ class PatchSampler:
         validation_fraction: float,
         validation_max: int,
         rng: np.random.Generator,
+        held_out_pixels: float = 0.0,
     ) -> None:
         self.groups = [planes] if isinstance(planes, np.ndarray) else list(planes)
         if len({group.shape[1] for group in self.groups}) != 1:
             raise ValueError("every image fitted together needs the same number of channels")
         self.patch_size = p = patch_size
+        self.pixel_masks: list[np.ndarray] | None = None
+        self.validation_masks: np.ndarray | None = None
+        if held_out_pixels > 0:
+            self._hold_out_pixels(held_out_pixels, validation_max, rng)
+            return
         blocks = [(g, n, r, c) for g, group in enumerate(self.groups) for n in range(group.shape[0])
                   for r in range(group.shape[2] // p) for c in range(group.shape[3] // p)]
         n_validation = int(np.clip(round(validation_fraction * len(blocks)), 1, validation_max))
@@ -59,6 +73,29 @@ class PatchSampler:
         # every such position of every image is equally likely, as within one image.
         positions = np.array([self._free_positions(g) for g in range(len(self.groups))], dtype=float)
         self._weights = positions / positions.sum()
+
+    def _hold_out_pixels(self, fraction: float, crops: int, rng: np.random.Generator) -> None:
+        """Hold out `fraction` of the pixels of every plane (the same (y, x) in all its channels),
+        and pick up to `crops` validation crops: every image's planes covered by a grid of
+        patch-sized crops (overlapping where the size does not divide), drawn at random."""
+        p = self.patch_size
+        self.pixel_masks = [rng.random((group.shape[0], group.shape[2], group.shape[3])) < fraction
+                            for group in self.groups]
+        self.held_out = [np.zeros((group.shape[0], group.shape[2] // p + 1, group.shape[3] // p + 1), dtype=bool)
+                         for group in self.groups]
+        self.shared_validation = False
+
+        def starts(length: int) -> np.ndarray:
+            return np.unique(np.linspace(0, length - p, max(1, -(-length // p))).round().astype(int))
+
+        grid = [(g, n, y, x) for g, group in enumerate(self.groups) for n in range(group.shape[0])
+                for y in starts(group.shape[2]) for x in starts(group.shape[3])]
+        chosen = [grid[i] for i in sorted(rng.choice(len(grid), min(crops, len(grid)), replace=False))]
+        self.validation = np.stack([self.groups[g][n, :, y : y + p, x : x + p] for g, n, y, x in chosen])
+        self.validation_masks = np.stack([self.pixel_masks[g][n, y : y + p, x : x + p] for g, n, y, x in chosen])
+        self._weights = np.array([group.shape[0] * (group.shape[2] - p + 1) * (group.shape[3] - p + 1)
+                                  for group in self.groups], dtype=float)
+        self._weights /= self._weights.sum()
 
     @property
     def planes(self) -> np.ndarray:
@@ -131,18 +168,31 @@ class PatchSampler:
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         """A (B, C, P, P) batch of random crops with random flips and 90-degree rotations."""
+        return self._sample(rng, batch_size, with_mask=False)[0]
+
+    def sample_with_mask(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """sample(), and a (B, 1, P, P) float mask: 0 on held-out pixels, 1 where the loss may look
+        (None where no pixel is held out)."""
+        return self._sample(rng, batch_size, with_mask=self.pixel_masks is not None)
+
+    def _sample(self, rng: np.random.Generator, batch_size: int,
+                with_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
         p = self.patch_size
         chosen: list[tuple[int, int, int, int]] = []
         while len(chosen) < batch_size:
             chosen.extend(self._draw(rng, 4 * batch_size if len(self.groups) == 1 else batch_size))
-        crops = []
+        crops, masks = [], []
         for g, n, y, x in chosen[:batch_size]:
             crop = self.groups[g][n, :, y : y + p, x : x + p]
-            crop = np.rot90(crop, k=int(rng.integers(4)), axes=(1, 2))
-            if rng.integers(2):
-                crop = crop[:, :, ::-1]
+            mask = self.pixel_masks[g][n, None, y : y + p, x : x + p] if with_mask else crop[:1]
+            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+            crop, mask = (np.rot90(block, k=turns, axes=(1, 2)) for block in (crop, mask))
+            if flip:
+                crop, mask = crop[:, :, ::-1], mask[:, :, ::-1]
             crops.append(crop)
-        return np.ascontiguousarray(np.stack(crops))
+            masks.append(mask)
+        batch = np.ascontiguousarray(np.stack(crops))
+        return batch, (~np.stack(masks)).astype(np.float32) if with_mask else None
 
 
 def load_training_planes(

@@ -31,10 +31,28 @@ MAX_SKIPPED_STEPS = 8  # float16 steps in a row whose loss may be non-finite bef
 # a third of a training patch (a forward pass without the backward), so a stack with many held-out
 # patches validates less often than validation_every asks.
 VALIDATION_SHARE = 0.05
-# Validation has stopped improving when its best is this many iterations old, and at least this
-# share of the iterations run so far: fitting longer would then not help.
+# Validation has stopped improving when its last clear improvement (KEEP_BAND standard errors) is
+# this many iterations old, and at least this share of the iterations run so far: fitting longer
+# would then not help, and the fit cools down and ends (COOLDOWN_*).
 PLATEAU_ITERATIONS = 200
 PLATEAU_SHARE = 0.25
+# Held-out pixels (patches.PatchSampler) score every checkpoint on the same pixels, so that two
+# checkpoints compare pixel by pixel: a checkpoint whose loss is within this many standard errors
+# of that paired difference of the lowest one is kept (the later of two equals: it has seen more
+# of the schedule's anneal), and an improvement counts only past it.
+KEEP_BAND = 2.0
+# Once validation has reached its plateau, the learning rate falls to its floor over this share of
+# the iterations run (at least COOLDOWN_MIN), and the fit ends: the anneal of the schedule without
+# the fitting of the noise that the rest of a long schedule would do on a small image.
+COOLDOWN_SHARE = 0.1
+COOLDOWN_MIN = 50
+# A validation loss this far above the lowest is a runaway step (a gradient spike the clipping did
+# not stop): the fit goes back to its kept weights, clears the optimiser's moments, and halves its
+# learning rate.
+RUNAWAY = 1.05
+# Gradients are clipped to this many times the median norm of the last CLIP_WINDOW steps.
+CLIP_FACTOR = 4.0
+CLIP_WINDOW = 50
 # compile="auto" compiles (on CUDA) only a fit planned for at least this long: compiling the
 # training, backward and validation graphs takes tens of seconds, which a 30-120 s widget fit
 # would spend waiting, while a long fit earns it back. The clock of the budget starts after it.
@@ -42,12 +60,12 @@ COMPILE_MIN_SECONDS = 300.0
 COMPILE_MIN_ITERATIONS = 3000  # a fit given iterations instead: ~5 minutes at 10 it/s
 
 
-def plateau_since(best_iteration: int, iteration: int) -> int | None:
+def plateau_since(improved_iteration: int, iteration: int) -> int | None:
     """The iteration where validation stopped improving, if it has (else None)."""
-    if best_iteration <= 0:
+    if improved_iteration <= 0:
         return None
-    stalled = iteration - best_iteration
-    return best_iteration if stalled >= max(PLATEAU_ITERATIONS, PLATEAU_SHARE * iteration) else None
+    stalled = iteration - improved_iteration
+    return improved_iteration if stalled >= max(PLATEAU_ITERATIONS, PLATEAU_SHARE * iteration) else None
 
 
 @dataclass(frozen=True)
@@ -68,13 +86,18 @@ class FitProgress:
         return "" if self.plateau is None else describe_plateau(self.plateau)
 
 
-def blind_spot_loss(output: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
-    """Mean squared error between the blind-spot prediction and the noisy input.
+def blind_spot_loss(output: torch.Tensor, noisy: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between the blind-spot prediction and the noisy input (over the
+    pixels whose `weights` are 1, where given: the held-out pixels are 0).
 
     For zero-mean pixel-independent noise its expectation is the true MSE plus the noise
     variance (Noise2Self), so the validation loss tracks real quality.
     """
-    return torch.mean((output.float() - noisy.float()) ** 2)
+    errors = (output.float() - noisy.float()) ** 2
+    if weights is None:
+        return torch.mean(errors)
+    weights = weights.expand_as(errors)
+    return torch.sum(errors * weights) / torch.clamp(torch.sum(weights), min=1.0)
 
 
 def learning_rate_factor(progress: float, config: FitConfig) -> float:
@@ -89,9 +112,8 @@ def learning_rate_factor(progress: float, config: FitConfig) -> float:
 
 def pass_horizon(training_pixels: int, config: FitConfig, patch_size: int, processes: int = 1) -> int | None:
     """The iterations in which the fit crops config.max_passes times the training pixels (None:
-    no limit). A blind-spot network fitted many times over one small image learns its noise:
-    a 316x316 image lost 0.6 dB from about 160 to 640 passes while the 512x512 D1 still gained at 230
-    (docs/measurements.md, "Fitting time")."""
+    no limit). A backstop: the held-out pixels' plateau (Trainer) ends a fit that has started to
+    learn the noise of a small image long before it (docs/measurements.md, "Fitting time")."""
     if not config.max_passes:
         return None
     per_iteration = config.batch_size * patch_size**2 * processes
@@ -178,7 +200,15 @@ class Trainer:
         self.horizon = horizon
         self.inputs = inputs
         self.validation = torch.from_numpy(sampler.validation)
+        masks = sampler.validation_masks
+        # Held-out pixels (the blind-spot fit): scored alone, checkpoints compared pixel by pixel,
+        # gradients clipped and runaways undone. Else (distillation) each patch scores as a whole.
+        self.validation_masks = None if masks is None else torch.from_numpy(masks)[:, None]
+        self.guarded = masks is not None
+        self.keep_band = KEEP_BAND if self.guarded else 0.0
         self.validation_every = validation_interval(len(self.validation), config)
+        self.learning_rate_scale = 1.0  # halved after each runaway
+        self.gradient_norms: list[float] = []
         self.cancel_token = cancel if cancel is not None else threading.Event()
         self.stop_training = stop_training if stop_training is not None else threading.Event()
         self.batch_size = config.batch_size
@@ -245,34 +275,61 @@ class Trainer:
     def cancel(self) -> None:
         self.cancel_token.set()
 
-    def _blind_spot_objective(self, output: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    def _blind_spot_objective(self, output: torch.Tensor, batch: torch.Tensor,
+                              weights: torch.Tensor | None = None) -> torch.Tensor:
         blind = self.network.blind_inputs(batch)  # the rest of the batch is context planes
-        return blind_spot_loss(output[:, :blind], batch[:, :blind])
+        return blind_spot_loss(output[:, :blind], batch[:, :blind], weights)
 
-    def _run(self, batch: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        batch = pd_down(batch.to(self.device, non_blocking=True), self.pd)
-        inputs = batch[:, : self.inputs]
+    def _output(self, batch: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            output = (forward or self.forward)(inputs)
-        return self.objective(output, batch)
+            return (forward or self.forward)(batch[:, : self.inputs])
+
+    def _run(self, batch: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The objective on a batch; `weights` (B, 1, P, P): 0 on the held-out pixels, which the
+        loss must never see (the blind-spot fit's only)."""
+        batch = pd_down(batch.to(self.device, non_blocking=True), self.pd)
+        output = self._output(batch, forward)
+        if weights is None:
+            return self.objective(output, batch)
+        return self._blind_spot_objective(output, batch, pd_down(weights.to(self.device, non_blocking=True), self.pd))
+
+    def _held_out_errors(self, chunk: torch.Tensor, masks: torch.Tensor,
+                         forward: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """The squared errors of the blind-spot prediction at the held-out pixels of a chunk of
+        validation crops (every blind channel of each)."""
+        batch = pd_down(chunk.to(self.device, non_blocking=True), self.pd)
+        output = self._output(batch, forward)
+        blind = self.network.blind_inputs(batch)
+        errors = (output[:, :blind].float() - batch[:, :blind].float()) ** 2
+        held = pd_down(masks.to(self.device, non_blocking=True), self.pd).expand_as(errors)
+        return errors[held].double().cpu()
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """The mean blind-spot loss over the held-out patches (cut to the training patch size,
-        which an out-of-memory error may have shrunk); retried smaller after one."""
+    def validation_errors(self) -> torch.Tensor:
+        """This rank's validation errors, in a fixed order (float64): the squared errors at the
+        held-out pixels, or (without them) each validation patch's chunk's loss. Crops are cut to the
+        training patch size, which an out-of-memory error may have shrunk; retried smaller after one."""
         self.network.eval()
         try:
             while True:
                 try:
-                    total = 0.0
+                    errors = []
                     share = self.validation[self.rank :: self.processes]  # under DDP each rank validates its share
+                    masks = None if self.validation_masks is None else \
+                        self.validation_masks[self.rank :: self.processes]
+                    size = self.patch_size
                     for start in range(0, len(share), self.batch_size):
-                        chunk = share[start : start + self.batch_size, :, : self.patch_size, : self.patch_size]
+                        chunk = share[start : start + self.batch_size, :, :size, :size]
                         # A shorter last chunk runs eager (compiled, it would compile anew); under DDP
                         # the plain network, since the ranks run different numbers of chunks.
-                        eager = len(chunk) != self.batch_size or self.processes > 1
-                        total += float(self._run(chunk, self.network if eager else None)) * len(chunk)
-                    return sum_over_ranks(total, self.device) / len(self.validation)
+                        eager = self.network if len(chunk) != self.batch_size or self.processes > 1 else None
+                        if masks is not None:
+                            errors.append(self._held_out_errors(chunk, masks[start : start + len(chunk), :, :size, :size],
+                                                                eager))
+                        else:  # the chunk's loss, once per patch (their mean is the mean loss)
+                            errors.append(torch.full((len(chunk),), float(self._run(chunk, eager)), dtype=torch.float64))
+                    return torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
                 except OutOfMemory as error:
                     self._shrink(error)
                 except Exception as error:
@@ -280,11 +337,10 @@ class Trainer:
         finally:
             self.network.train()
 
-    def _validate(self, best_loss: float) -> tuple[float, dict | None]:
-        """Validation loss of the averaged weights, and a copy of them if they are the best."""
-        with self.averaged_weights():
-            loss = self.validation_loss()
-            return loss, (copy.deepcopy(self.network.state_dict()) if loss < best_loss else None)
+    def validation_loss(self) -> float:
+        """The mean validation error over all ranks."""
+        errors = self.validation_errors()
+        return sum_over_ranks(float(errors.sum()), self.device) / max(sum_over_ranks(len(errors), self.device), 1)
 
     def _shrink(self, error: Exception) -> None:
         """After running out of memory: halve the batch, else the patch, and say so."""
@@ -311,12 +367,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         while True:
-            batch = torch.from_numpy(self.sampler.sample(self.rng, self.batch_size))
-            batch = batch[..., : self.patch_size, : self.patch_size]
+            batch, weights = self.sampler.sample_with_mask(self.rng, self.batch_size)
+            batch = torch.from_numpy(batch)[..., : self.patch_size, : self.patch_size]
+            if weights is not None:
+                weights = torch.from_numpy(weights)[..., : self.patch_size, : self.patch_size]
             try:
-                loss = self._run(batch)
+                loss = self._run(batch, weights=weights)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
+                if self.guarded:
+                    self._clip_gradients()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 return float(loss.detach())
@@ -326,10 +386,22 @@ class Trainer:
             except Exception as error:  # a compiled network's failure is retried eager (a bug is raised)
                 self._without_compile(error)
 
+    def _clip_gradients(self) -> None:
+        """Clip the gradients to CLIP_FACTOR times the median norm of the last CLIP_WINDOW steps
+        (once there are that many): one spike, on a small image at the schedule's peak rate, can
+        otherwise throw a fit far off (docs/measurements.md, "Fitting time")."""
+        self.scaler.unscale_(self.optimizer)
+        ready = len(self.gradient_norms) >= CLIP_WINDOW
+        limit = CLIP_FACTOR * float(np.median(self.gradient_norms)) if ready else math.inf
+        norm = float(nn.utils.clip_grad_norm_(self.parameters, limit))
+        if math.isfinite(norm):  # a float16 overflow, which the scaler skips, is no norm
+            self.gradient_norms = self.gradient_norms[-(CLIP_WINDOW - 1):] + [norm]
+
     def run(self, iterations: int | None, time_budget: float | None) -> Generator[FitProgress, None, TrainingSummary]:
-        """Train until `iterations` or `time_budget` seconds (whichever comes first) or cancel,
-        yielding progress after every iteration; returns the summary. The network ends with
-        the best weights reached (the averaged ones with the lowest validation loss)."""
+        """Train until `iterations` or `time_budget` seconds (whichever comes first), cancel, or a
+        cooldown after validation's plateau, yielding progress after every iteration; returns the
+        summary. The network ends with the kept weights (the averaged ones of the latest checkpoint
+        within KEEP_BAND standard errors of the lowest validation loss)."""
         if iterations is None and time_budget is None:
             iterations = self.config.default_iterations
         summary = TrainingSummary()
@@ -340,10 +412,12 @@ class Trainer:
         if self.may_compile and should_compile(self.config, self.device, iterations, time_budget):
             summary.compile_seconds = self.compile()  # before the clock: compiling is not fitting time
         start = time.perf_counter()
+        cooldown: _Cooldown | None = None
 
         def fraction_done(iteration: int) -> float:
             return max(iteration / iterations if iterations else 0.0,
-                       (time.perf_counter() - start) / time_budget if time_budget else 0.0)
+                       (time.perf_counter() - start) / time_budget if time_budget else 0.0,
+                       cooldown.fraction(iteration) if cooldown is not None else 0.0)
 
         def progress(iteration: int, diverged: bool) -> tuple[float, bool, bool]:
             # Under DDP the ranks agree on all three, so that they step, validate and stop together.
@@ -362,7 +436,8 @@ class Trainer:
                                          "lower the learning rate or check the input for extreme values")
             if done >= 1.0 or stopping:
                 break
-            loss = self._step(self.config.learning_rate * learning_rate_factor(done, self.config))
+            factor = cooldown.factor(iteration) if cooldown is not None else learning_rate_factor(done, self.config)
+            loss = self._step(self.config.learning_rate * self.learning_rate_scale * factor)
             self._update_average(iteration)
             iteration += 1
             non_finite = 0 if math.isfinite(loss) else non_finite + 1
@@ -370,12 +445,17 @@ class Trainer:
                 raise FloatingPointError(f"the training loss became {loss} at iteration {iteration}; "
                                          "lower the learning rate or check the input for extreme values")
             validation = None
-            if iteration % self.validation_every == 0 or iteration == iterations:
+            end = cooldown.end if cooldown is not None else iterations
+            if iteration % self.validation_every == 0 or iteration == end:
                 validation = self._checkpoint(best, summary, iteration, loss)
+                plateau = plateau_since(best.improved, iteration)
+                if self.guarded and cooldown is None and plateau is not None:
+                    cooldown = _Cooldown.after(iteration, factor, self.config.min_lr_fraction, iterations)
+                    summary.plateau_iteration = plateau
             elapsed, fraction = time.perf_counter() - start, fraction_done(iteration)
             yield FitProgress(iteration, iterations, loss, validation, best.loss_or_none, elapsed,
                               remaining_seconds(elapsed, fraction), min(fraction, 1.0),
-                              plateau_since(summary.best_iteration, iteration))
+                              plateau_since(best.improved, iteration))
         if iteration > 0 and validation is None:  # the iterations since the last validation may hold the best
             self._checkpoint(best, summary, iteration, loss)
         self.network.load_state_dict(best.state)
@@ -385,22 +465,86 @@ class Trainer:
         summary.seconds = time.perf_counter() - start
         summary.best_validation_loss = best.loss_or_none
         summary.stopped_early = self.cancel_token.is_set() or self.stop_training.is_set()
-        summary.plateau_iteration = plateau_since(summary.best_iteration, iteration)
+        if summary.plateau_iteration is None:
+            summary.plateau_iteration = plateau_since(best.improved, iteration)
         return summary
 
     def _checkpoint(self, best: _Best, summary: TrainingSummary, iteration: int, loss: float) -> float:
-        validation, state = self._validate(best.loss)
-        if state is not None:
-            best.loss, best.state, summary.best_iteration = validation, state, iteration
+        """Validate the averaged weights, keep them where they are no worse than the lowest (within
+        the keep band), and undo a runaway. Returns the validation loss."""
+        with self.averaged_weights():
+            errors = self.validation_errors()
+            count = sum_over_ranks(len(errors), self.device)
+            validation = sum_over_ranks(float(errors.sum()), self.device) / max(count, 1)
+            if best.errors is None or len(best.errors) != len(errors):  # the first, or a patch shrunk by memory
+                keep, improved = validation < best.loss, validation < best.loss
+            else:
+                difference = errors - best.errors
+                mean = sum_over_ranks(float(difference.sum()), self.device) / max(count, 1)
+                spread = sum_over_ranks(float((difference**2).sum()), self.device) / max(count, 1) - mean**2
+                margin = self.keep_band * math.sqrt(max(spread, 0.0) / max(count, 1))
+                keep, improved = mean <= margin if self.keep_band else mean < 0, mean < -margin
+            if validation < best.lowest:
+                best.lowest, best.errors = validation, errors
+            if keep:
+                best.loss, best.state, summary.best_iteration = validation, copy.deepcopy(self.network.state_dict()), \
+                    iteration
+            if improved:
+                best.improved = iteration
         summary.history.append({"iteration": iteration, "loss": loss, "validation_loss": validation})
+        if self.guarded and validation > RUNAWAY * best.lowest:
+            self._undo_runaway(best)
+            summary.runaways += 1
         return validation
+
+    def _undo_runaway(self, best: _Best) -> None:
+        """Back to the kept weights (averaged and current), with fresh optimiser moments and half
+        the learning rate."""
+        self.network.load_state_dict(best.state)
+        with torch.no_grad():
+            torch._foreach_copy_(self.average, [p.detach() for p in self.parameters])
+        self.optimizer.state.clear()
+        self.learning_rate_scale /= 2
+        self.gradient_norms.clear()
 
 
 @dataclasses.dataclass
 class _Best:
-    state: dict
-    loss: float = math.inf
+    state: dict  # the kept weights
+    loss: float = math.inf  # their validation loss
+    lowest: float = math.inf  # the lowest validation loss reached
+    errors: torch.Tensor | None = None  # the lowest one's validation errors (this rank's)
+    improved: int = 0  # the iteration of the last clear improvement
 
     @property
     def loss_or_none(self) -> float | None:
         return None if self.loss == math.inf else self.loss
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cooldown:
+    """After the plateau: the learning rate falls from where it was to its floor, then the fit ends."""
+
+    start: int
+    length: int
+    factor_at_start: float
+    floor: float
+
+    @classmethod
+    def after(cls, iteration: int, factor: float, floor: float, iterations: int | None) -> _Cooldown | None:
+        """A cooldown from `iteration`, or None where the schedule ends sooner anyway."""
+        length = max(COOLDOWN_MIN, math.ceil(COOLDOWN_SHARE * iteration))
+        if iterations is not None and iteration + length >= iterations:
+            return None
+        return cls(iteration, length, factor, min(floor, factor))
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def fraction(self, iteration: int) -> float:
+        return (iteration - self.start) / self.length
+
+    def factor(self, iteration: int) -> float:
+        span = min(max(self.fraction(iteration), 0.0), 1.0)
+        return self.floor + (self.factor_at_start - self.floor) * 0.5 * (1 + math.cos(math.pi * span))
