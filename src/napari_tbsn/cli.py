@@ -410,7 +410,8 @@ def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
                     bar("fit").note("training: Ctrl-C ends it early, and the fit completes with the best weights "
                                     "reached")
                 if step.plateau is not None and not said_plateau:
-                    bar("fit").note(f"{step.describe_plateau()}: Ctrl-C ends the training now, with the best weights")
+                    now = "" if step.cooling_down else ": Ctrl-C ends the training now, with the best weights"
+                    bar("fit").note(f"{step.describe_plateau()}{now}")
                     said_plateau.append(step.plateau)
                 best = "" if step.best_validation_loss is None else f" best val {step.best_validation_loss:.5f}"
                 bar("fit").update(item.fraction, f"it {step.iteration} loss {step.loss:.5f}{best}", step.eta)

@@ -81,9 +81,13 @@ class FitProgress:
     eta: float | None
     fraction: float
     plateau: int | None = None  # the iteration where validation stopped improving, once it has
+    cooling_down: bool = False  # past the plateau, the fit anneals and ends by itself
 
     def describe_plateau(self) -> str:
-        return "" if self.plateau is None else describe_plateau(self.plateau)
+        if self.plateau is None:
+            return ""
+        ending = "; the fit cools down and ends: more time would not help" if self.cooling_down else ""
+        return describe_plateau(self.plateau) + ending
 
 
 def blind_spot_loss(output: torch.Tensor, noisy: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -455,7 +459,8 @@ class Trainer:
             elapsed, fraction = time.perf_counter() - start, fraction_done(iteration)
             yield FitProgress(iteration, iterations, loss, validation, best.loss_or_none, elapsed,
                               remaining_seconds(elapsed, fraction), min(fraction, 1.0),
-                              plateau_since(best.improved, iteration))
+                              summary.plateau_iteration if cooldown is not None else plateau_since(best.improved, iteration),
+                              cooldown is not None)
         if iteration > 0 and validation is None:  # the iterations since the last validation may hold the best
             self._checkpoint(best, summary, iteration, loss)
         self.network.load_state_dict(best.state)
