@@ -45,10 +45,10 @@ def main() -> None:
     patch = fitting_patch_size(config.patch_size, layout.height, layout.width, network.size_multiple)
     planes = load_training_planes(noisy, layout, analysis.normalizer, config.max_training_pixels)
     rng = np.random.default_rng(args.seed)
-    sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng)
+    sampler = PatchSampler(planes, patch, config.validation_fraction, config.validation_patches_max, rng,
+                           config.validation_pixels)
     trainer = Trainer(network, sampler, config, torch.device("cpu"), 1, args.seed, threading.Event())
-    held = np.kron(sampler.held_out[0][0, :-1, :-1], np.ones((patch, patch), bool))
-    held = np.pad(held, [(0, layout.height - held.shape[0]), (0, layout.width - held.shape[1])])
+    held = sampler.pixel_masks[0][0]
     image = torch.from_numpy(planes[:, :, : layout.height // 64 * 64, : layout.width // 64 * 64])
 
     def quality() -> tuple[float, float, float]:
@@ -62,9 +62,10 @@ def main() -> None:
         return psnr(estimate, reference), _region_psnr(estimate, reference, ~inside), \
             _region_psnr(estimate, reference, inside)
 
-    print(f"# {args.case}: {layout.height}x{layout.width}, {len(sampler.validation)} validation patch(es) of {patch}, "
-          f"validation every {trainer.validation_every}", flush=True)
-    print("| iteration | learning-rate factor | validation loss | PSNR all | trained region | held-out region |")
+    print(f"# {args.case}: {layout.height}x{layout.width}, {int(held.sum())} held-out pixels in "
+          f"{len(sampler.validation)} validation crop(s) of {patch}, validation every {trainer.validation_every}",
+          flush=True)
+    print("| iteration | learning-rate factor | validation loss | PSNR all | trained pixels | held-out pixels |")
     print("| --- | --- | --- | --- | --- | --- |")
     steps = trainer.run(args.iterations, None)
     best_psnr: dict[int, float] = {}
@@ -72,12 +73,15 @@ def main() -> None:
         while True:
             progress = next(steps)
             if progress.iteration % args.every == 0:
-                validation = progress.validation_loss if progress.validation_loss is not None else \
-                    trainer._validate(np.inf)[0]
+                if progress.validation_loss is not None:
+                    validation = progress.validation_loss
+                else:
+                    with trainer.averaged_weights():
+                        validation = trainer.validation_loss()
                 scores = quality()
                 best_psnr[progress.iteration] = scores[0]
-                from napari_tbsn.training import learning_rate_factor
-                print(f"| {progress.iteration} | {learning_rate_factor(progress.fraction, config):.3f} | "
+                factor = trainer.optimizer.param_groups[0]["lr"] / config.learning_rate  # cooldown, runaways included
+                print(f"| {progress.iteration} | {factor:.3f} | "
                       f"{validation:.6f} | {scores[0]:.2f} | {scores[1]:.2f} | {scores[2]:.2f} |", flush=True)
     except StopIteration as stop:
         summary = stop.value

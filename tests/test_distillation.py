@@ -264,3 +264,24 @@ def test_the_plan_times_passes_a_gpu_is_not_launch_bound_on():
     assert timing_side(16, big, cpu) == timing_side(16, small, cpu) == 256
     assert timing_side(16, big, cuda) == 1024
     assert timing_side(16, small, cuda) == 288  # the plane's own side, on the network's grid
+
+
+def test_the_plan_counts_the_passes_of_the_pd_the_fit_will_choose(monkeypatch):
+    """pd "auto" on correlated noise: prediction will run the x8 ensemble, and the plan counts 8
+    passes, not the 1 of pd 1 (it did before the fit had measured pd)."""
+    from scipy.ndimage import convolve
+
+    import napari_tbsn.denoiser as denoiser_module
+
+    rng = np.random.default_rng(0)
+    clean, _ = noisy_image((1024, 1024), seed=5)  # over half a megapixel: pd 1 would predict one view
+    kernel = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], float)
+    noisy = (clean + 2 * convolve(rng.normal(0, 1, clean.shape), kernel / np.sqrt((kernel**2).sum()))).astype(
+        np.float32)
+    counted = []
+    monkeypatch.setattr(denoiser_module, "plan_student", lambda choice, teacher, preset, layout, passes, *rest:
+                        counted.append(passes))
+    Denoiser(preset="tiny", device="cpu").plan_student("auto", noisy, "YX")
+    Denoiser(preset="tiny", device="cpu", pd=1).plan_student("auto", noisy, "YX")
+    Denoiser(preset="tiny", device="cpu", pd=2, refine=2).plan_student("auto", noisy, "YX")
+    assert counted == [8, 1, 3]  # R3: one view, and two rounds more

@@ -31,7 +31,7 @@ from .errors import BadInput
 from .fitting import FitImage, FitSettings, camera_correction, context_for, fit_model
 from .model import FittedModel
 from .network import TBSN
-from .noise import NoiseModel
+from .noise import NoiseModel, correlation_of, sample_image_planes
 from .prediction import (
     PredictProgress,
     QualityEstimate,
@@ -440,11 +440,21 @@ class Denoiser:
             teacher = TBSN(network_preset(self.preset, layout.channels, variance_head=self._settings.posterior,
                                           context_channels=2 * context * layout.channels,
                                           channels_as_samples=self._settings.channels != "joint"))
-        pd = 1 if self.pd == "auto" else int(self.pd)
+        pd = self._coming_pd(data, layout)
         passes = ensemble_size(pd, self._options, layout.shape) * (1 + self._options.refine if pd > 1 else 1)
         # self.fit_config: the one the coming fit runs with, whose model then predicts.
         return plan_student(choice, teacher, self.preset, layout, passes, time_budget, self._device,
                             self.fit_config.mixed_precision)
+
+    def _coming_pd(self, data, layout: PlaneLayout) -> int:
+        """The pd the model that predicts will have: the model's, the setting, or ("auto") the one
+        the fit will measure on this data (measured here as the fit does, but with any camera
+        pattern left in: the fit measures after taking it out)."""
+        if self._model is not None:
+            return self._model.pd
+        if self.pd != "auto":
+            return int(self.pd)
+        return correlation_of(sample_image_planes([(data, layout)], 4)).pd
 
     def export_bioimageio(self, path: str | Path, *, name: str | None = None, authors: list[str] | None = None,
                           **details: Any) -> Path:
