@@ -33,7 +33,12 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plateau", action="store_true", help="run every iteration: no cooldown at the plateau")
     args = parser.parse_args()
+    if args.no_plateau:
+        import napari_tbsn.training
+
+        napari_tbsn.training.PLATEAU_ITERATIONS = 10**9
 
     case = CASES[args.case]
     clean, noisy = make_case(case)

@@ -62,7 +62,7 @@ def test_border_padding_never_shows_a_pixel_to_itself(fitted_tiny, pd, device):
         changed[y, x] += 100.0
         after = denoiser.predict(changed, "YX")
         seen = float(np.abs(after - before).max())
-        assert seen > 0.1  # the change is seen around it
+        assert seen > 0.01  # the change is seen around it (a 30-iteration fit responds weakly; rounding is ~1e-6)
         # Exactly on the CPU; on a GPU a change above rounding (test_blindness.py says why).
         assert abs(after[y, x] - before[y, x]) <= (0.0 if device == "cpu" else 1e-3 * seen), (y, x)
 

@@ -130,6 +130,7 @@ def test_a_runaway_goes_back_to_the_kept_weights_with_half_the_rate():
     trainer._checkpoint(best, summary, 50, 0.0)
     assert summary.runaways == 1 and trainer.learning_rate_scale == 0.5 and not trainer.optimizer.state
     assert summary.best_iteration == 25
+    assert trainer.rewarm_from == 50 and best.improved == 50  # warmed up again; the plateau's clock restarts
     for name, value in trainer.network.state_dict().items():
         torch.testing.assert_close(value, kept[name])
     for average, parameter in zip(trainer.average, trainer.parameters):

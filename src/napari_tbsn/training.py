@@ -47,9 +47,11 @@ KEEP_BAND = 2.0
 COOLDOWN_SHARE = 0.1
 COOLDOWN_MIN = 50
 # A validation loss this far above the lowest is a runaway step (a gradient spike the clipping did
-# not stop): the fit goes back to its kept weights, clears the optimiser's moments, and halves its
-# learning rate.
+# not stop): the fit goes back to its kept weights, clears the optimiser's moments, halves its
+# learning rate and warms it up again over REWARM iterations (Adam's first steps from cleared moments
+# move every weight by the full rate: at the peak rate, that alone threw S1 off again twice).
 RUNAWAY = 1.05
+REWARM = 50
 # Gradients are clipped to this many times the median norm of the last CLIP_WINDOW steps.
 CLIP_FACTOR = 4.0
 CLIP_WINDOW = 50
@@ -212,6 +214,7 @@ class Trainer:
         self.keep_band = KEEP_BAND if self.guarded else 0.0
         self.validation_every = validation_interval(len(self.validation), config)
         self.learning_rate_scale = 1.0  # halved after each runaway
+        self.rewarm_from: int | None = None  # the last runaway's iteration
         self.gradient_norms: list[float] = []
         self.cancel_token = cancel if cancel is not None else threading.Event()
         self.stop_training = stop_training if stop_training is not None else threading.Event()
@@ -441,7 +444,8 @@ class Trainer:
             if done >= 1.0 or stopping:
                 break
             factor = cooldown.factor(iteration) if cooldown is not None else learning_rate_factor(done, self.config)
-            loss = self._step(self.config.learning_rate * self.learning_rate_scale * factor)
+            rewarm = min(1.0, max(iteration - self.rewarm_from, 1) / REWARM) if self.rewarm_from is not None else 1.0
+            loss = self._step(self.config.learning_rate * self.learning_rate_scale * factor * rewarm)
             self._update_average(iteration)
             iteration += 1
             non_finite = 0 if math.isfinite(loss) else non_finite + 1
@@ -498,19 +502,21 @@ class Trainer:
                 best.improved = iteration
         summary.history.append({"iteration": iteration, "loss": loss, "validation_loss": validation})
         if self.guarded and validation > RUNAWAY * best.lowest:
-            self._undo_runaway(best)
+            self._undo_runaway(best, iteration)
             summary.runaways += 1
         return validation
 
-    def _undo_runaway(self, best: _Best) -> None:
+    def _undo_runaway(self, best: _Best, iteration: int) -> None:
         """Back to the kept weights (averaged and current), with fresh optimiser moments and half
-        the learning rate."""
+        the learning rate, warmed up again; the plateau's clock starts again (a restart)."""
         self.network.load_state_dict(best.state)
         with torch.no_grad():
             torch._foreach_copy_(self.average, [p.detach() for p in self.parameters])
         self.optimizer.state.clear()
         self.learning_rate_scale /= 2
+        self.rewarm_from = iteration
         self.gradient_norms.clear()
+        best.improved = iteration
 
 
 @dataclasses.dataclass
