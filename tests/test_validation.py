@@ -48,7 +48,8 @@ def test_validation_crops_cover_every_plane_and_carry_their_pixels_masks():
     covered[sampler.validation[:, 0].astype(int).reshape(-1)] = True
     assert covered.all()  # a grid of crops over the whole plane (overlapping where 32 does not divide)
     held = sampler.pixel_masks[0].reshape(-1)
-    np.testing.assert_array_equal(sampler.validation_masks, held[sampler.validation[:, 0].astype(int)])
+    scored = sampler.validation[:, 0][sampler.validation_masks].astype(int)
+    np.testing.assert_array_equal(np.sort(scored), np.flatnonzero(held))  # every held-out pixel, once
     assert sampler.training_pixels == 100 * 70  # crops come from anywhere
 
 
@@ -118,6 +119,22 @@ def test_a_later_checkpoint_as_good_as_the_lowest_is_kept_and_a_clearly_worse_on
     assert best.improved == 50 and summary.best_iteration == 75  # a clear gain, then a tie
 
 
+def test_a_slow_steady_gain_counts_as_improvement_though_no_single_step_is_clear():
+    """Each checkpoint beats the one before by one standard error (never clear on its own), so a
+    plateau measured from the lowest so far would fire in the middle of a steady gain; measured
+    from the last clear improvement, the gain shows every few checkpoints."""
+    rng = np.random.default_rng(0)
+    base, count, spread = rng.exponential(1.0, 5000), 5000, 0.01
+    step = spread * np.sqrt(2 / count)  # one standard error of the paired difference
+
+    def centred():
+        wobble = rng.normal(0, spread, count)
+        return wobble - wobble.mean()
+
+    _, best, summary = _checkpoints([base - k * step + centred() for k in range(12)])
+    assert best.improved >= 25 * 10 and summary.best_iteration == 25 * 12
+
+
 def test_a_runaway_goes_back_to_the_kept_weights_with_half_the_rate():
     base = np.random.default_rng(0).exponential(1.0, 5000)
     trainer, best, summary = _checkpoints([base])
@@ -125,12 +142,16 @@ def test_a_runaway_goes_back_to_the_kept_weights_with_half_the_rate():
     with torch.no_grad():
         for parameter in trainer.network.parameters():
             parameter.add_(1.0)
+        for average in trainer.average:
+            average.sub_(1.0)
     trainer.optimizer.state[trainer.parameters[0]] = {"step": torch.tensor(5.0)}
     trainer.validation_errors = lambda: torch.from_numpy(base * (RUNAWAY + 0.05))
     trainer._checkpoint(best, summary, 50, 0.0)
     assert summary.runaways == 1 and trainer.learning_rate_scale == 0.5 and not trainer.optimizer.state
     assert summary.best_iteration == 25
-    assert trainer.rewarm_from == 50 and best.improved == 50  # warmed up again; the plateau's clock restarts
+    assert trainer.rewarm_from == 50 and best.restarted == 50  # warmed up again; the plateau's clock restarts
+    assert best.improved == 25 and best.plateau(50 + PLATEAU_ITERATIONS - 1) is None
+    assert best.plateau(50 + PLATEAU_ITERATIONS) == 25  # said from the last improvement
     for name, value in trainer.network.state_dict().items():
         torch.testing.assert_close(value, kept[name])
     for average, parameter in zip(trainer.average, trainer.parameters):
@@ -177,3 +198,20 @@ def test_a_fit_whose_validation_stalls_cools_down_and_ends_saying_so(device, mon
     assert summary.iterations == stalled + COOLDOWN_MIN
     assert summary.best_iteration == summary.iterations  # every tie kept: the latest
     assert "more time would not help" in summary.headline()
+
+
+def test_without_held_out_pixels_the_lowest_loss_is_kept_and_nothing_is_undone():
+    """Distillation validates on blocks: its trainer keeps the strict lowest, clips nothing, and
+    neither cools down nor rolls back."""
+    _, noisy = noisy_image((96, 96))
+    sampler = PatchSampler((noisy / noisy.max())[None, None].astype(np.float32), 48, 0.5, 4,
+                           np.random.default_rng(0))
+    trainer = Trainer(TBSN(network_preset("tiny", 1)), sampler, FIT_PRESETS["tiny"], torch.device("cpu"))
+    assert not trainer.guarded and trainer.validation_masks is None
+    losses = iter([1.0, 1.0 + 1e-9, 0.9, 2.0])
+    trainer.validation_errors = lambda: torch.full((len(sampler.validation),), next(losses), dtype=torch.float64)
+    best, summary = _Best(trainer.network.state_dict()), TrainingSummary()
+    for iteration in (25, 50, 75, 100):
+        trainer._checkpoint(best, summary, iteration, 0.0)
+    assert summary.best_iteration == 75 and best.improved == 75 and summary.runaways == 0
+    assert trainer.learning_rate_scale == 1.0

@@ -26,7 +26,7 @@ from .config import FIT_PRESETS, NETWORK_PRESETS, R3_ROUNDS, FitConfig, NetworkC
 from .devices import check_threads, choose_threads, resolve_device, torch_threads
 from .distillation import StudentPlan, distil_model, plan_student
 from .distributed import ClusterSummary
-from .camera import Calibration
+from .camera import Calibration, CorrectedStack
 from .errors import BadInput
 from .fitting import FitImage, FitSettings, camera_correction, context_for, fit_model
 from .model import FittedModel
@@ -448,12 +448,14 @@ class Denoiser:
 
     def _coming_pd(self, data, layout: PlaneLayout) -> int:
         """The pd the model that predicts will have: the model's, the setting, or ("auto") the one
-        the fit will measure on this data (measured here as the fit does, but with any camera
-        pattern left in: the fit measures after taking it out)."""
+        the fit will measure on this data, with the camera taken out as the fit does."""
         if self._model is not None:
             return self._model.pd
         if self.pd != "auto":
             return int(self.pd)
+        camera = camera_correction(self._settings.camera, data, layout)
+        if camera is not None:
+            data = CorrectedStack(data, layout, camera)
         return correlation_of(sample_image_planes([(data, layout)], 4)).pd
 
     def export_bioimageio(self, path: str | Path, *, name: str | None = None, authors: list[str] | None = None,

@@ -77,9 +77,11 @@ class PatchSampler:
     def _hold_out_pixels(self, fraction: float, crops: int, rng: np.random.Generator) -> None:
         """Hold out `fraction` of the pixels of every plane (the same (y, x) in all its channels),
         and pick up to `crops` validation crops: every image's planes covered by a grid of
-        patch-sized crops (overlapping where the size does not divide), drawn at random."""
+        patch-sized crops (overlapping where the size does not divide), drawn at random. Each
+        held-out pixel scores once (in the first crop that holds it), and each crop holds at
+        least one."""
         p = self.patch_size
-        self.pixel_masks = [rng.random((group.shape[0], group.shape[2], group.shape[3])) < fraction
+        self.pixel_masks = [np.stack([rng.random(group.shape[2:], dtype=np.float32) < fraction for _ in group])
                             for group in self.groups]
         self.held_out = [np.zeros((group.shape[0], group.shape[2] // p + 1, group.shape[3] // p + 1), dtype=bool)
                          for group in self.groups]
@@ -92,7 +94,15 @@ class PatchSampler:
                 for y in starts(group.shape[2]) for x in starts(group.shape[3])]
         chosen = [grid[i] for i in sorted(rng.choice(len(grid), min(crops, len(grid)), replace=False))]
         self.validation = np.stack([self.groups[g][n, :, y : y + p, x : x + p] for g, n, y, x in chosen])
-        self.validation_masks = np.stack([self.pixel_masks[g][n, y : y + p, x : x + p] for g, n, y, x in chosen])
+        scored = [np.zeros(mask.shape, dtype=bool) for mask in self.pixel_masks]
+        masks = []
+        for g, n, y, x in chosen:
+            window = (n, slice(y, y + p), slice(x, x + p))
+            if not self.pixel_masks[g][window].any():
+                self.pixel_masks[g][n, y + p // 2, x + p // 2] = True
+            masks.append(self.pixel_masks[g][window] & ~scored[g][window])
+            scored[g][window] |= self.pixel_masks[g][window]
+        self.validation_masks = np.stack(masks)
         self._weights = np.array([group.shape[0] * (group.shape[2] - p + 1) * (group.shape[3] - p + 1)
                                   for group in self.groups], dtype=float)
         self._weights /= self._weights.sum()

@@ -424,7 +424,7 @@ class Trainer:
         def fraction_done(iteration: int) -> float:
             return max(iteration / iterations if iterations else 0.0,
                        (time.perf_counter() - start) / time_budget if time_budget else 0.0,
-                       cooldown.fraction(iteration) if cooldown is not None else 0.0)
+                       iteration / cooldown.end if cooldown is not None else 0.0)
 
         def progress(iteration: int, diverged: bool) -> tuple[float, bool, bool]:
             # Under DDP the ranks agree on all three, so that they step, validate and stop together.
@@ -455,18 +455,17 @@ class Trainer:
             validation = None
             end = cooldown.end if cooldown is not None else iterations
             if iteration % self.validation_every == 0 or iteration == end:
-                validation = self._checkpoint(best, summary, iteration, loss)
-                plateau = plateau_since(best.improved, iteration)
-                if self.guarded and cooldown is None and plateau is not None:
+                validation = self._checkpoint(best, summary, iteration, loss, last=iteration == end)
+                if self.guarded and cooldown is None and best.plateau(iteration) is not None:
                     cooldown = _Cooldown.after(iteration, factor, self.config.min_lr_fraction, iterations)
-                    summary.plateau_iteration = plateau
+                    summary.plateau_iteration = best.plateau(iteration) if cooldown is not None else None
             elapsed, fraction = time.perf_counter() - start, fraction_done(iteration)
             yield FitProgress(iteration, iterations, loss, validation, best.loss_or_none, elapsed,
                               remaining_seconds(elapsed, fraction), min(fraction, 1.0),
-                              summary.plateau_iteration if cooldown is not None else plateau_since(best.improved, iteration),
+                              summary.plateau_iteration if cooldown is not None else best.plateau(iteration),
                               cooldown is not None)
         if iteration > 0 and validation is None:  # the iterations since the last validation may hold the best
-            self._checkpoint(best, summary, iteration, loss)
+            self._checkpoint(best, summary, iteration, loss, last=True)
         self.network.load_state_dict(best.state)
         self.network.eval()
         summary.iterations = iteration
@@ -475,24 +474,33 @@ class Trainer:
         summary.best_validation_loss = best.loss_or_none
         summary.stopped_early = self.cancel_token.is_set() or self.stop_training.is_set()
         if summary.plateau_iteration is None:
-            summary.plateau_iteration = plateau_since(best.improved, iteration)
+            summary.plateau_iteration = best.plateau(iteration)
         return summary
 
-    def _checkpoint(self, best: _Best, summary: TrainingSummary, iteration: int, loss: float) -> float:
+    def _checkpoint(self, best: _Best, summary: TrainingSummary, iteration: int, loss: float,
+                    last: bool = False) -> float:
         """Validate the averaged weights, keep them where they are no worse than the lowest (within
-        the keep band), and undo a runaway. Returns the validation loss."""
+        the keep band), and undo a runaway (unless this is the `last` checkpoint: the fit ends with
+        the kept weights anyway). Returns the validation loss."""
         with self.averaged_weights():
             errors = self.validation_errors()
             count = sum_over_ranks(len(errors), self.device)
             validation = sum_over_ranks(float(errors.sum()), self.device) / max(count, 1)
-            if best.errors is None or len(best.errors) != len(errors):  # the first, or a patch shrunk by memory
-                keep, improved = validation < best.loss, validation < best.loss
+            if not self.guarded:  # the lowest validation loss, as distillation always kept
+                keep = improved = validation < best.lowest
+            elif best.errors is None or len(best.errors) != len(errors):
+                # The first checkpoint, or crops an out-of-memory error shrank: it starts the comparisons.
+                keep = improved = True
+                best.lowest = math.inf
             else:
-                difference = errors - best.errors
-                mean = sum_over_ranks(float(difference.sum()), self.device) / max(count, 1)
-                spread = sum_over_ranks(float((difference**2).sum()), self.device) / max(count, 1) - mean**2
-                margin = self.keep_band * math.sqrt(max(spread, 0.0) / max(count, 1))
-                keep, improved = mean <= margin if self.keep_band else mean < 0, mean < -margin
+                # Kept: no worse than the lowest. Improved: better than the checkpoint of the last
+                # improvement (not the lowest since, which a slow steady gain moves every time).
+                mean, margin = self._paired(errors, best.errors, count)
+                keep = mean <= margin
+                mean, margin = self._paired(errors, best.reference, count)
+                improved = mean < -margin
+            if improved:
+                best.reference = errors
             if validation < best.lowest:
                 best.lowest, best.errors = validation, errors
             if keep:
@@ -501,10 +509,17 @@ class Trainer:
             if improved:
                 best.improved = iteration
         summary.history.append({"iteration": iteration, "loss": loss, "validation_loss": validation})
-        if self.guarded and validation > RUNAWAY * best.lowest:
+        if self.guarded and not last and not validation <= RUNAWAY * best.lowest:  # NaN included
             self._undo_runaway(best, iteration)
             summary.runaways += 1
         return validation
+
+    def _paired(self, errors: torch.Tensor, reference: torch.Tensor, count: int) -> tuple[float, float]:
+        """The mean of errors - reference over all ranks, and keep_band standard errors of it."""
+        difference = errors - reference
+        mean = sum_over_ranks(float(difference.sum()), self.device) / max(count, 1)
+        spread = sum_over_ranks(float((difference**2).sum()), self.device) / max(count, 1) - mean**2
+        return mean, self.keep_band * math.sqrt(max(spread, 0.0) / max(count, 1))
 
     def _undo_runaway(self, best: _Best, iteration: int) -> None:
         """Back to the kept weights (averaged and current), with fresh optimiser moments and half
@@ -515,8 +530,7 @@ class Trainer:
         self.optimizer.state.clear()
         self.learning_rate_scale /= 2
         self.rewarm_from = iteration
-        self.gradient_norms.clear()
-        best.improved = iteration
+        best.restarted = iteration
 
 
 @dataclasses.dataclass
@@ -526,6 +540,13 @@ class _Best:
     lowest: float = math.inf  # the lowest validation loss reached
     errors: torch.Tensor | None = None  # the lowest one's validation errors (this rank's)
     improved: int = 0  # the iteration of the last clear improvement
+    reference: torch.Tensor | None = None  # its validation errors (this rank's)
+    restarted: int = 0  # the iteration of the last runaway: the plateau's clock starts again there
+
+    def plateau(self, iteration: int) -> int | None:
+        """The last improvement's iteration, once validation has stalled since it (and since
+        the last restart)."""
+        return None if plateau_since(max(self.improved, self.restarted), iteration) is None else self.improved
 
     @property
     def loss_or_none(self) -> float | None:
@@ -553,9 +574,6 @@ class _Cooldown:
     def end(self) -> int:
         return self.start + self.length
 
-    def fraction(self, iteration: int) -> float:
-        return (iteration - self.start) / self.length
-
     def factor(self, iteration: int) -> float:
-        span = min(max(self.fraction(iteration), 0.0), 1.0)
+        span = min(max((iteration - self.start) / self.length, 0.0), 1.0)
         return self.floor + (self.factor_at_start - self.floor) * 0.5 * (1 + math.cos(math.pi * span))
