@@ -255,15 +255,15 @@ def test_out_of_memory_halves_the_batch_then_the_patch_and_says_so(monkeypatch):
 
     _, noisy = noisy_image((128, 128), seed=13)
     seen = []
-    real_run = Trainer._run
+    real_output = Trainer._output  # every network pass of the fit, training and validation
 
     def tight_memory(self, batch, forward=None):
         seen.append(tuple(batch.shape))
         if batch.shape[0] * batch.shape[-1] ** 2 > 64 * 64:  # only one 64x64 patch fits
             raise torch.OutOfMemoryError("simulated")
-        return real_run(self, batch, forward)
+        return real_output(self, batch, forward)
 
-    monkeypatch.setattr(Trainer, "_run", tight_memory)
+    monkeypatch.setattr(Trainer, "_output", tight_memory)
     config = __import__("dataclasses").replace(Denoiser(preset="tiny").fit_config, patch_size=128, batch_size=2)
     with pytest.warns(UserWarning, match="ran out of memory while fitting; continuing with") as warned:
         Denoiser(preset="tiny", device="cpu", fit_config=config, lattice=False).fit(noisy, "YX", iterations=2)
