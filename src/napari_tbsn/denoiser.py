@@ -28,10 +28,10 @@ from .distillation import StudentPlan, distil_model, plan_student
 from .distributed import ClusterSummary
 from .camera import Calibration, CorrectedStack
 from .errors import BadInput
-from .fitting import FitImage, FitSettings, camera_correction, context_for, fit_model
+from .fitting import FitImage, FitSettings, camera_correction, context_for, fit_model, noise_correlation
 from .model import FittedModel
 from .network import TBSN
-from .noise import NoiseModel, correlation_of, sample_image_planes
+from .noise import NoiseModel
 from .prediction import (
     PredictProgress,
     QualityEstimate,
@@ -456,7 +456,7 @@ class Denoiser:
         camera = camera_correction(self._settings.camera, data, layout)
         if camera is not None:
             data = CorrectedStack(data, layout, camera)
-        return correlation_of(sample_image_planes([(data, layout)], 4)).pd
+        return noise_correlation([(data, layout)]).pd
 
     def export_bioimageio(self, path: str | Path, *, name: str | None = None, authors: list[str] | None = None,
                           **details: Any) -> Path:

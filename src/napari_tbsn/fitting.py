@@ -135,7 +135,7 @@ def analyse(images: list[FitImage], settings: FitSettings, previous: FittedModel
         noise_model = NoiseModel.fit(measurement)
         if len(images) > 1:
             _warn_on_disagreement(corrected, noise_model)
-    correlation = correlation_of(sample_image_planes(pairs, 4))
+    correlation = noise_correlation(pairs)
     pd = previous.pd if previous is not None else correlation.pd if settings.pd == "auto" else int(settings.pd)
     if pd != 1:  # lattice corrections assume pd 1's blind spot (camera.py)
         cameras = [None if camera is None or not camera.for_pd(pd).active else camera.for_pd(pd)
@@ -151,6 +151,12 @@ def analyse(images: list[FitImage], settings: FitSettings, previous: FittedModel
         first = corrected[0]
         channels = choose_channels(settings.channels, first.data, first.layout, normalizer)
     return DataAnalysis(corrected, cameras, normalizer, measurement, noise_model, correlation, pd, channels)
+
+
+def noise_correlation(pairs) -> NoiseCorrelation:
+    """The noise correlation of (data, layout) images (the camera taken out), measured on a few
+    of their planes: what pd "auto" is chosen from."""
+    return correlation_of(sample_image_planes(pairs, 4))
 
 
 def _warn_on_disagreement(images: list[FitImage], pooled: NoiseModel) -> None:

@@ -99,11 +99,15 @@ def blind_spot_loss(output: torch.Tensor, noisy: torch.Tensor, weights: torch.Te
     For zero-mean pixel-independent noise its expectation is the true MSE plus the noise
     variance (Noise2Self), so the validation loss tracks real quality.
     """
-    errors = (output.float() - noisy.float()) ** 2
+    errors = squared_errors(output, noisy)
     if weights is None:
         return torch.mean(errors)
     weights = weights.expand_as(errors)
     return torch.sum(errors * weights) / torch.clamp(torch.sum(weights), min=1.0)
+
+
+def squared_errors(output: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    return (output.float() - noisy.float()) ** 2
 
 
 def learning_rate_factor(progress: float, config: FitConfig) -> float:
@@ -308,7 +312,7 @@ class Trainer:
         batch = pd_down(chunk.to(self.device, non_blocking=True), self.pd)
         output = self._output(batch, forward)
         blind = self.network.blind_inputs(batch)
-        errors = (output[:, :blind].float() - batch[:, :blind].float()) ** 2
+        errors = squared_errors(output[:, :blind], batch[:, :blind])
         held = pd_down(masks.to(self.device, non_blocking=True), self.pd).expand_as(errors)
         return errors[held].double().cpu()
 
@@ -346,8 +350,12 @@ class Trainer:
 
     def validation_loss(self) -> float:
         """The mean validation error over all ranks."""
-        errors = self.validation_errors()
-        return sum_over_ranks(float(errors.sum()), self.device) / max(sum_over_ranks(len(errors), self.device), 1)
+        return self._mean_over_ranks(self.validation_errors())[1]
+
+    def _mean_over_ranks(self, errors: torch.Tensor) -> tuple[int, float]:
+        """How many validation errors all ranks hold, and their mean."""
+        count = sum_over_ranks(len(errors), self.device)
+        return count, sum_over_ranks(float(errors.sum()), self.device) / max(count, 1)
 
     def _shrink(self, error: Exception) -> None:
         """After running out of memory: halve the batch, else the patch, and say so."""
@@ -456,9 +464,11 @@ class Trainer:
             end = cooldown.end if cooldown is not None else iterations
             if iteration % self.validation_every == 0 or iteration == end:
                 validation = self._checkpoint(best, summary, iteration, loss, last=iteration == end)
-                if self.guarded and cooldown is None and best.plateau(iteration) is not None:
+                plateau = best.plateau(iteration)
+                if self.guarded and cooldown is None and plateau is not None:
                     cooldown = _Cooldown.after(iteration, factor, self.config.min_lr_fraction, iterations)
-                    summary.plateau_iteration = best.plateau(iteration) if cooldown is not None else None
+                    if cooldown is not None:
+                        summary.plateau_iteration = plateau
             elapsed, fraction = time.perf_counter() - start, fraction_done(iteration)
             yield FitProgress(iteration, iterations, loss, validation, best.loss_or_none, elapsed,
                               remaining_seconds(elapsed, fraction), min(fraction, 1.0),
@@ -484,8 +494,7 @@ class Trainer:
         the kept weights anyway). Returns the validation loss."""
         with self.averaged_weights():
             errors = self.validation_errors()
-            count = sum_over_ranks(len(errors), self.device)
-            validation = sum_over_ranks(float(errors.sum()), self.device) / max(count, 1)
+            count, validation = self._mean_over_ranks(errors)
             if not self.guarded:  # the lowest validation loss, as distillation always kept
                 keep = improved = validation < best.lowest
             elif best.errors is None or len(best.errors) != len(errors):
@@ -500,14 +509,12 @@ class Trainer:
                 mean, margin = self._paired(errors, best.reference, count)
                 improved = mean < -margin
             if improved:
-                best.reference = errors
+                best.reference, best.improved = errors, iteration
             if validation < best.lowest:
                 best.lowest, best.errors = validation, errors
             if keep:
                 best.loss, best.state, summary.best_iteration = validation, copy.deepcopy(self.network.state_dict()), \
                     iteration
-            if improved:
-                best.improved = iteration
         summary.history.append({"iteration": iteration, "loss": loss, "validation_loss": validation})
         if self.guarded and not last and not validation <= RUNAWAY * best.lowest:  # NaN included
             self._undo_runaway(best, iteration)
