@@ -215,3 +215,10 @@ def test_without_held_out_pixels_the_lowest_loss_is_kept_and_nothing_is_undone()
         trainer._checkpoint(best, summary, iteration, 0.0)
     assert summary.best_iteration == 75 and best.improved == 75 and summary.runaways == 0
     assert trainer.learning_rate_scale == 1.0
+
+
+@pytest.mark.parametrize("value", [-0.01, 0.6, float("nan"), True, "3%"])
+def test_a_held_out_share_out_of_range_is_refused_in_one_line(value):
+    with pytest.raises(ValueError, match="validation_pixels must be a finite number from 0 to 0.5") as refused:
+        dataclasses.replace(FIT_PRESETS["small"], validation_pixels=value)
+    assert "\n" not in str(refused.value)
