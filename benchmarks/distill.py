@@ -5,9 +5,12 @@
 1. Throughput: the small teacher (its default, memory-sized tile) and its student predicting
    the same 1024x1024 plane, in this process, on the CPU and on CUDA when present.
 2. Quality: per case, the small teacher fitted for --budget seconds, then distilled with the
-   default settings; PSNR against the clean reference of the teacher's output and of the
-   student's, on the same planes (at most --planes evenly spaced planes of a stack, which keeps
+   default settings; PSNR against the clean reference of the teacher's output, the student's
+   and the default output's (the student unless its check on held-out pixels found it worse;
+   with the check's own estimate of the difference), on the same planes (at most --planes evenly spaced planes of a stack, which keeps
    the teacher's share of the run short), with the distillation's time.
+   --ensemble-targets: also a second student from the same teacher, its targets averaged over
+   the x8 self-ensemble (flips and rotations), trained exactly as the first.
 3. --stack: a 20-plane 1024x1024 stack (img2d tiled 2x2, each plane a shifted crop, with D1's
    noise): `tbsn denoise --preset small --time-budget 300` with --student auto and with
    --student off: wall time and PSNR of both.
@@ -64,7 +67,7 @@ def evaluation_picks(noisy: np.ndarray, axes: str, planes: int) -> np.ndarray | 
     return np.linspace(0, noisy.shape[0] - 1, planes).round().astype(int)
 
 
-def quality(case_name: str, budget: float, planes: int, device: str) -> dict:
+def quality(case_name: str, budget: float, planes: int, device: str, ensemble_targets: bool = False) -> dict:
     case = CASES[case_name]
     clean, noisy = make_case(case)
     denoiser = Denoiser(preset="small", device=device)
@@ -75,15 +78,25 @@ def quality(case_name: str, budget: float, planes: int, device: str) -> dict:
            "student_summary": denoiser.student.summary.describe()}
     picks = evaluation_picks(noisy, case.axes, planes)
     reference = clean if picks is None else clean[picks]
-    for name, use_student in (("teacher", False), ("student", True)):
+    check = denoiser.student.summary
+    row["estimated"], row["preferred"] = check.estimated_change_db, check.preferred
+    # The default output (student "auto"): the student unless its check found it worse.
+    for name, use_student in (("teacher", False), ("student", True), ("default", "auto")):
         start = time.perf_counter()
         row[name] = psnr(_predict_planes(denoiser, noisy, case.axes, picks, use_student), reference)
         row[f"{name}_s"] = time.perf_counter() - start
     row["evaluated"] = "all" if picks is None else f"{len(picks)} of {noisy.shape[0]} planes"
+    if ensemble_targets:  # the same teacher, its targets averaged over the x8 self-ensemble
+        x8 = Denoiser.from_model(dataclasses.replace(denoiser.model, student=None),
+                                 denoiser.options.replace(ensemble=8), device=device)
+        start = time.perf_counter()
+        x8.distil(noisy, case.axes)
+        row["x8_distil_s"] = time.perf_counter() - start
+        row["x8_student"] = psnr(_predict_planes(x8, noisy, case.axes, picks, True), reference)
     return row
 
 
-def _predict_planes(denoiser: Denoiser, noisy: np.ndarray, axes: str, picks, use_student: bool) -> np.ndarray:
+def _predict_planes(denoiser: Denoiser, noisy: np.ndarray, axes: str, picks, use_student: bool | str) -> np.ndarray:
     """The denoised planes `picks` (all where None), each predicted with its context planes as
     in a whole-stack prediction (the same neighbours, the whole stack's ensemble)."""
     ensemble = denoiser.ensemble_size(noisy.shape)
@@ -139,6 +152,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="teacher fitting seconds")
     parser.add_argument("--planes", type=int, default=8, help="planes of a stack to evaluate (0: all)")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--ensemble-targets", action="store_true",
+                        help="also distil a student from the teacher's x8 self-ensemble targets (same student cost)")
     parser.add_argument("--stack", action="store_true", help="also time the 20-plane 1024x1024 stack")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads", flush=True)
@@ -150,15 +165,24 @@ def main() -> None:
                 print(f"| {device} | {rates['teacher']:.3f} | {rates['student']:.3f} | "
                       f"{rates['student'] / rates['teacher']:.0f}x |", flush=True)
     if args.cases:
-        print("| case | evaluated | teacher PSNR | student PSNR | difference | distillation s | teacher predict s | "
-              "student predict s |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+        print("| case | evaluated | teacher PSNR | student PSNR | difference | estimated by the check | default "
+              "(PSNR) | distillation s (check included) | teacher / student / default predict s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
         for name in args.cases.split(","):
-            r = quality(name, args.budget, args.planes, "auto")
+            r = quality(name, args.budget, args.planes, "auto", args.ensemble_targets)
+            estimated = "not checked" if r["preferred"] is None else \
+                "worse" if r["estimated"] is None and not r["preferred"] else \
+                "no worse" if r["estimated"] is None else f"{r['estimated']:+.2f}"
+            default = "student" if r["preferred"] is not False else "teacher"
             print(f"| {r['case']} | {r['evaluated']} | {r['teacher']:.2f} | {r['student']:.2f} | "
-                  f"{r['student'] - r['teacher']:+.2f} | {r['distil_s']:.0f} | {r['teacher_s']:.1f} | "
-                  f"{r['student_s']:.1f} |", flush=True)
+                  f"{r['student'] - r['teacher']:+.2f} | {estimated} | {default} ({r['default']:.2f}) | "
+                  f"{r['distil_s']:.0f} | {r['teacher_s']:.1f} / {r['student_s']:.1f} / {r['default_s']:.1f} |",
+                  flush=True)
             print(f"  {r['case']}: teacher fitted {r['iterations']} iterations; {r['student_summary']}", flush=True)
+            if args.ensemble_targets:
+                print(f"  {r['case']}: student from x8-ensemble targets {r['x8_student']:.2f} dB "
+                      f"({r['x8_student'] - r['student']:+.2f} against the default targets' student), distilled in "
+                      f"{r['x8_distil_s']:.0f} s (default targets: {r['distil_s']:.0f} s)", flush=True)
     if args.stack:
         rows = stack_run(args.budget)
         print("| --student | wall s | PSNR |\n| --- | --- | --- |")

@@ -33,7 +33,7 @@ from . import __version__
 from .axes import guess_axes, parse_axes
 from .camera import Calibration
 from .channels import CHANNEL_MODES
-from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions
+from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions, student_option
 from .ddp import in_process_group, start_from_environment, world
 from .ddp import stop as stop_processes
 from .denoiser import Denoiser, PredictProgress
@@ -325,7 +325,7 @@ def _distil(args: argparse.Namespace, denoiser: Denoiser, image: ImageFile, axes
             bar.update(progress.fraction, f"student it {progress.iteration} loss {progress.loss:.5f}{validation}",
                        progress.eta)
         else:
-            bar.update(progress.fraction, f"teacher plane {progress.plane + 1}/{progress.planes}", progress.eta)
+            bar.update(progress.fraction, f"{progress.phase}: plane {progress.plane + 1}/{progress.planes}", progress.eta)
 
     try:
         with _interrupts() as stops:
@@ -417,7 +417,7 @@ def _run(args: argparse.Namespace, denoiser: Denoiser, fit: FitRequest | None,
                 bar("fit").update(item.fraction, f"it {step.iteration} loss {step.loss:.5f}{best}", step.eta)
             elif item.phase == "distil":
                 detail = f"student it {step.iteration} loss {step.loss:.5f}" if isinstance(step, FitProgress) else \
-                    f"teacher plane {step.plane + 1}/{step.planes}"
+                    f"{step.phase}: plane {step.plane + 1}/{step.planes}"
                 bar("distil").update(item.fraction, detail, step.eta)
             else:
                 files = f"file {item.image + 1}/{item.images} " if item.images > 1 else ""
@@ -536,7 +536,7 @@ def _write_report(path: Path, denoiser: Denoiser, options: PredictOptions) -> No
         "pd": denoiser.pd,
         "estimator": "student" if uses_student(denoiser.model, options) else
         "posterior" if uses_posterior(denoiser.model, options) else "blind_spot",
-        "student": denoiser.student.describe()["summary"] if uses_student(denoiser.model, options) else None,
+        "student": denoiser.student.describe()["summary"] if denoiser.student is not None else None,
         "context_planes": denoiser.context_planes,
         "channels": None if denoiser.model.channel_mode == "single" else denoiser.model.channel_mode,
         **{key: described[key] for key in ("lattice_filter", "noise_model", "noise_measurement", "noise_correlation",
@@ -559,7 +559,7 @@ def _prediction_options(args: argparse.Namespace, defaults: PredictOptions) -> P
         raise ValueError("--uncertainty comes from the teacher, not the distilled student: give --student off "
                          "(or auto)")
     return defaults.replace(tile_size=args.tile_size, ensemble=args.ensemble, refine=args.refine,
-                            estimator=args.estimator, student=args.student != "off" and not args.uncertainty)
+                            estimator=args.estimator, student=student_option(args.student, args.uncertainty))
 
 
 def command_fit(args: argparse.Namespace) -> None:
@@ -648,7 +648,8 @@ def command_sample(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     student_help = ("denoise: distil a fast student UNet after the fit (auto: when that saves time on this data; "
-                    "it adds its own minutes after the fit); predict: use the model's student (auto: when it has one)")
+                    "it adds its own minutes after the fit); predict: use the model's student (auto: when it has one and "
+                    "its check on held-out pixels did not find it worse than the teacher)")
     parser = argparse.ArgumentParser(
         prog="tbsn",
         description="Self-supervised TBSN denoising of microscopy images (TIFF, .npy, .zarr).",

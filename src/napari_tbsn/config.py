@@ -264,8 +264,9 @@ class PredictOptions:
     for none). `lattice`: apply the fitted lattice filter (pixel-independent noise). Tiles of
     `tile_size` pixels ("auto": as large as a quarter of the free memory allows) overlap by
     `tile_overlap` and run `batch_size` at a time. `student`: predict with the distilled student
-    where the model has one (one fast pass; the teacher's estimator, ensemble, R3 and lattice
-    settings are then built into it)."""
+    (one fast pass; the teacher's estimator, ensemble, R3 and lattice settings are then built
+    into it): True wherever the model has one, "auto" unless its check on held-out pixels found
+    it worse than the teacher, False never."""
 
     estimator: str = "posterior"
     ensemble: int | str = "auto"
@@ -274,7 +275,7 @@ class PredictOptions:
     tile_size: int | str = "auto"
     tile_overlap: int = 256
     batch_size: int = 4
-    student: bool = True
+    student: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -283,9 +284,10 @@ class PredictOptions:
             raise ValueError(f"ensemble must be 1 (off), 8 (flips and rotations) or 'auto', got {self.ensemble!r}")
         if self.ensemble != "auto":
             object.__setattr__(self, "ensemble", int(self.ensemble))
-        for name in ("lattice", "student"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.lattice, bool):
+            raise ValueError(f"lattice must be True or False, got {self.lattice!r}")
+        if not (isinstance(self.student, bool) or self.student == "auto"):
+            raise ValueError(f"student must be True, False or 'auto', got {self.student!r}")
         if self.tile_size != "auto":
             object.__setattr__(self, "tile_size", _check_whole("tile_size ('auto' or pixels)", self.tile_size,
                                                               MIN_TILE_SIZE))
@@ -303,6 +305,17 @@ class PredictOptions:
     def from_dict(cls, values: dict[str, Any]) -> "PredictOptions":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def student_option(choice: str, uncertainty: bool = False) -> bool | str:
+    """PredictOptions.student for a front end's choice "auto", "on" or "off" (never the student
+    where an uncertainty map is asked for: only the teacher gives one)."""
+    if choice not in STUDENT_CHOICES:
+        raise ValueError(f"student must be one of {STUDENT_CHOICES}, got {choice!r}")
+    return False if uncertainty else {"auto": "auto", "on": True, "off": False}[choice]
+
+
+STUDENT_CHOICES = ("auto", "on", "off")
 
 
 def describe_plateau(iteration: int) -> str:

@@ -395,12 +395,14 @@ class Denoiser:
     def distil(self, data, axes: str | None = None, iterations: int | None = None, time_budget: float | None = None,
                callback: Callable[[Any], None] | None = None, cancel: threading.Event | None = None,
                stop_training: threading.Event | None = None) -> Denoiser:
-        """Distil the fitted teacher into a fast UNet student (TBSN2UNet) on `data`, which
-        predict then uses (unless student=False). The teacher first predicts a few planes as
-        the predict options say (posterior, lattice, ensemble, R3); the student then trains to
-        reproduce them. `time_budget` covers both. The callback gets DistilProgress while the
-        teacher predicts and FitProgress while the student trains. Stop and cancel behave as
-        in fit(): a cancelled distillation raises FitCancelled and keeps the model as it was."""
+        """Distil the fitted teacher into a fast UNet student (TBSN2UNet) on `data`. The teacher
+        first predicts a few planes as the predict options say (posterior, lattice, ensemble,
+        R3); the student then trains to reproduce them (`time_budget` covers both), and is
+        checked against the teacher on held-out pixels (student.summary.check). predict then
+        uses the student, unless its check found it worse (student=True uses it anyway) or
+        student=False. The callback gets DistilProgress while the teacher predicts and while
+        the student is checked, and FitProgress while it trains. Stop and cancel behave as in
+        fit(): a cancelled distillation raises FitCancelled and keeps the model as it was."""
         return drive(self.distil_iter(data, axes, iterations, time_budget, cancel, stop_training), callback)
 
     def distil_iter(self, data, axes: str | None = None, iterations: int | None = None,

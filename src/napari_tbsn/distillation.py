@@ -29,7 +29,7 @@ from .devices import OutOfMemory, out_of_memory_error, tile_for_memory
 from .network.unet import UNet, student_preset
 from .student import DistilSummary, Student, sample_crop
 from .patches import PatchSampler, check_finite, fitting_patch_size
-from .prediction import (TEACHER_BYTES_PER_PIXEL_PER_DIM, TileModel, ensemble_size, plane_steps,
+from .prediction import (TEACHER_BYTES_PER_PIXEL_PER_DIM, StudentModel, TileModel, ensemble_size, plane_steps,
                          prediction_precision, smaller_tile, tile_side)
 from .progress import CancellableArray, FitCancelled, PredictionCancelled, raise_if_cancelled
 from .training import Trainer
@@ -83,15 +83,18 @@ GOLDEN = (math.sqrt(5) - 1) / 2
 
 def teacher_targets(model, options: PredictOptions, device: torch.device, data, layout: PlaneLayout,
                     cancel: threading.Event, time_budget: float | None = None,
-                    camera: CameraCorrection | None = None) -> Generator[DistilProgress, None, np.ndarray]:
+                    camera: CameraCorrection | None = None
+                    ) -> Generator[DistilProgress, None, tuple[np.ndarray, np.ndarray]]:
     """(N, C * (1 + 2k) + C, H, W): the normalised input blocks of evenly spaced planes, each
-    followed by the teacher's normalised output for it. With a time budget, no new plane is
-    started after half of it (one plane at least)."""
+    followed by the teacher's normalised output for it; and (N, 2C, H, W): the teacher's
+    posterior variance and squared-error estimate there (its other outputs, for the check).
+    With a time budget, no new plane is started after half of it (one plane at least)."""
     picks = target_planes(layout)
     tiles = TileModel(model, options, device, ensemble_size(model.pd, options, layout.shape), cancel, camera)
     tile = tile_side(tiles, options, device)
     inputs = layout.channels * (1 + 2 * model.context_planes)
     stack = np.empty((len(picks), inputs + model.channels, layout.height, layout.width), dtype=np.float32)
+    errors = np.empty((len(picks), 2 * model.channels, layout.height, layout.width), dtype=np.float32)
     start = time.perf_counter()
     done = 0
     for number, plane in enumerate(picks):
@@ -110,18 +113,19 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
             except OutOfMemory as error:
                 tile = smaller_tile(tile, device, error)
         stack[number, inputs:] = output[: model.channels]
+        errors[number] = output[model.channels : 3 * model.channels]
         done += 1
-    return stack[:done]
+    return stack[:done], errors[:done]
 
 
-def _as_distil_progress(steps, number: int, planes: int):
+def _as_distil_progress(steps, number: int, planes: int, phase: str = "teacher targets"):
     """Relay a plane's prediction progress as DistilProgress; return its result."""
     while True:
         try:
             progress = next(steps)
         except StopIteration as finished:
             return finished.value
-        yield DistilProgress(number, planes, progress.elapsed, progress.eta, progress.fraction)
+        yield DistilProgress(number, planes, progress.elapsed, progress.eta, progress.fraction, phase)
 
 
 def l1_objective(inputs: int):
@@ -142,7 +146,8 @@ def distil_model(model, options: PredictOptions, data, layout: PlaneLayout, iter
     if camera is not None:  # the student learns, and later predicts, on the data without the camera
         data = CorrectedStack(data, layout, camera)
     try:
-        stack = yield from teacher_targets(model, options, device, data, layout, cancel, time_budget, camera)
+        stack, errors = yield from teacher_targets(model, options, device, data, layout, cancel, time_budget,
+                                                   camera)
     except PredictionCancelled:
         raise FitCancelled("the distillation was stopped; the model is unchanged") from None
     sample = sample_crop(layout.read_plane_with_context(data, target_planes(layout)[0], model.context_planes))
@@ -164,12 +169,150 @@ def distil_model(model, options: PredictOptions, data, layout: PlaneLayout, iter
         raise out_of_memory_error(device, "distilling") from error
     if cancel.is_set() or training.iterations == 0:
         raise FitCancelled("the distillation was stopped; the model is unchanged")
+    student = dataclasses.replace(model, student=Student(network.eval()))
+    check = yield from check_student(model, student, options, device, stack, errors, sampler, layout, cancel,
+                                     camera)
     summary = DistilSummary(
         iterations=training.iterations, seconds=time.perf_counter() - start, target_seconds=target_seconds,
         target_planes=len(stack), best_iteration=training.best_iteration,
         best_validation_loss=training.best_validation_loss, stopped_early=training.stopped_early,
-        teacher_options=options.to_dict(), history=training.history)
-    return dataclasses.replace(model, student=Student(network.eval(), summary, sample))
+        teacher_options=options.to_dict(), history=training.history, estimated_change_db=check.change_db,
+        preferred=check.preferred, check=check.note)
+    return dataclasses.replace(model, student=Student(network, summary, sample))
+
+
+# -- is the student worse than its teacher? ----------------------------------------------------
+# Stein's unbiased risk estimate (SURE) on the distillation's held-out blocks, which the student
+# never trained on. For a pixel y = x + n with pixel-independent noise of variance v, and any
+# estimate f(y) of x, E[(f - x)^2] = E[(f - y)^2] - v + 2 v E[df/dy] (exact for Gaussian noise,
+# to first order for Poisson's). The teacher gives this for itself with every output: its mean
+# mu is blind to y, so its posterior w y + (1 - w) mu has slope w, and its squared-error estimate
+# is exactly SURE, with v and w read back from its outputs. The student's slope is measured: one
+# more float32 pass (cheap: the student is small) with every held-out pixel nudged up or down at
+# random by CHECK_STEP noise standard deviations (Monte-Carlo SURE; the random signs average the
+# neighbours' slopes away). Measured on D6: the student's slope grows with the nudge (0.031 at
+# 0.1, 0.058 at 1.0 standard deviations), and bfloat16 passes at 0.1 added rounding noise that
+# doubled the estimate's spread.
+CHECK_STEP = 0.1
+# Nudges drawn per pixel, their slopes averaged: each draw's slope carries the neighbours' slopes
+# times random signs, and the student's passes are cheap.
+CHECK_DRAWS = 4
+# The student is the default where its estimated PSNR is at most this far below the teacher's.
+CHECK_TOLERANCE_DB = 0.05
+
+
+@dataclass(frozen=True)
+class StudentCheck:
+    """The student against its teacher on held-out pixels: the estimated PSNR change (dB,
+    student minus teacher; None where not estimated), whether the student should denoise by
+    default (None: not checked), and what the check found, in words."""
+
+    change_db: float | None
+    preferred: bool | None
+    note: str
+
+
+def check_student(teacher, student, options: PredictOptions, device: torch.device, stack: np.ndarray,
+                  errors: np.ndarray, sampler: PatchSampler, layout: PlaneLayout, cancel: threading.Event,
+                  camera: CameraCorrection | None) -> Generator[DistilProgress, None, StudentCheck]:
+    """Compare `student` (the model with the new student) with `teacher` on the distillation's
+    validation blocks of `stack` (the targets' normalised inputs and teacher outputs; `errors`
+    the teacher's other outputs there)."""
+    if teacher.pd != 1:
+        return StudentCheck(None, None, "not checked against the teacher: the check needs pixel-independent noise "
+                                        f"(this model's pd is {teacher.pd})")
+    if teacher.noise_model is None:
+        return StudentCheck(None, None, "not checked against the teacher: the model has no noise model")
+    if sampler.shared_validation:
+        return StudentCheck(None, None, "not checked against the teacher: the image is a single block, "
+                                        "with none held out")
+    pupil = StudentModel(student, device, cancel)
+    tile = tile_side(pupil, options, device)
+    camera_maps = TileModel(teacher, options, device, 1, cancel, camera)  # only its camera maps are used
+    picks = target_planes(layout)
+    inputs, channels, p = stack.shape[1] - teacher.channels, teacher.channels, sampler.patch_size
+    by_plane: dict[int, list[tuple[int, int]]] = {}
+    for _, n, r, c in sampler.validation_blocks:
+        by_plane.setdefault(n, []).append((r, c))
+    rng = np.random.default_rng(teacher.seed)
+    differences, teacher_errors = [], []
+    start = time.perf_counter()
+    try:
+        for number, (n, blocks) in enumerate(sorted(by_plane.items())):
+            rows = slice(min(r for r, _ in blocks) * p, (max(r for r, _ in blocks) + 1) * p)
+            columns = slice(min(c for _, c in blocks) * p, (max(c for _, c in blocks) + 1) * p)
+            held = np.zeros((rows.stop - rows.start, columns.stop - columns.start), dtype=bool)
+            for r, c in blocks:
+                held[r * p - rows.start : (r + 1) * p - rows.start, c * p - columns.start : (c + 1) * p - columns.start] = True
+            maps = camera_maps.pixel_maps(layout.flat_index(picks[n]))
+            if maps is not None:  # a camera's unusable pixels say nothing of the noise: left out
+                held = held & ~(maps[:channels, rows, columns] > 0.5).any(0)
+            plane = stack[n, :inputs]
+            noisy = plane[:channels, rows, columns]
+            teacher_outputs = (stack[n, inputs:, rows, columns], *np.split(errors[n, :, rows, columns], 2))
+            variance = noise_variance_used(noisy, teacher_outputs)
+            signs = np.where(rng.random((CHECK_DRAWS, *noisy.shape)) < 0.5, -1.0, 1.0).astype(np.float32) * held
+            step = CHECK_STEP * np.sqrt(variance)
+            sources = [(plane, pupil.autocast), (plane, None)]  # as predict runs it, then float32 for the slope
+            for draw in signs:
+                nudged = plane.copy()
+                nudged[:channels, rows, columns] += step * draw
+                sources.append((nudged, None))
+            outputs = []
+            for source, precision in sources:
+                pupil.autocast = precision
+                steps = plane_steps(pupil.predict_iter(source, tile, (rows, columns)), cancel, number, len(by_plane),
+                                    start)
+                outputs.append((yield from _as_distil_progress(steps, number, len(by_plane), "checking the student")))
+            difference, error = risk_terms(noisy, teacher_outputs, outputs, signs, step)
+            differences.append(difference[:, held].ravel())
+            teacher_errors.append(error[:, held].ravel())
+    except PredictionCancelled:
+        raise FitCancelled("the distillation was stopped; the model is unchanged") from None
+    except OutOfMemory:
+        return StudentCheck(None, None, "not checked against the teacher: the device ran out of memory")
+    return judge(np.concatenate(differences), np.concatenate(teacher_errors))
+
+
+def noise_variance_used(noisy: np.ndarray, teacher: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """The noise variance v the teacher's outputs (estimate t, posterior variance w v, squared-error
+    estimate (t - y)^2 - v + 2 w v) were made with, read back from them (at least 1e-12)."""
+    target, posterior_variance, error = teacher
+    return np.maximum((target - noisy) ** 2 + 2 * posterior_variance - error, 1e-12)
+
+
+def risk_terms(noisy: np.ndarray, teacher: tuple[np.ndarray, np.ndarray, np.ndarray],
+               student: list[np.ndarray], signs: np.ndarray, step: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, SURE's estimates of the student's squared error minus the teacher's, and of the
+    teacher's. `teacher`: its estimate, posterior variance and squared-error estimate; `student`:
+    its output as prediction gives it, then in float32, then in float32 with the pixels nudged
+    by each draw of `signs` (D, C, H, W) times `step`."""
+    variance = noise_variance_used(noisy, teacher)
+    output, exact, *nudged = (values[: noisy.shape[0]] for values in student)
+    slope = np.mean([draw * (values - exact) for draw, values in zip(signs, nudged)], axis=0) / step
+    return (output - noisy) ** 2 - variance + 2 * variance * slope - teacher[2], teacher[2]
+
+
+def judge(differences: np.ndarray, teacher_errors: np.ndarray) -> StudentCheck:
+    """The verdict from per-pixel estimates of the student's squared error minus the teacher's,
+    and of the teacher's squared error."""
+    pixels = differences.size
+    difference = float(differences.mean())
+    error = float(teacher_errors.mean())
+    spread = float(differences.std() / math.sqrt(max(pixels - 1, 1)))
+    if error <= 0 or error + difference <= 0:
+        # The teacher's estimated error is within the estimate's noise: judge the difference alone.
+        preferred = difference <= 2 * spread
+        verdict = "no worse than" if preferred else "worse than"
+        return StudentCheck(None, preferred, f"the student is {verdict} the teacher on {pixels} held-out pixels "
+                                             f"(the teacher's error is too small to estimate in dB)")
+    change = -10 * math.log10((error + difference) / error)
+    preferred = change >= -CHECK_TOLERANCE_DB
+    uncertainty = 10 * math.log10((error + difference + 2 * spread) / (error + difference)) \
+        if error + difference > 0 else float("nan")
+    which = "the student denoises" if preferred else "the teacher denoises (the student is kept: --student on uses it)"
+    return StudentCheck(change, preferred, f"estimated {change:+.2f} dB (+-{uncertainty:.2f}) against the teacher "
+                                           f"on {pixels} held-out pixels: {which}")
 
 
 # -- choosing between the teacher and a student ---------------------------------------------
@@ -256,7 +399,10 @@ def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: Pla
     teacher_seconds = layout.plane_count * plane_pixels * teacher_rate
     config = DISTIL_CONFIGS[preset]
     training = config.default_iterations * 3 * config.batch_size * config.patch_size**2 * student_rate
-    distil_seconds = len(planes) * plane_pixels * teacher_rate + training + layout.plane_count * plane_pixels * student_rate
+    # The check's student passes: 2 + CHECK_DRAWS over each plane with validation blocks, at most.
+    checking = (2 + CHECK_DRAWS) * min(len(planes), config.validation_patches_max) * plane_pixels * student_rate
+    distil_seconds = (len(planes) * plane_pixels * teacher_rate + training + checking
+                      + layout.plane_count * plane_pixels * student_rate)
     numbers = f"teacher prediction ~{teacher_seconds:.0f} s, distillation and student prediction ~{distil_seconds:.0f} s"
     if distil_seconds < teacher_seconds:
         return StudentPlan(True, f"distilling a student: {numbers}", time_budget)

@@ -50,6 +50,7 @@ class PatchSampler:
         self.patch_size = p = patch_size
         self.pixel_masks: list[np.ndarray] | None = None
         self.validation_masks: np.ndarray | None = None
+        self.validation_blocks: list[tuple[int, int, int, int]] = []
         if held_out_pixels > 0:
             self._hold_out_pixels(held_out_pixels, validation_max, rng)
             return
@@ -67,6 +68,7 @@ class PatchSampler:
         if not self.shared_validation:
             for g, n, r, c in chosen:
                 self.held_out[g][n, r, c] = True
+        self.validation_blocks = chosen  # (image, plane, block row, block column) of each validation block
         self.validation = np.stack([self.groups[g][n, :, r * p : (r + 1) * p, c * p : (c + 1) * p]
                                     for g, n, r, c in chosen])
         # Each image's share of the crops: its crop positions clear of the held-out blocks, so that

@@ -100,7 +100,11 @@ def ensemble_size(pd: int, options: PredictOptions, shape: tuple[int, ...]) -> i
 
 
 def uses_student(model: FittedModel, options: PredictOptions) -> bool:
-    return options.student and model.student is not None
+    """Whether the student predicts: student True where the model has one, "auto" where its
+    check against the teacher did not find it worse (distillation.check_student)."""
+    if model.student is None or options.student is False:
+        return False
+    return options.student is True or model.student.preferred
 
 
 def uses_posterior(model: FittedModel, options: PredictOptions, camera: CameraCorrection | None = None) -> bool:

@@ -25,6 +25,12 @@ class DistilSummary:
     stopped_early: bool = False
     teacher_options: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    # The check against the teacher (distillation.check_student): the student's PSNR minus the
+    # teacher's, estimated on held-out pixels; whether the student denoises by default (None: not
+    # checked, as in model files saved before the check, where it does); what the check found.
+    estimated_change_db: float | None = None
+    preferred: bool | None = None
+    check: str = ""
 
     def describe(self) -> str:
         from .progress import format_seconds
@@ -32,8 +38,9 @@ class DistilSummary:
         best = "" if self.best_validation_loss is None else \
             f", held-out difference from the teacher {self.best_validation_loss:.3g} (L1, normalised)"
         stopped = " (stopped early)" if self.stopped_early else ""
+        check = f"; {self.check}" if self.check else ""
         return (f"student distilled in {format_seconds(self.seconds)} ({self.target_planes} teacher plane(s) in "
-                f"{format_seconds(self.target_seconds)}, {self.iterations} iterations{stopped}){best}")
+                f"{format_seconds(self.target_seconds)}, {self.iterations} iterations{stopped}){best}{check}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +56,11 @@ class Student:
     @property
     def config(self) -> StudentConfig:
         return self.network.config
+
+    @property
+    def preferred(self) -> bool:
+        """Whether the student denoises by default: unless its check found it worse than the teacher."""
+        return self.summary.preferred is not False
 
     def describe(self) -> dict[str, Any]:
         return {"network": self.config.to_dict(), "summary": dataclasses.asdict(self.summary)}

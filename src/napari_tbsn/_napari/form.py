@@ -16,7 +16,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
                               SpinBox)
 
 from ..axes import AXIS_LETTERS, guess_axes, parse_axes
-from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions
+from ..config import FIT_PRESETS, PRESET_HINTS, FitConfig, PredictOptions, student_option
 from ..devices import available_devices
 from ..noise import NoiseModel
 from ..camera import Calibration
@@ -130,7 +130,8 @@ class SettingsForm(Container):
             label="student", choices=[("auto (when it saves time)", "auto"), ("on", "on"), ("off", "off")],
             value="auto", tooltip="distil a fast UNet student from the fitted network and denoise with it; auto: "
             "when distilling and predicting with it takes less time than predicting with the fitted network "
-            "(distillation adds a few minutes after the fit)")
+            "(distillation adds a few minutes after the fit), and denoising with it only where its check on "
+            "pixels it never trained on finds it no worse than the fitted network; on: always")
         self.result_file = FileEdit(
             label="result file", mode="w", filter="*.ome.zarr", value="",
             tooltip="optional: write the denoised stack to this .ome.zarr and show it from there (for stacks "
@@ -259,7 +260,7 @@ class SettingsForm(Container):
             time_budget=budget, fit_config=dataclasses.replace(FIT_PRESETS[preset], patch_size=int(self.patch_size.value)),
             noise_model=self.camera_noise(),
             options=PredictOptions(estimator=self.estimator.value, tile_size=int(self.tile_size.value) or "auto",
-                                   student=self.student.value != "off" and not self.uncertainty.value),
+                                   student=student_option(self.student.value, bool(self.uncertainty.value))),
             uncertainty=bool(self.uncertainty.value),
             student="off" if self.uncertainty.value else self.student.value,
             result_file=result_file, replace_result=replace, sources=sources,

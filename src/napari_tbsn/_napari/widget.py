@@ -270,7 +270,7 @@ class DenoiseWidget(QWidget):
                 self._distilling = True
                 self.loss_plot.clear()
         if isinstance(step, DistilProgress):
-            text = f"distil: teacher plane {step.plane + 1}/{step.planes}, ETA {format_seconds(step.eta)}"
+            text = f"distil: {step.phase}, plane {step.plane + 1}/{step.planes}, ETA {format_seconds(step.eta)}"
         elif isinstance(step, FitProgress):
             self.loss_plot.add(step.iteration, step.loss, step.validation_loss)
             best = "" if step.best_validation_loss is None else f", best val {step.best_validation_loss:.4g}"
