@@ -187,12 +187,12 @@ def distil_model(model, options: PredictOptions, data, layout: PlaneLayout, iter
 # estimate f(y) of x, E[(f - x)^2] = E[(f - y)^2] - v + 2 v E[df/dy] (exact for Gaussian noise,
 # to first order for Poisson's). The teacher gives this for itself with every output: its mean
 # mu is blind to y, so its posterior w y + (1 - w) mu has slope w, and its squared-error estimate
-# is exactly SURE, with v and w read back from its outputs. The student's slope is measured: one
-# more float32 pass (cheap: the student is small) with every held-out pixel nudged up or down at
+# is exactly SURE, with v and w read back from its outputs. The student's slope is measured:
+# float32 passes (cheap: the student is small) with every held-out pixel nudged up or down at
 # random by CHECK_STEP noise standard deviations (Monte-Carlo SURE; the random signs average the
-# neighbours' slopes away). Measured on D6: the student's slope grows with the nudge (0.031 at
-# 0.1, 0.058 at 1.0 standard deviations), and bfloat16 passes at 0.1 added rounding noise that
-# doubled the estimate's spread.
+# neighbours' slopes away), CHECK_DRAWS draws averaged. Measured on D6: the student's slope
+# grows with the nudge (0.031 at 0.1, 0.058 at 1.0 standard deviations), and bfloat16 passes at
+# 0.1 added rounding noise that doubled the estimate's spread.
 CHECK_STEP = 0.1
 # Nudges drawn per pixel, their slopes averaged: each draw's slope carries the neighbours' slopes
 # times random signs, and the student's passes are cheap.
@@ -228,7 +228,6 @@ def check_student(teacher, student, options: PredictOptions, device: torch.devic
                                         "with none held out")
     pupil = StudentModel(student, device, cancel)
     tile = tile_side(pupil, options, device)
-    camera_maps = TileModel(teacher, options, device, 1, cancel, camera)  # only its camera maps are used
     picks = target_planes(layout)
     inputs, channels, p = stack.shape[1] - teacher.channels, teacher.channels, sampler.patch_size
     by_plane: dict[int, list[tuple[int, int]]] = {}
@@ -243,10 +242,11 @@ def check_student(teacher, student, options: PredictOptions, device: torch.devic
             columns = slice(min(c for _, c in blocks) * p, (max(c for _, c in blocks) + 1) * p)
             held = np.zeros((rows.stop - rows.start, columns.stop - columns.start), dtype=bool)
             for r, c in blocks:
-                held[r * p - rows.start : (r + 1) * p - rows.start, c * p - columns.start : (c + 1) * p - columns.start] = True
-            maps = camera_maps.pixel_maps(layout.flat_index(picks[n]))
-            if maps is not None:  # a camera's unusable pixels say nothing of the noise: left out
-                held = held & ~(maps[:channels, rows, columns] > 0.5).any(0)
+                top, left = r * p - rows.start, c * p - columns.start
+                held[top : top + p, left : left + p] = True
+            if camera is not None and camera.per_pixel:  # a camera's unusable (hot) pixels: left out
+                unusable = camera.pixel_maps(channels, layout.flat_index(picks[n]))[:channels, rows, columns]
+                held = held & ~(unusable > 0.5).any(0)
             plane = stack[n, :inputs]
             noisy = plane[:channels, rows, columns]
             teacher_outputs = (stack[n, inputs:, rows, columns], *np.split(errors[n, :, rows, columns], 2))
@@ -271,7 +271,10 @@ def check_student(teacher, student, options: PredictOptions, device: torch.devic
         raise FitCancelled("the distillation was stopped; the model is unchanged") from None
     except OutOfMemory:
         return StudentCheck(None, None, "not checked against the teacher: the device ran out of memory")
-    return judge(np.concatenate(differences), np.concatenate(teacher_errors))
+    differences = np.concatenate(differences)
+    if not differences.size:
+        return StudentCheck(None, None, "not checked against the teacher: every held-out pixel is a hot pixel")
+    return judge(differences, np.concatenate(teacher_errors))
 
 
 def noise_variance_used(noisy: np.ndarray, teacher: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
@@ -308,9 +311,8 @@ def judge(differences: np.ndarray, teacher_errors: np.ndarray) -> StudentCheck:
                                              f"(the teacher's error is too small to estimate in dB)")
     change = -10 * math.log10((error + difference) / error)
     preferred = change >= -CHECK_TOLERANCE_DB
-    uncertainty = 10 * math.log10((error + difference + 2 * spread) / (error + difference)) \
-        if error + difference > 0 else float("nan")
-    which = "the student denoises" if preferred else "the teacher denoises (the student is kept: --student on uses it)"
+    uncertainty = 10 * math.log10((error + difference + 2 * spread) / (error + difference))
+    which = "the student denoises" if preferred else "the teacher denoises (the student is kept: student 'on' uses it)"
     return StudentCheck(change, preferred, f"estimated {change:+.2f} dB (+-{uncertainty:.2f}) against the teacher "
                                            f"on {pixels} held-out pixels: {which}")
 
