@@ -111,6 +111,7 @@ def distilled(device):
 def test_distillation_reports_both_phases_and_keeps_the_teacher(distilled):
     denoiser, before, noisy, items = distilled
     training = [item for item in items if isinstance(item, FitProgress)]
+    assert isinstance(items[0], DistilProgress) and isinstance(items[-1], DistilProgress)
     assert items[0].phase == "teacher targets" and items[-1].phase == "checking the student"
     assert items.index(training[0]) > 0 and items.index(training[-1]) < len(items) - 1
     assert training[-1].iteration == 20 and denoiser.student.summary.iterations == 20

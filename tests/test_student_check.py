@@ -158,3 +158,30 @@ def test_a_student_that_gives_the_teachers_output_is_judged_level(monkeypatch):
     # Level within the estimate's noise (about +-0.15 dB on these 8192 pixels); misplaced blocks,
     # regions or channels would put it dB away.
     assert abs(summary.estimated_change_db) < 0.3, summary.check
+
+
+def test_the_check_scores_exactly_the_distillations_held_out_blocks(monkeypatch):
+    """Every pixel of every validation block, and no other: the regions the check reads hold the
+    blocks the student never trained on, and the verdict counts their pixels."""
+    _, noisy = noisy_image((256, 256), seed=7)
+    teacher = Denoiser(preset="tiny", pd=1).fit(noisy, "YX", iterations=5)
+    seen: dict[str, list] = {"samplers": [], "regions": [], "pixels": []}
+    sampler_class, terms, verdict = distillation.PatchSampler, distillation.risk_terms, distillation.judge
+
+    def sampler(*args, **kwargs):
+        seen["samplers"].append(sampler_class(*args, **kwargs))
+        return seen["samplers"][-1]
+
+    monkeypatch.setattr(distillation, "PatchSampler", sampler)
+    monkeypatch.setattr(distillation, "risk_terms", lambda noisy, *rest: seen["regions"].append(noisy) or terms(
+        noisy, *rest))
+    monkeypatch.setattr(distillation, "judge", lambda differences, *rest: seen["pixels"].append(differences.size) or
+                        verdict(differences, *rest))
+    teacher.distil(noisy, "YX", iterations=2)
+    (used,) = seen["samplers"]
+    p = used.patch_size
+    assert len(used.validation_blocks) >= 2 and seen["pixels"] == [len(used.validation_blocks) * p * p]
+    for crop in used.validation:  # each held-out block sits, whole and on the block grid, in a region read
+        assert any(np.array_equal(region[:, y : y + p, x : x + p], crop[:1])
+                   for region in seen["regions"] for y in range(0, region.shape[1] - p + 1, p)
+                   for x in range(0, region.shape[2] - p + 1, p))

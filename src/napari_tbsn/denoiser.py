@@ -398,7 +398,8 @@ class Denoiser:
         """Distil the fitted teacher into a fast UNet student (TBSN2UNet) on `data`. The teacher
         first predicts a few planes as the predict options say (posterior, lattice, ensemble,
         R3); the student then trains to reproduce them (`time_budget` covers both), and is
-        checked against the teacher on held-out pixels (student.summary.check). predict then
+        checked against the teacher on held-out pixels (student.summary.check; a few student
+        passes after the budget). predict then
         uses the student, unless its check found it worse (student=True uses it anyway) or
         student=False. The callback gets DistilProgress while the teacher predicts and while
         the student is checked, and FitProgress while it trains. Stop and cancel behave as in
@@ -476,6 +477,9 @@ class Denoiser:
                 self._model.camera["found"]) + "); a Model Zoo package cannot take it out, so zoo tools will feed the "
                 "student the camera's fixed pattern and hot pixels as they are: denoise with napari-tbsn instead, or "
                 "export a model fitted with camera='off'", stacklevel=2)
+        if student is not None and not student.preferred:
+            warnings.warn(f"this student's check found it worse than its teacher ({student.summary.check}); the "
+                          "package holds it as it is: distil again, or denoise with napari-tbsn", stacklevel=2)
         return export_bioimageio(self._model, path, sample, name=name, authors=authors, **details)
 
     def _default_axes(self, data) -> str:

@@ -197,6 +197,8 @@ CHECK_STEP = 0.1
 # Nudges drawn per pixel, their slopes averaged: each draw's slope carries the neighbours' slopes
 # times random signs, and the student's passes are cheap.
 CHECK_DRAWS = 4
+# The side of the squares whose means give the estimate's standard error (tile_means_of).
+CHECK_TILE = 32
 # The student is the default where its estimated PSNR is at most this far below the teacher's.
 CHECK_TOLERANCE_DB = 0.05
 
@@ -228,13 +230,14 @@ def check_student(teacher, student, options: PredictOptions, device: torch.devic
                                         "with none held out")
     pupil = StudentModel(student, device, cancel)
     tile = tile_side(pupil, options, device)
+    delivered = pupil.autocast  # the precision predict runs the student in
     picks = target_planes(layout)
     inputs, channels, p = stack.shape[1] - teacher.channels, teacher.channels, sampler.patch_size
     by_plane: dict[int, list[tuple[int, int]]] = {}
     for _, n, r, c in sampler.validation_blocks:
         by_plane.setdefault(n, []).append((r, c))
     rng = np.random.default_rng(teacher.seed)
-    differences, teacher_errors = [], []
+    differences, teacher_errors, tile_means = [], [], []
     start = time.perf_counter()
     try:
         for number, (n, blocks) in enumerate(sorted(by_plane.items())):
@@ -253,7 +256,7 @@ def check_student(teacher, student, options: PredictOptions, device: torch.devic
             variance = noise_variance_used(noisy, teacher_outputs)
             signs = np.where(rng.random((CHECK_DRAWS, *noisy.shape)) < 0.5, -1.0, 1.0).astype(np.float32) * held
             step = CHECK_STEP * np.sqrt(variance)
-            sources = [(plane, pupil.autocast), (plane, None)]  # as predict runs it, then float32 for the slope
+            sources = [(plane, delivered), (plane, None)]  # as predict runs it, then float32 for the slope
             for draw in signs:
                 nudged = plane.copy()
                 nudged[:channels, rows, columns] += step * draw
@@ -267,6 +270,7 @@ def check_student(teacher, student, options: PredictOptions, device: torch.devic
             difference, error = risk_terms(noisy, teacher_outputs, outputs, signs, step)
             differences.append(difference[:, held].ravel())
             teacher_errors.append(error[:, held].ravel())
+            tile_means.extend(tile_means_of(np.where(held, difference, np.nan), blocks, rows, columns, p))
     except PredictionCancelled:
         raise FitCancelled("the distillation was stopped; the model is unchanged") from None
     except OutOfMemory:
@@ -274,7 +278,26 @@ def check_student(teacher, student, options: PredictOptions, device: torch.devic
     differences = np.concatenate(differences)
     if not differences.size:
         return StudentCheck(None, None, "not checked against the teacher: every held-out pixel is a hot pixel")
-    return judge(differences, np.concatenate(teacher_errors))
+    means = np.array([mean for mean in tile_means if np.isfinite(mean)])
+    spread = float(means.std() / math.sqrt(len(means) - 1)) if len(means) > 1 else None
+    return judge(differences, np.concatenate(teacher_errors), spread)
+
+
+def tile_means_of(difference: np.ndarray, blocks: list[tuple[int, int]], rows: slice, columns: slice,
+                  p: int) -> list[float]:
+    """The mean of `difference` (C, h, w over the region rows, columns; NaN where left out) over
+    each CHECK_TILE-sided square of each block: neighbouring pixels' estimates are correlated
+    (the networks share their inputs), squares that far apart about independent, so the spread
+    of these means gives the estimate's standard error."""
+    side = max(1, min(CHECK_TILE, p))
+    means = []
+    for r, c in blocks:
+        top, left = r * p - rows.start, c * p - columns.start
+        for y in range(top, top + p - side + 1, side):
+            for x in range(left, left + p - side + 1, side):
+                square = difference[:, y : y + side, x : x + side]
+                means.append(float(np.nanmean(square)) if np.isfinite(square).any() else float("nan"))
+    return means
 
 
 def noise_variance_used(noisy: np.ndarray, teacher: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
@@ -296,13 +319,15 @@ def risk_terms(noisy: np.ndarray, teacher: tuple[np.ndarray, np.ndarray, np.ndar
     return (output - noisy) ** 2 - variance + 2 * variance * slope - teacher[2], teacher[2]
 
 
-def judge(differences: np.ndarray, teacher_errors: np.ndarray) -> StudentCheck:
+def judge(differences: np.ndarray, teacher_errors: np.ndarray, spread: float | None = None) -> StudentCheck:
     """The verdict from per-pixel estimates of the student's squared error minus the teacher's,
-    and of the teacher's squared error."""
+    and of the teacher's squared error; `spread`: the standard error of the first's mean (where
+    not given, as if the pixels were independent)."""
     pixels = differences.size
     difference = float(differences.mean())
     error = float(teacher_errors.mean())
-    spread = float(differences.std() / math.sqrt(max(pixels - 1, 1)))
+    if spread is None:
+        spread = float(differences.std() / math.sqrt(max(pixels - 1, 1)))
     if error <= 0 or error + difference <= 0:
         # The teacher's estimated error is within the estimate's noise: judge the difference alone.
         preferred = difference <= 2 * spread

@@ -70,7 +70,9 @@ class Student:
                          sample: torch.Tensor | None = None) -> Student:
         network = UNet(StudentConfig.from_dict(description["network"]))
         network.load_state_dict(state, strict=True)
-        return cls(network.eval(), DistilSummary(**description.get("summary", {})),
+        known = {field.name for field in dataclasses.fields(DistilSummary)}  # a later version's keys are skipped
+        summary = {key: value for key, value in description.get("summary", {}).items() if key in known}
+        return cls(network.eval(), DistilSummary(**summary),
                    None if sample is None else sample.numpy())
 
 

@@ -298,7 +298,8 @@ def test_fit_and_denoise_with_a_student_then_export(viewer_and_widget, qtbot, tm
     widget.fit_denoise_button.click()
     _wait_idle(qtbot, widget)
     assert widget.denoiser.student is not None
-    assert any(text.startswith("distil: teacher plane") for text in seen)
+    assert any(text.startswith("distil: teacher targets, plane") for text in seen)
+    assert any(text.startswith("distil: checking the student, plane") for text in seen)
     assert any(text.startswith("distil: student iteration") for text in seen)
     assert len(widget.loss_plot.training) == widget.denoiser.student.summary.iterations  # the student's loss
     assert "denoised by the distilled student" in widget.status.text()
