@@ -33,7 +33,8 @@ from . import __version__
 from .axes import guess_axes, parse_axes
 from .camera import Calibration
 from .channels import CHANNEL_MODES
-from .config import FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, PredictOptions, student_option
+from .config import (FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, STUDENT_CHOICES, PredictOptions,
+                     student_option)
 from .ddp import in_process_group, start_from_environment, world
 from .ddp import stop as stop_processes
 from .denoiser import Denoiser, PredictProgress
@@ -715,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     def tiling(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--tile-size", type=_auto_or_whole,
                          help="prediction tile size in pixels (default auto: from the free memory)")
-        sub.add_argument("--student", choices=("auto", "on", "off"), default="auto",
+        sub.add_argument("--student", choices=STUDENT_CHOICES, default="auto",
                          help=student_help)
         sub.add_argument("--ensemble", type=_auto_or_whole, choices=("auto", 1, 8), default="auto",
                          help="8: average over flips and rotations (8x the prediction time); auto: 8 for "
