@@ -18,6 +18,8 @@ slows both alike; a cell is the median over --rounds. (Make the baseline tree wi
   second as its summary states them (validation included, as in any fit).
 - teacher / student: `predict` of a 1024x1024 plane with the default options (the teacher's
   ensemble and lattice refinement; the student's single pass), megapixels per second.
+- step_norms / step_blocks (only with --kinds): the step with the layer norms or the transformer
+  blocks compiled by torch.compile (needs a C++ compiler), and the seconds compiling took.
 - matmul: this CPU's 2048^3 matrix product in float32 and bfloat16 (this tree only).
 FLOPs leave out the relative-position products (q . r, under 1%) and the output convolution.
 
@@ -110,6 +112,39 @@ def worker_step() -> dict:
             "dtype": str(dtype).replace("torch.", "") if dtype else "float32"}
 
 
+def worker_compiled_step(part: str) -> dict:
+    """The step of worker_step with parts of the network compiled (torch.compile, inductor: it
+    needs a C++ compiler): "norms", each layer norm as a plain function (inductor fuses its
+    forward and its backward), or "blocks", every transformer block. The compile time is that
+    of the first two steps."""
+    import torch
+
+    from napari_tbsn.network.layers import BiasFreeLayerNorm
+    from napari_tbsn.network.tbsn import TransformerBlock
+
+    network, forward, step, dtype = _step_parts("small", 1, 128)
+    if part == "blocks":
+        for module in network.modules():
+            if isinstance(module, TransformerBlock):
+                module.compile(dynamic=False)
+    else:
+        @torch.compile(dynamic=False)
+        def norm(x, weight, eps):
+            wide = x.float()
+            centred = wide - wide.mean(dim=1, keepdim=True)
+            scaled = wide * torch.rsqrt((centred * centred).mean(dim=1, keepdim=True) + eps)
+            return (scaled * weight.view(1, -1, 1, 1)).to(dtype or x.dtype)
+
+        for module in network.modules():
+            if isinstance(module, BiasFreeLayerNorm):
+                module.forward = lambda x, module=module: norm(x, module.weight, module.eps)
+    start = time.perf_counter()
+    step()
+    step()
+    compile_s = time.perf_counter() - start
+    return {"ms": _best_ms(step), "compile_s": compile_s}
+
+
 def _image(size: int):
     import numpy as np
 
@@ -164,7 +199,8 @@ def worker_matmul() -> dict:
 
 
 WORKERS = {"step": worker_step, "fit": worker_fit, "teacher": lambda: _predict_rate(False),
-           "student": lambda: _predict_rate(True), "matmul": worker_matmul}
+           "student": lambda: _predict_rate(True), "matmul": worker_matmul,
+           "step_norms": lambda: worker_compiled_step("norms"), "step_blocks": lambda: worker_compiled_step("blocks")}
 
 
 def run_worker(kind: str, tree: str | None) -> dict:
@@ -262,9 +298,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; 2048^3 matrix product: "
           f"{matmul['float32']:.0f} GFLOP/s float32, {matmul['bfloat16']:.0f} GFLOP/s bfloat16; "
           f"median of {args.rounds} interleaved rounds")
-    keys = {"step": "ms", "fit": "it_s", "teacher": "mpx_s", "student": "mpx_s"}
+    keys = {"step": "ms", "fit": "it_s", "teacher": "mpx_s", "student": "mpx_s", "step_norms": "ms",
+            "step_blocks": "ms"}
     units = {"step": "ms per small step", "fit": "small fit it/s", "teacher": "teacher Mpx/s (1024^2)",
-             "student": "student Mpx/s (1024^2)"}
+             "student": "student Mpx/s (1024^2)", "step_norms": "ms per small step, the norms compiled",
+             "step_blocks": "ms per small step, the blocks compiled"}
     print("| measure | " + " | ".join(trees) + (" | this tree / baseline |" if len(trees) > 1 else " |"))
     print("| --- | " + " | ".join("---" for _ in trees) + (" | --- |" if len(trees) > 1 else " |"))
     for kind in args.kinds.split(","):
@@ -272,8 +310,12 @@ def main() -> None:
         row = f"| {units[kind]} | " + " | ".join(f"{medians[name]:.3g}" for name in trees)
         if len(trees) > 1:
             ratio = medians["this tree"] / medians["baseline"]
-            row += f" | {1 / ratio if kind == 'step' else ratio:.2f}x faster |"
+            row += f" | {1 / ratio if keys[kind] == 'ms' else ratio:.2f}x faster |"
         print(row + (" |" if len(trees) == 1 else ""))
+        if kind.startswith("step_"):
+            print(f"| {kind}: compiling and the first two steps (s) | " + " | ".join(
+                f"{statistics.median(r['compile_s'] for r in results[(kind, name)]):.0f}" for name in trees)
+                + (" | |" if len(trees) > 1 else " |"))
         if kind == "step":
             cells = []
             for name in trees:
