@@ -114,18 +114,18 @@ def main() -> None:
               f"{', no lattice filter' if args.no_lattice else ''} |")
         budget = args.iterations if args.iterations else args.budget
         runs = []
+
+        def tbsn(data, camera):  # a napari-tbsn row as every flag asks for it
+            return lambda: run_tbsn(data, case.axes, budget, args.preset, camera, not args.no_lattice, estimators)
+
         if "auto" in args.runs:
-            runs.append(("napari-tbsn, camera found in the data (camera='auto', the default)",
-                         lambda: run_tbsn(noisy, case.axes, budget, args.preset, "auto", not args.no_lattice, estimators)))
+            runs.append(("napari-tbsn, camera found in the data (camera='auto', the default)", tbsn(noisy, "auto")))
         if "dark" in args.runs:
-            runs.append((f"napari-tbsn, {DARK_FRAMES} dark frames",
-                         lambda: run_tbsn(noisy, case.axes, budget, args.preset, Calibration.from_dark(dark), not args.no_lattice, estimators)))
+            runs.append((f"napari-tbsn, {DARK_FRAMES} dark frames", tbsn(noisy, Calibration.from_dark(dark))))
         if "off" in args.runs and name not in args.skip_off:
-            runs.append(("napari-tbsn, camera left in (off)",
-                         lambda: run_tbsn(noisy, case.axes, budget, args.preset, "off", not args.no_lattice, estimators)))
+            runs.append(("napari-tbsn, camera left in (off)", tbsn(noisy, "off")))
         if "twin" in args.runs:
-            runs.append(("napari-tbsn on the Poisson-Gaussian twin",
-                         lambda: run_tbsn(twin, case.axes, budget, args.preset, "auto", not args.no_lattice, estimators)))
+            runs.append(("napari-tbsn on the Poisson-Gaussian twin", tbsn(twin, "auto")))
         if args.noise2void and "n2v" in args.runs:
             runs.append(("Noise2Void (CAREamics)", lambda: run_noise2void(args.noise2void, noisy, case.axes,
                                                                           args.budget)))

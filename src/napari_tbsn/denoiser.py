@@ -400,8 +400,9 @@ class Denoiser:
         R3); the student then trains to reproduce them (`time_budget` covers both), and is
         checked against the teacher on held-out pixels (student.summary.check; a few student
         passes after the budget). predict then uses the student, unless its check found it
-        worse (student=True uses it anyway) or student=False. The callback gets DistilProgress while the teacher predicts and while
-        the student is checked, and FitProgress while it trains. Stop and cancel behave as in
+        worse (student=True uses it anyway) or student=False. The callback gets DistilProgress
+        while the teacher predicts and while the student is checked, and FitProgress while it
+        trains. Stop and cancel behave as in
         fit(): a cancelled distillation raises FitCancelled and keeps the model as it was."""
         return drive(self.distil_iter(data, axes, iterations, time_budget, cancel, stop_training), callback)
 

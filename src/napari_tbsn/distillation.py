@@ -24,7 +24,7 @@ import torch
 
 from .camera import CameraCorrection, CorrectedStack
 from .axes import PlaneLayout
-from .config import STUDENT_CHOICES, FitConfig, PredictOptions
+from .config import FitConfig, PredictOptions, student_option
 from .devices import OutOfMemory, out_of_memory_error, tile_for_memory
 from .network.unet import UNet, student_preset
 from .student import DistilSummary, Student, sample_crop
@@ -402,12 +402,10 @@ def plan_student(choice: str, teacher: torch.nn.Module, preset: str, layout: Pla
     data needs (their speed does not depend on their weights), in the precision prediction will
     run in (bfloat16 where the device has it, unless `mixed_precision` is off). The student's
     training is estimated from the same timed pass: an approximation."""
-    if choice not in STUDENT_CHOICES:
-        raise ValueError(f"student must be 'auto', 'on' or 'off', got {choice!r}")
-    if choice == "off":
+    option = student_option(choice)  # refuses a choice the front ends do not offer
+    if option is False:
         return StudentPlan(False, "the teacher predicts (student off)")
-
-    if choice == "on":
+    if option is True:
         return StudentPlan(True, "distilling a student (student on)", time_budget)
     planes = target_planes(layout)
     if len(planes) >= layout.plane_count:
