@@ -538,21 +538,25 @@ def find_correction(data, layout: PlaneLayout, calibration: Calibration | None =
 
 
 def from_calibration(calibration: Calibration, layout: PlaneLayout) -> CameraCorrection:
-    """A dark calibration's offsets (less the usable pixels' mean: the output keeps the input's baseline),
+    """A dark calibration's offsets (less the usable pixels' mean, so that the output keeps the
+    input's baseline; from one frame, the mean of those not far above the rest),
     per-pixel read variance, and unusable pixels (read variance NOISY_VARIANCE times the
     typical one: hot pixels' dark current, the read noise's far tail)."""
     calibration.check_fits(layout)
-    hot = None
     if calibration.variance is not None:
         typical = float(np.median(calibration.variance))
+        if typical <= 0:  # quantised dark frames where most pixels never change: a 0 would make any variance "hot"
+            typical = float(np.mean(calibration.variance))
         hot = calibration.variance > NOISY_VARIANCE * typical
-    # About the usable pixels' mean (one frame tells no pixel hot: its median): a hot pixel's dark
-    # current must not shift the whole output.
-    level = np.median(calibration.offset) if hot is None or hot.all() else calibration.offset[~hot].mean()
+    else:  # one frame: no variance, so hot pixels are told by their offset alone (for the baseline only)
+        deviation = calibration.offset - np.median(calibration.offset)
+        hot = deviation > HOT_SIGMAS * _robust_sigma(calibration.offset)
+    # About the usable pixels' mean: a hot pixel's dark current must not shift the whole output.
+    level = calibration.offset[~hot].mean()
     offset = (calibration.offset - level).astype(np.float32)[np.newaxis]
     correction = CameraCorrection("dark frames", offset=offset)
     correction.found.append(f"fixed offsets from {calibration.frames} dark frame(s) (sd {_robust_sigma(offset):.3g})")
-    if hot is not None:
+    if calibration.variance is not None:
         correction.hot = hot[np.newaxis] if hot.any() else None
         correction.extra_variance = np.where(hot, 0.0, calibration.variance - typical).astype(np.float32)[np.newaxis]
         correction.found.append(f"per-pixel read variance (typical {typical:.3g}); {int(hot.sum())} hot or very "
