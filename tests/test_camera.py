@@ -143,8 +143,9 @@ def test_line_offsets_are_measured_on_each_pixels_own_lattice(direction):
         assert np.allclose((after - before)[line], 0.2 * PERTURBATION, atol=1e-9)
 
 
-def _camera_model(context: int):
-    """A tiny model with random weights, a variance head, a noise model and a lattice filter."""
+def _camera_model(context: int, line: str = ""):
+    """A tiny model with random weights, a variance head, a noise model and a lattice filter
+    (its residuals centred along `line`)."""
     from napari_tbsn import TBSN
     from napari_tbsn.config import network_preset
     from napari_tbsn.lattice import LatticeFilter
@@ -157,7 +158,8 @@ def _camera_model(context: int):
     with torch.no_grad():
         for param in network.parameters():
             param.add_(torch.randn_like(param) * 0.05)
-    lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.2, -0.1, 0.1, -0.05, 0.05),), prior_scale=(0.8,))
+    lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.2, -0.1, 0.1, -0.05, 0.05),), prior_scale=(0.8,),
+                            line=line)
     return FittedModel(network, Normalizer((100.0,), (120.0,)), pd=1, preset="tiny",
                        noise_model=NoiseModel.from_camera(1.0, 2.0, 100.0), lattice_filter=lattice,
                        camera={"mode": "auto", "found": []})
@@ -173,13 +175,13 @@ def _predict(model, options, data, layout, correction):
     return out, spread
 
 
-def _own_outputs_that_moved(stack, layout, correction, estimator, probes, remeasure=True):
+def _own_outputs_that_moved(stack, layout, correction, estimator, probes, remeasure=True, line=""):
     """Perturb y_p at each probe (z, y, x) alone and predict again (with the correction's
     decisions kept, its maps measured again): the probes whose own output moved. A hot pixel's
     value must change nothing at all; elsewhere the perturbation must be seen around p. The
     posterior folds y_p back in on purpose: there its standard deviation must not move, and
     its estimate must move by less than the perturbation."""
-    model = _camera_model(context=1)
+    model = _camera_model(context=1, line=line)
     options = PredictOptions(estimator=estimator, ensemble=1, tile_size=64)
     before, before_spread = _predict(model, options, stack, layout, correction)
     leaks = []
@@ -192,6 +194,9 @@ def _own_outputs_that_moved(stack, layout, correction, estimator, probes, remeas
             assert np.array_equal(after, before), (z, y, x)
             continue
         assert np.abs(after - before).max() > 1e-3, "the perturbation must be seen around it"
+        if line:  # the filter runs: p's lattice neighbour reads p (the network there cannot)
+            below = y + 2 if y + 2 < stack.shape[1] else y - 2
+            assert after[z, below, x] != before[z, below, x], (z, y, x)
         if estimator == "posterior":
             moved = (after[z, y, x] - before[z, y, x]) / PERTURBATION
             if after_spread[z, y, x] != before_spread[z, y, x] or not 0 < moved < 1:
@@ -206,8 +211,10 @@ PROBES = [(3, 30 + dy, 41 + dx) for dy, dx in [(0, 1), (0, 2), (1, 1), (2, 2), (
     [(4, 10, 12), (4, 52, 52), (2, 20, 33), (5, 47, 21)]
 
 
-@pytest.mark.parametrize("rows", [1.0, 0.0])  # with row offsets the lattice filter is off
-def test_the_camera_correction_is_exactly_blind_through_the_whole_prediction(rows):
+# With row offsets the lattice filter reads residuals centred along the rows, or is off (a filter
+# fitted without them).
+@pytest.mark.parametrize("rows, line", [(1.0, "rows"), (1.0, ""), (0.0, "")])
+def test_the_camera_correction_is_exactly_blind_through_the_whole_prediction(rows, line):
     """A fixed pattern, hot pixels and row offsets found in the stack: perturbing y_p at plane z
     never moves output p at plane z (the blind-spot mean: the output where a pattern is
     measured on the stack)."""
@@ -216,12 +223,12 @@ def test_the_camera_correction_is_exactly_blind_through_the_whole_prediction(row
     correction = find_correction(stack, layout)
     assert correction.pattern is not None and correction.hot is not None
     assert bool(correction.lines) == (rows > 0), correction.describe()
-    leaks = _own_outputs_that_moved(stack, layout, correction, "blind_spot", PROBES)
+    leaks = _own_outputs_that_moved(stack, layout, correction, "blind_spot", PROBES, line=line)
     assert not leaks, f"pixels whose own output moved with their own value: {leaks}"
 
 
 @pytest.mark.parametrize("rows, estimator", [(1.0, "blind_spot"), (1.0, "posterior"), (0.0, "posterior")])
-def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):
+def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):  # the lattice filter centred along rows
     """Dark-frame maps (offsets, per-pixel read variance, unusable pixels), with row offsets
     found in the data or none, through the whole path, the posterior included."""
     _, stack = camera_stack(planes=6, rows=rows)
@@ -232,7 +239,8 @@ def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):
     layout = PlaneLayout.of(stack.shape, "ZYX")
     correction = find_correction(stack, layout, Calibration.from_dark(dark))
     assert all(correction.hot[0][y, x] for y, x in HOT) and bool(correction.lines) == (rows > 0)
-    leaks = _own_outputs_that_moved(stack, layout, correction, estimator, PROBES, remeasure=False)
+    leaks = _own_outputs_that_moved(stack, layout, correction, estimator, PROBES, remeasure=False,
+                                    line="rows" if rows else "")
     assert not leaks, f"pixels whose own output moved with their own value: {leaks}"
 
 
@@ -241,7 +249,7 @@ def test_fit_and_predict_say_what_was_found_and_files_keep_it(tmp_path):
     assert Denoiser().camera == "auto"  # the default: decisions never read the plane predicted
     denoiser = Denoiser(preset="tiny", device="cpu").fit(stack, "ZYX", iterations=3)
     assert "hot" in denoiser.summary.camera and "rows" in denoiser.summary.describe()
-    assert denoiser.lattice_filter is None  # row offsets: the lattice filter would read y_p
+    assert denoiser.lattice_filter.line == "rows"  # it reads residuals centred along the rows
     path = denoiser.save(tmp_path / "model.safetensors")
     loaded = Denoiser.load(path, device="cpu")
     assert loaded.camera == "auto" and loaded.model.camera["mode"] == "auto"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_tbsn.image_io import LazyTiffArray, check_writable, open_output, read_image
+from napari_tbsn.image_io import LazyTiffArray, open_output, read_image
+from napari_tbsn.outputs import check_writable
 from napari_tbsn.model_io import atomic_file, write_text_atomic
 
 

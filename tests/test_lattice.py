@@ -32,7 +32,8 @@ def test_offset_classes_are_the_even_offsets_by_length():
     assert class_kernels(4).sum() == 24
 
 
-def test_refined_mean_sees_the_lattice_but_not_the_pixel_itself():
+@pytest.mark.parametrize("line", ["", "rows", "columns"])  # residuals as they are, or centred along lines
+def test_refined_mean_sees_the_lattice_but_not_the_pixel_itself(line):
     torch.manual_seed(0)
     net = TBSN(network_preset("tiny", 1, variance_head=True)).double().eval()
     with torch.no_grad():
@@ -40,7 +41,7 @@ def test_refined_mean_sees_the_lattice_but_not_the_pixel_itself():
             param.add_(torch.randn_like(param) * 0.05)
     noise = NoiseTerms.of(np.array([0.02]), np.array([0.01]), np.array([1e-6]), torch.device("cpu"))
     noise = NoiseTerms(noise.gain.double(), noise.offset.double(), noise.floor.double())
-    lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.1, -0.02, 0.03, -0.01, 0.01),))
+    lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.1, -0.02, 0.03, -0.01, 0.01),), line=line)
     x = torch.rand(1, 1, 64, 64, dtype=torch.float64, requires_grad=True)
     # Through the features, so that the (detached) variance head's gradient shows too.
     mean, prior = split_output(F.conv2d(net.features(x), net.output_conv.weight, net.output_conv.bias))
@@ -76,6 +77,33 @@ def test_fit_lowers_the_true_error_of_a_correlated_mean():
     after = torch.mean((refined - clean)[inner] ** 2)
     assert after < 0.8 * before
     assert LatticeFilter.from_dict(lattice.to_dict()) == lattice
+
+
+def test_a_filter_centred_along_rows_puts_no_row_offset_back():
+    """Row offsets in the noisy data: the blind-spot loss rewards a filter that reads them off
+    p's row and puts them back; the centred one cannot see them, and still lowers the error."""
+    generator = torch.Generator().manual_seed(0)
+    clean = 5 + 4 * torch.sin(torch.arange(128.0)[:, None] / 9) * torch.cos(torch.arange(128.0)[None, :] / 7)
+    clean = clean.expand(8, 1, 128, 128)
+    error = F.conv2d(torch.randn(8, 1, 132, 132, generator=generator), torch.ones(1, 1, 5, 5) / 25) * 2.5
+    mean = clean + error
+    rows = torch.randn(8, 1, 128, 1, generator=generator) * 1.5
+    noisy = clean + clean.sqrt() * torch.randn(clean.shape, generator=generator) + rows
+    inner = (..., slice(8, -8), slice(8, -8))
+
+    def true_error(lattice):
+        return float(torch.mean((lattice.apply(mean, noisy, 1.0, None) - clean)[inner] ** 2))
+
+    centred, plain = LatticeFilter.fit(mean, noisy, 1.0, line="rows"), LatticeFilter.fit(mean, noisy, 1.0)
+    before = float(torch.mean((mean - clean)[inner] ** 2))
+    assert true_error(centred) < 0.8 * before < true_error(plain)
+    moved = noisy + torch.randn(8, 1, 128, 1, generator=generator) * 3
+    assert torch.allclose(centred.apply(mean, moved, 1.0, None), centred.apply(mean, noisy, 1.0, None), atol=1e-4)
+    assert LatticeFilter.from_dict(centred.to_dict()) == centred and centred.line == "rows"
+    columns = LatticeFilter.fit(mean.transpose(-1, -2), noisy.transpose(-1, -2), 1.0, line="columns")
+    assert np.allclose(columns.coefficients, centred.coefficients, atol=1e-6)
+    assert centred.reads_blindly(("rows",)) and not centred.reads_blindly(("columns",))
+    assert plain.reads_blindly(()) and not plain.reads_blindly(("rows",))
 
 
 def test_denoiser_fits_saves_and_can_skip_the_filter(fitted_tiny, tmp_path, device):

@@ -233,9 +233,11 @@ class CameraCorrection:
 
     @property
     def blocks_lattice(self) -> bool:
-        """Whether a fit leaves the lattice filter (which reads p's own lattice) out: line offsets
-        and a single image's own hot-pixel decisions read p for its lattice neighbours."""
-        return bool(self.lines) or self.decided_on_itself
+        """Whether a fit leaves the lattice filter (which reads p's own lattice) out: a single
+        image's own hot-pixel decisions read p for its lattice neighbours, and so do line offsets
+        in both directions (offsets along one direction leave the filter's residuals centred
+        along it: lattice.centred_residual_features)."""
+        return len(self.lines) > 1 or self.decided_on_itself
 
     def decision_key(self, target: int) -> object:
         """Planes with the same key are predicted with the same hot pixels (hot_for)."""
@@ -305,16 +307,17 @@ class CameraCorrection:
                    hot_halves=arrays.get("hot_halves"), hot_looked=arrays.get("hot_looked"),
                    looked_at=tuple(described.get("looked_at", ())))
 
-    def correct(self, block: np.ndarray, offset: np.ndarray | None, hot: np.ndarray | None) -> np.ndarray:
+    def correct(self, block: np.ndarray, offset: np.ndarray | None, hot: np.ndarray | None,
+                lines: bool = True) -> np.ndarray:
         """A whole (C, Y, X) plane with the camera taken out (`offset`: the fixed offsets for it,
-        `hot`: the hot pixels, hot_for the plane predicted)."""
+        `hot`: the hot pixels, hot_for the plane predicted), its line offsets too unless not `lines`."""
         block = block.astype(np.float32, copy=True)
         if offset is not None:
             block -= offset
         if hot is not None:
             for channel in range(len(block)):
                 replace_hot(block[channel], hot[min(channel, len(hot) - 1)])
-        for direction in self.lines:
+        for direction in self.lines if lines else ():
             for channel in range(len(block)):
                 remove_line_offsets(block[channel], direction, self.line_weight[direction])
         return block
@@ -366,8 +369,9 @@ class CorrectedStack(PlaneSource):
         return self._cut(self.layout.read_plane(self.source, plane), self.correction.any_offset(),
                          self.correction.hot_for(None), region)
 
-    def read_plane_with_context(self, plane: tuple[int, ...], planes_each_side: int,
-                                region: Region | None = None) -> np.ndarray:
+    def _with_decisions(self, plane: tuple[int, ...], planes_each_side: int):
+        """The raw plane and its context planes (by flat index), the fixed offsets for the plane
+        and for its context, and the hot pixels for predicting the plane."""
         planes = [plane, *self.layout.context_planes(plane, planes_each_side)]
         raw = {self.layout.flat_index(each): self.layout.read_plane(self.source, each) for each in planes}
         target = self.layout.flat_index(plane)
@@ -376,9 +380,20 @@ class CorrectedStack(PlaneSource):
         else:
             target_offset = context_offset = self.correction.offset
         hot = self.correction.hot_for(target)  # the same decisions for the plane and its context
-        blocks = [self._cut(raw[target], target_offset, hot, region)]
+        return planes, raw, target_offset, context_offset, hot
+
+    def read_plane_with_context(self, plane: tuple[int, ...], planes_each_side: int,
+                                region: Region | None = None) -> np.ndarray:
+        planes, raw, target_offset, context_offset, hot = self._with_decisions(plane, planes_each_side)
+        blocks = [self._cut(raw[self.layout.flat_index(plane)], target_offset, hot, region)]
         blocks += [self._cut(raw[self.layout.flat_index(each)], context_offset, hot, region) for each in planes[1:]]
         return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+    def read_plane_without_lines(self, plane: tuple[int, ...], planes_each_side: int) -> np.ndarray:
+        """The plane (C, Y, X) as read_plane_with_context gives it, but with its line offsets
+        still in (what a lattice filter centred along the lines reads)."""
+        _, raw, target_offset, _, hot = self._with_decisions(plane, planes_each_side)
+        return self.correction.correct(raw[self.layout.flat_index(plane)], target_offset, hot, lines=False)
 
 
 def replace_hot(image: np.ndarray, hot: np.ndarray) -> None:

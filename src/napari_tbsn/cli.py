@@ -37,7 +37,7 @@ from .config import (FIT_PRESETS, NETWORK_PRESETS, PRESET_HINTS, STUDENT_CHOICES
                      student_option)
 from .ddp import in_process_group, start_from_environment, world
 from .ddp import stop as stop_processes
-from .denoiser import Denoiser, PredictProgress
+from .denoiser import Denoiser
 from .errors import MissingDependency, UserError, describe_bug, is_user_error, one_line
 from .image_io import ImageFile, open_output, output_bytes, read_image
 from .model_io import write_text_atomic

@@ -106,7 +106,7 @@ def teacher_targets(model, options: PredictOptions, device: torch.device, data, 
         while True:
             try:
                 # The teacher's output as a prediction gives it (hot pixels, read variance).
-                teacher_input = tiles.with_maps(stack[number, :inputs], layout.flat_index(plane))
+                teacher_input = tiles.with_maps(stack[number, :inputs], data, layout, plane)
                 steps = plane_steps(tiles.predict_iter(teacher_input, tile), cancel, number, len(picks), start)
                 output = yield from _as_distil_progress(steps, number, len(picks))
                 break

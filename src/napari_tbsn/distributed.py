@@ -272,7 +272,7 @@ def predict_block(job: Job, block: Block) -> str:
     runner = make_runner(model, options, device, job.views, camera=camera)
     tile_size = job.tile_size
     for plane in block.plane_indices():
-        maps = runner.pixel_maps(layout.flat_index(plane)) if isinstance(runner, TileModel) else None
+        maps = runner.extra_planes(source, layout, plane) if isinstance(runner, TileModel) else None
         reader = PlaneReader(model, layout, source, plane, maps)
         while True:
             try:

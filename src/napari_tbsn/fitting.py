@@ -102,8 +102,14 @@ class DataAnalysis:
         return next((camera for camera in self.cameras if camera is not None), None)
 
     @property
+    def lattice_lines(self) -> set[str]:
+        """The directions the images' line offsets came out along."""
+        return {line for camera in self.cameras if camera is not None for line in camera.lines}
+
+    @property
     def blocks_lattice(self) -> bool:
-        return any(camera is not None and camera.blocks_lattice for camera in self.cameras)
+        return len(self.lattice_lines) > 1 or any(camera is not None and camera.blocks_lattice
+                                                  for camera in self.cameras)
 
     def describe_camera(self) -> str | None:
         """What the camera correction found, per image where the images differ (None: nothing)."""
@@ -303,9 +309,10 @@ def fit_model(
         return model
     try:
         model = _with_variance_head(model, sampler, rng, device, cancel)
-        # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
+        # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py):
+        # it reads residuals centred along them.
         if settings.lattice and model.pd == 1 and not analysis.blocks_lattice:
-            model = _with_lattice_filter(model, sampler, rng, device, cancel)
+            model = _with_lattice_filter(model, sampler, rng, device, cancel, "".join(analysis.lattice_lines))
     except FitCancelled:
         if previous is not None:
             raise stopped from None
@@ -326,9 +333,10 @@ def _with_variance_head(model: FittedModel, sampler: PatchSampler, rng: np.rando
 
 
 def _with_lattice_filter(model: FittedModel, sampler: PatchSampler, rng: np.random.Generator, device: torch.device,
-                         cancel: threading.Event) -> FittedModel:
-    """The model with a lattice filter fitted to its mean (pixel-independent noise)."""
+                         cancel: threading.Event, line: str = "") -> FittedModel:
+    """The model with a lattice filter fitted to its mean (pixel-independent noise), reading
+    residuals centred along `line` where line offsets came out (patches then keep their rows)."""
     raise_if_cancelled(cancel, FitCancelled, "the fit")
-    patches = torch.from_numpy(sampler.sample(rng, LATTICE_PATCHES))
-    lattice = fit_lattice_filter(model.network, patches, model.noise_terms(device), cancel=cancel)
+    patches = torch.from_numpy(sampler.sample(rng, LATTICE_PATCHES, turns=not line))
+    lattice = fit_lattice_filter(model.network, patches, model.noise_terms(device), cancel=cancel, line=line)
     return dataclasses.replace(model, lattice_filter=lattice)

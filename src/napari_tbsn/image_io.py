@@ -36,7 +36,7 @@ from .axes import AXIS_LETTERS
 from .errors import MissingDependency
 from .model_io import atomic_file
 from .omezarr import create_ome_zarr, is_ome_zarr_name, read_ome_zarr, rewrite_ome_metadata, write_pyramid
-from .outputs import (RESULT_MARKER, check_output, check_room, check_writable, fsync_folder, fsync_path,
+from .outputs import (RESULT_MARKER, check_output, check_room, fsync_folder, fsync_path,
                       no_room_is_an_error, reserve)
 
 # tifffile's axis letters -> ours. tifffile's S is RGB samples, i.e. our C.

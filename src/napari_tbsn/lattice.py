@@ -18,6 +18,14 @@ blind to y_p, so that loss still equals the true error plus the noise variance, 
 linear least-squares problem. Measured on D1 (small, 300 s, the same model, x8 ensemble): plain
 mean 30.63 -> 30.77 dB, posterior 30.95 -> 31.09 dB.
 
+Where the camera's line offsets (camera.py) are taken out, each line's offset on p's lattice was
+measured on that lattice, p included, so the residuals there read y_p. A filter fitted with
+`line` ("rows" or "columns") reads them centred instead: each neighbour's residual less the mean
+residual along its own line (LINE_REACH lattice pixels on either side, p left out), all taken from
+the plane before its line offsets came out. A line's offset is common to the line, so it leaves
+the centred residual, and with it any trace of y_p; the centring also keeps the filter from
+putting a line's offset back into the output, which the blind-spot loss would reward.
+
 Residuals outside the image are zero. The predictor pads the image by reflection, and a
 reflected copy of y_p can sit on p's own lattice, where this filter would read it.
 
@@ -44,6 +52,7 @@ REACH = 4
 LATTICE_PATCHES = 32  # training patches the filter is fitted on
 FIT_BORDER = 8  # pixels this close to a patch edge lack context and are left out of the fit
 MEAN_PADDING = "reflect"  # parity-preserving; "replicate" or "symmetric" would break the blind spot
+LINE_REACH = 16  # lattice pixels on either side of a neighbour that its line's mean residual takes
 
 
 def offset_classes(reach: int = REACH) -> list[list[tuple[int, int]]]:
@@ -70,6 +79,50 @@ def residual_weight(prior: torch.Tensor | None, noise_variance: torch.Tensor | N
     return posterior_weight(prior, noise_variance)
 
 
+def _shifted(planes: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """out[..., y, x] = planes[..., y + dy, x + dx], zero beyond the edges (no arithmetic: an
+    exact copy)."""
+    height, width = planes.shape[-2:]
+    padded = F.pad(planes, [max(-dx, 0), max(dx, 0), max(-dy, 0), max(dy, 0)])
+    top, left = max(dy, 0), max(dx, 0)
+    return padded[..., top : top + height, left : left + width]
+
+
+def centred_residual_features(residual: torch.Tensor, usable: torch.Tensor, weight: torch.Tensor | float,
+                              reach: int, line: str, line_reach: int = LINE_REACH) -> torch.Tensor:
+    """(B, C * K, H, W): per offset class k, the sum over its offsets d of w_q (r_q - m(p, d_y)) at
+    q = p + d, where m(p, d_y) is the mean residual along the line through p + (d_y, 0) over the
+    lattice pixels within `line_reach` of p (p itself left out) and `usable` (B, 1 or C, H, W)
+    marks the residuals that may be read (1) at all. For "columns" the roles of y and x swap.
+    No sum ever holds r_p, not even times zero: blind to y_p in floating point too."""
+    if line == "columns":
+        residual, usable = residual.transpose(-1, -2), usable.transpose(-1, -2)
+        weight = weight.transpose(-1, -2) if torch.is_tensor(weight) else weight
+    channels = residual.shape[1]
+    usable = usable.expand_as(residual).to(residual)
+    values = residual * usable
+    # Along p's own line, p left out; the other lines also take their pixel at p's place.
+    sums, counts = torch.zeros_like(values), torch.zeros_like(values)
+    for step in range(1, line_reach + 1):
+        for dx in (-2 * step, 2 * step):
+            sums = sums + _shifted(values, 0, dx)
+            counts = counts + _shifted(usable, 0, dx)
+    weighted = weight * usable
+    basis = class_kernels(reach)
+    classes = basis.shape[0]
+    features = _filter(weighted * residual, basis.repeat(channels, 1, 1, 1), reach, "constant")
+    for dy in range(-reach, reach + 1, 2):
+        if dy:
+            mean = _shifted(sums + values, dy, 0) / _shifted(counts + usable, dy, 0).clamp_min(1.0)
+        else:
+            mean = sums / counts.clamp_min(1.0)
+        row = torch.zeros_like(basis)
+        row[:, :, reach + dy] = basis[:, :, reach + dy]  # each class's offsets on this line
+        features = features - _filter(weighted, row.repeat(channels, 1, 1, 1), reach, "constant") * \
+            mean.repeat_interleave(classes, dim=1)
+    return features.transpose(-1, -2) if line == "columns" else features
+
+
 def _filter(planes: torch.Tensor, kernels: torch.Tensor, reach: int, mode: str) -> torch.Tensor:
     """Each channel of (B, C, H, W) through its own group of the (C*K, 1, k, k) kernels (K per
     channel, K >= 1), padded by `reach` with `mode` -> (B, C*K, H, W)."""
@@ -85,6 +138,13 @@ class LatticeFilter:
     coefficients: tuple[tuple[float, ...], ...]
     reach: int = REACH
     prior_scale: tuple[float, ...] = ()  # per channel; empty: 1
+    line: str = ""  # "rows" or "columns": residuals centred along those lines (line offsets taken out)
+
+    def reads_blindly(self, lines: tuple[str, ...]) -> bool:
+        """Whether the filter stays blind to y_p beside a camera correction that took out the
+        offsets of `lines` (each measured on p's own lattice, p included): only where its
+        residuals are centred along them."""
+        return not lines or tuple(lines) == (self.line,)
 
     def scale_prior(self, prior: torch.Tensor) -> torch.Tensor:
         if not self.prior_scale:
@@ -105,31 +165,45 @@ class LatticeFilter:
         return residual, difference
 
     def apply(
-        self, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, inside: torch.Tensor | None
+        self, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, inside: torch.Tensor | None,
+        unusable: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The corrected mean. `inside` (B, 1, H, W) marks pixels of the image (1) against its
-        reflected padding (0); None means all of it is image."""
+        reflected padding (0); None means all of it is image. `weight` is 0 where a pixel is
+        `unusable` (B, C, H, W: 1 where its value is never read). A filter with a `line` reads
+        `noisy` as the plane before its line offsets came out (centred_residual_features)."""
         residual_kernel, difference_kernel = self._kernels(mean.shape[1])
-        residual = weight * (noisy - mean)
-        if inside is not None:
-            residual = residual * inside
-        return (mean
-                + _filter(residual, residual_kernel, self.reach, "constant")
-                + _filter(mean, difference_kernel, self.reach, MEAN_PADDING))
+        differences = _filter(mean, difference_kernel, self.reach, MEAN_PADDING)
+        if self.line:
+            usable = inside if inside is not None else torch.ones_like(mean[:, :1])
+            usable = usable if unusable is None else usable * (1 - unusable)
+            features = centred_residual_features(noisy - mean, usable, weight, self.reach, self.line)
+            classes = len(self.coefficients[0]) // 2
+            weights = torch.tensor([c[:classes] for c in self.coefficients], dtype=mean.dtype, device=mean.device)
+            residuals = torch.einsum("bckhw,ck->bchw", features.unflatten(1, (mean.shape[1], classes)), weights)
+        else:
+            residual = weight * (noisy - mean)
+            if inside is not None:
+                residual = residual * inside
+            residuals = _filter(residual, residual_kernel, self.reach, "constant")
+        return mean + residuals + differences
 
     @classmethod
     def fit(
         cls, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, border: int = FIT_BORDER,
-        reach: int = REACH,
+        reach: int = REACH, line: str = "",
     ) -> LatticeFilter:
-        """Least squares of the blind-spot loss over patches (B, C, H, W), away from their edges."""
+        """Least squares of the blind-spot loss over patches (B, C, H, W), away from their edges
+        (patches in the plane's own orientation where there is a `line`)."""
         basis = class_kernels(reach)
         channels, classes = mean.shape[1], basis.shape[0]
         mean, noisy = mean.double(), noisy.double()
         weight = weight.double() if torch.is_tensor(weight) else weight
         stacked = basis.repeat(channels, 1, 1, 1)
+        residual = (centred_residual_features(noisy - mean, torch.ones_like(mean[:, :1]), weight, reach, line)
+                    if line else _filter(weight * (noisy - mean), stacked, reach, "constant"))
         features = torch.cat([
-            _filter(weight * (noisy - mean), stacked, reach, "constant").unflatten(1, (channels, classes)),
+            residual.unflatten(1, (channels, classes)),
             (_filter(mean, stacked, reach, MEAN_PADDING).unflatten(1, (channels, classes))
              - basis.sum(dim=(1, 2, 3)).reshape(1, 1, classes, 1, 1) * mean.unsqueeze(2)),
         ], dim=2)
@@ -145,22 +219,26 @@ class LatticeFilter:
             gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(2 * classes, dtype=gram.dtype)
             solution = torch.linalg.solve(gram, x.T @ t)
             coefficients.append(tuple(float(v) for v in solution))
-        return cls(tuple(coefficients), reach)
+        return cls(tuple(coefficients), reach, line=line)
 
     def to_dict(self) -> dict:
         return {"coefficients": [list(c) for c in self.coefficients], "reach": self.reach,
-                "prior_scale": list(self.prior_scale)}
+                "prior_scale": list(self.prior_scale), "line": self.line}
 
     @classmethod
     def from_dict(cls, values: dict) -> LatticeFilter:
         coefficients = tuple(tuple(float(v) for v in c) for c in values["coefficients"])
         prior_scale = tuple(float(v) for v in values.get("prior_scale", ()))
-        return cls(coefficients, int(values.get("reach", REACH)), prior_scale)
+        line = str(values.get("line", ""))
+        if line not in ("", "rows", "columns"):
+            raise ValueError(f"unknown line {line!r}")
+        return cls(coefficients, int(values.get("reach", REACH)), prior_scale, line)
 
 
 def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None,
-                       cancel: threading.Event | None = None) -> LatticeFilter:
-    """Fit the filter to a fitted network's mean on noisy patches (B, C [+ context], H, W)."""
+                       cancel: threading.Event | None = None, line: str = "") -> LatticeFilter:
+    """Fit the filter to a fitted network's mean on noisy patches (B, C [+ context], H, W) (in
+    their plane's orientation where there is a `line`, which their line offsets came out along)."""
     config = network.config
     device = next(network.parameters()).device
     network.eval()
@@ -177,7 +255,7 @@ def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: N
     else:
         mean, weight = output, 1.0
     weight = weight.cpu() if torch.is_tensor(weight) else weight
-    lattice = LatticeFilter.fit(mean.cpu(), noisy, weight)
+    lattice = LatticeFilter.fit(mean.cpu(), noisy, weight, line=line)
     if not config.variance_head or noise is None:
         return lattice
     refined = lattice.apply(mean.cpu(), noisy, weight, None)

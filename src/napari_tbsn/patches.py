@@ -178,17 +178,18 @@ class PatchSampler:
         order = rng.permutation(len(chosen))  # images mixed within a batch
         return [chosen[i] for i in order]
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
-        """A (B, C, P, P) batch of random crops with random flips and 90-degree rotations."""
-        return self._sample(rng, batch_size, with_mask=False)[0]
+    def sample(self, rng: np.random.Generator, batch_size: int, turns: bool = True) -> np.ndarray:
+        """A (B, C, P, P) batch of random crops with random flips and 90-degree rotations (none
+        without `turns`: rows stay rows)."""
+        return self._sample(rng, batch_size, with_mask=False, turns=turns)[0]
 
     def sample_with_mask(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         """sample(), and a (B, 1, P, P) float mask: 0 on held-out pixels, 1 where the loss may look
         (None where no pixel is held out)."""
         return self._sample(rng, batch_size, with_mask=self.pixel_masks is not None)
 
-    def _sample(self, rng: np.random.Generator, batch_size: int,
-                with_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _sample(self, rng: np.random.Generator, batch_size: int, with_mask: bool,
+                turns: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         p = self.patch_size
         chosen: list[tuple[int, int, int, int]] = []
         while len(chosen) < batch_size:
@@ -197,8 +198,8 @@ class PatchSampler:
         for g, n, y, x in chosen[:batch_size]:
             crop = self.groups[g][n, :, y : y + p, x : x + p]
             mask = self.pixel_masks[g][n, None, y : y + p, x : x + p] if with_mask else crop[:1]
-            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-            crop, mask = (np.rot90(block, k=turns, axes=(1, 2)) for block in (crop, mask))
+            quarter_turns, flip = int(rng.integers(4)) if turns else 0, bool(rng.integers(2))
+            crop, mask = (np.rot90(block, k=quarter_turns, axes=(1, 2)) for block in (crop, mask))
             if flip:
                 crop, mask = crop[:, :, ::-1], mask[:, :, ::-1]
             crops.append(crop)

@@ -158,9 +158,12 @@ class TileModel:
         # Per-pixel camera maps follow the network's input channels in every batch (pixel_maps).
         self.camera = camera if camera is not None and camera.per_pixel else None
         self._maps: dict[object, np.ndarray] = {}  # pixel_maps by the decisions they take (decision_key)
-        # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py).
+        # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py)
+        # unless its residuals are centred along those lines.
         self.lattice = (options.lattice and model.lattice_filter is not None and model.pd == 1
-                        and not (camera is not None and camera.lines))
+                        and model.lattice_filter.reads_blindly(camera.lines if camera is not None else ()))
+        # A filter centred along the lines reads the plane before their offsets came out.
+        self.unlined = self.lattice and camera is not None and bool(camera.lines)
         self.options = options
         self.device = device
         self.views = views
@@ -183,15 +186,27 @@ class TileModel:
             self._maps[key] = maps
         return self._maps[key]
 
-    def with_maps(self, normalized: np.ndarray, target: int) -> np.ndarray:
-        """A plane's normalised block (C [+ context], H, W) with its camera maps after it."""
-        maps = self.pixel_maps(target)
-        return normalized if maps is None else np.concatenate([normalized, maps])
+    def extra_planes(self, data, layout: PlaneLayout, plane: tuple[int, ...]) -> np.ndarray | None:
+        """(k, H, W) to follow the plane's normalised block in every batch: its camera maps
+        (pixel_maps), then, for a lattice filter centred along the camera's lines, the plane
+        before its line offsets came out (`data`: a CorrectedStack), normalised."""
+        parts = []
+        if self.camera is not None:
+            parts.append(self.pixel_maps(layout.flat_index(plane)))
+        if self.unlined:
+            parts.append(self.model.normalizer.normalize(data.read_plane_without_lines(plane, self.model.context_planes)))
+        return np.concatenate(parts) if parts else None
+
+    def with_maps(self, normalized: np.ndarray, data, layout: PlaneLayout, plane: tuple[int, ...]) -> np.ndarray:
+        """A plane's normalised block (C [+ context], H, W) with its extra_planes after it."""
+        extra = self.extra_planes(data, layout, plane)
+        return normalized if extra is None else np.concatenate([normalized, extra])
 
     def __call__(self, batch: torch.Tensor, inside: torch.Tensor | None = None) -> torch.Tensor:
         channels = self.model.channels
         network_channels = self.model.config.in_channels + self.model.config.context_channels
-        batch, maps = batch[:, :network_channels], batch[:, network_channels:]
+        maps_end = network_channels + (2 * channels if self.camera is not None else 0)
+        batch, maps, unlined = batch[:, :network_channels], batch[:, network_channels:maps_end], batch[:, maps_end:]
         unusable, extra = maps.float().chunk(2, dim=1) if maps.shape[1] else (None, None)
         noisy = batch[:, :channels]  # then the context planes, if any
         mean, prior = self.averaged_output(batch)
@@ -200,7 +215,7 @@ class TileModel:
             weight = residual_weight(prior, noise.variance(mean) if noise is not None else None)
             if unusable is not None:  # a hot pixel's residual would carry its replacement's lattice
                 weight = weight * (1 - unusable)
-            mean = self.model.lattice_filter.apply(mean, noisy, weight, inside)
+            mean = self.model.lattice_filter.apply(mean, unlined if self.unlined else noisy, weight, inside, unusable)
             prior = self.model.lattice_filter.scale_prior(prior) if prior is not None else None
         if self.posterior and prior is not None:
             estimate = posterior_estimate(mean, prior, noisy, noise, unusable)
@@ -407,7 +422,7 @@ def predict_planes(
         check_finite(block, f"{layout.describe_plane(plane)} of the input")
         normalized = model.normalizer.normalize(block)
         if isinstance(runner, TileModel):
-            normalized = runner.with_maps(normalized, layout.flat_index(plane))
+            normalized = runner.with_maps(normalized, data, layout, plane)
         while True:
             try:
                 steps = runner.predict_iter(normalized, tile_size)

@@ -462,7 +462,7 @@ def test_a_large_result_goes_beside_the_result_file_never_to_the_temp_folder(vie
     from napari_tbsn._napari import results
 
     viewer, widget = viewer_and_widget
-    noisy = _fit_plain(viewer, widget, qtbot)
+    _fit_plain(viewer, widget, qtbot)
     monkeypatch.setattr(results, "IN_MEMORY_LIMIT", 0)  # every result counts as large
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -146,10 +146,10 @@ class MaskedWindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, split: bool = True) -> torch.Tensor:
         height, width = x.shape[-2:]
         if split:
-            window, key_window, padding = self.window // 2, self.key_window // 2, self.padding // 2
+            window, padding = self.window // 2, self.padding // 2
             index_y, index_x, blocked = self.split_index_y, self.split_index_x, None
         else:
-            window, key_window, padding = self.window, self.key_window, self.padding
+            window, padding = self.window, self.padding
             index_y, index_x, blocked = self.full_index_y, self.full_index_x, self.full_blocked
         q = rearrange(
             to_pixels(self.query(x)), "b (nh wy) (nw wx) (head d) -> (b nh nw) head (wy wx) d",
