@@ -22,7 +22,8 @@ in q's own plane (hot-pixel values, line offsets): the network sees q only off p
 where no correction reads y_p. A stack's fixed-offset map is estimated twice, from the planes
 of even and of odd flat index, and everything read to predict plane z (z and its context) is
 corrected with the map that does not hold z. The lattice filter reads residuals on p's own
-lattice, whose line offsets did read y_p: it is not used where line offsets are corrected.
+lattice, whose line offsets did read y_p: beside line offsets it reads them centred along the
+lines, from the plane before its line offsets came out (lattice.centred_residual_features).
 """
 
 from __future__ import annotations
@@ -234,9 +235,10 @@ class CameraCorrection:
     @property
     def blocks_lattice(self) -> bool:
         """Whether a fit leaves the lattice filter (which reads p's own lattice) out: a single
-        image's own hot-pixel decisions read p for its lattice neighbours, and so do line offsets
-        in both directions (offsets along one direction leave the filter's residuals centred
-        along it: lattice.centred_residual_features)."""
+        image's own hot-pixel decisions read p for its lattice neighbours. Beside line offsets it
+        reads residuals centred along the lines (lattice.centred_residual_features), which is
+        blind in any direction; with offsets in both directions, residuals centred along one
+        would still carry the other's offsets, which the filter would put back into the output."""
         return len(self.lines) > 1 or self.decided_on_itself
 
     def decision_key(self, target: int) -> object:
@@ -359,6 +361,7 @@ class CorrectedStack(PlaneSource):
         self.source, self.layout, self.correction = data, layout, correction
         self.base = data  # image_io.release_pages follows it to a memory-mapped input
         self.shape, self.dtype, self.ndim = tuple(data.shape), np.dtype(np.float32), len(data.shape)
+        self._last = None  # (plane, planes each side), _decisions' result
 
     def _cut(self, block: np.ndarray, offset: np.ndarray | None, hot: np.ndarray | None,
              region: Region | None) -> np.ndarray:
@@ -371,7 +374,14 @@ class CorrectedStack(PlaneSource):
 
     def _with_decisions(self, plane: tuple[int, ...], planes_each_side: int):
         """The raw plane and its context planes (by flat index), the fixed offsets for the plane
-        and for its context, and the hot pixels for predicting the plane."""
+        and for its context, and the hot pixels for predicting the plane: the last plane's kept,
+        as a prediction reads it again (by tile, and before its line offsets came out)."""
+        key = (tuple(plane), planes_each_side)
+        if self._last is None or self._last[0] != key:
+            self._last = key, self._decisions(plane, planes_each_side)
+        return self._last[1]
+
+    def _decisions(self, plane: tuple[int, ...], planes_each_side: int):
         planes = [plane, *self.layout.context_planes(plane, planes_each_side)]
         raw = {self.layout.flat_index(each): self.layout.read_plane(self.source, each) for each in planes}
         target = self.layout.flat_index(plane)

@@ -94,11 +94,11 @@ def centred_residual_features(residual: torch.Tensor, usable: torch.Tensor, weig
     q = p + d, where m(p, d_y) is the mean residual along the line through p + (d_y, 0) over the
     lattice pixels within `line_reach` of p (p itself left out) and `usable` (B, 1 or C, H, W)
     marks the residuals that may be read (1) at all. For "columns" the roles of y and x swap.
-    No sum ever holds r_p, not even times zero: blind to y_p in floating point too."""
+    No sum ever holds r_p, not even times zero (shifted copies, not a convolution): blind to y_p
+    in floating point too, on any device."""
     if line == "columns":
         residual, usable = residual.transpose(-1, -2), usable.transpose(-1, -2)
         weight = weight.transpose(-1, -2) if torch.is_tensor(weight) else weight
-    channels = residual.shape[1]
     usable = usable.expand_as(residual).to(residual)
     values = residual * usable
     # Along p's own line, p left out; the other lines also take their pixel at p's place.
@@ -108,18 +108,13 @@ def centred_residual_features(residual: torch.Tensor, usable: torch.Tensor, weig
             sums = sums + _shifted(values, 0, dx)
             counts = counts + _shifted(usable, 0, dx)
     weighted = weight * usable
-    basis = class_kernels(reach)
-    classes = basis.shape[0]
-    features = _filter(weighted * residual, basis.repeat(channels, 1, 1, 1), reach, "constant")
-    for dy in range(-reach, reach + 1, 2):
-        if dy:
-            mean = _shifted(sums + values, dy, 0) / _shifted(counts + usable, dy, 0).clamp_min(1.0)
-        else:
-            mean = sums / counts.clamp_min(1.0)
-        row = torch.zeros_like(basis)
-        row[:, :, reach + dy] = basis[:, :, reach + dy]  # each class's offsets on this line
-        features = features - _filter(weighted, row.repeat(channels, 1, 1, 1), reach, "constant") * \
-            mean.repeat_interleave(classes, dim=1)
+    means = {dy: _shifted(sums + values, dy, 0) / _shifted(counts + usable, dy, 0).clamp_min(1.0) if dy
+             else sums / counts.clamp_min(1.0) for dy in range(-reach, reach + 1, 2)}
+    features = []
+    for offsets in offset_classes(reach):  # shifted copies, not a convolution: nothing times zero
+        features.append(sum(_shifted(weighted, dy, dx) * (_shifted(residual, dy, dx) - means[dy])
+                            for dy, dx in offsets))
+    features = torch.stack(features, dim=2).flatten(1, 2)  # (B, C * K, H, W), channel by channel
     return features.transpose(-1, -2) if line == "columns" else features
 
 
@@ -139,6 +134,7 @@ class LatticeFilter:
     reach: int = REACH
     prior_scale: tuple[float, ...] = ()  # per channel; empty: 1
     line: str = ""  # "rows" or "columns": residuals centred along those lines (line offsets taken out)
+    line_reach: int = LINE_REACH  # lattice pixels on either side that a line's mean residual takes
 
     def reads_blindly(self, lines: tuple[str, ...]) -> bool:
         """Whether the filter stays blind to y_p beside a camera correction that took out the
@@ -177,7 +173,7 @@ class LatticeFilter:
         if self.line:
             usable = inside if inside is not None else torch.ones_like(mean[:, :1])
             usable = usable if unusable is None else usable * (1 - unusable)
-            features = centred_residual_features(noisy - mean, usable, weight, self.reach, self.line)
+            features = centred_residual_features(noisy - mean, usable, weight, self.reach, self.line, self.line_reach)
             classes = len(self.coefficients[0]) // 2
             weights = torch.tensor([c[:classes] for c in self.coefficients], dtype=mean.dtype, device=mean.device)
             residuals = torch.einsum("bckhw,ck->bchw", features.unflatten(1, (mean.shape[1], classes)), weights)
@@ -191,7 +187,7 @@ class LatticeFilter:
     @classmethod
     def fit(
         cls, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, border: int = FIT_BORDER,
-        reach: int = REACH, line: str = "",
+        reach: int = REACH, line: str = "", line_reach: int = LINE_REACH,
     ) -> LatticeFilter:
         """Least squares of the blind-spot loss over patches (B, C, H, W), away from their edges
         (patches in the plane's own orientation where there is a `line`)."""
@@ -200,7 +196,8 @@ class LatticeFilter:
         mean, noisy = mean.double(), noisy.double()
         weight = weight.double() if torch.is_tensor(weight) else weight
         stacked = basis.repeat(channels, 1, 1, 1)
-        residual = (centred_residual_features(noisy - mean, torch.ones_like(mean[:, :1]), weight, reach, line)
+        residual = (centred_residual_features(noisy - mean, torch.ones_like(mean[:, :1]), weight, reach, line,
+                                              line_reach)
                     if line else _filter(weight * (noisy - mean), stacked, reach, "constant"))
         features = torch.cat([
             residual.unflatten(1, (channels, classes)),
@@ -219,11 +216,11 @@ class LatticeFilter:
             gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(2 * classes, dtype=gram.dtype)
             solution = torch.linalg.solve(gram, x.T @ t)
             coefficients.append(tuple(float(v) for v in solution))
-        return cls(tuple(coefficients), reach, line=line)
+        return cls(tuple(coefficients), reach, line=line, line_reach=line_reach)
 
     def to_dict(self) -> dict:
         return {"coefficients": [list(c) for c in self.coefficients], "reach": self.reach,
-                "prior_scale": list(self.prior_scale), "line": self.line}
+                "prior_scale": list(self.prior_scale), "line": self.line, "line_reach": self.line_reach}
 
     @classmethod
     def from_dict(cls, values: dict) -> LatticeFilter:
@@ -232,7 +229,8 @@ class LatticeFilter:
         line = str(values.get("line", ""))
         if line not in ("", "rows", "columns"):
             raise ValueError(f"unknown line {line!r}")
-        return cls(coefficients, int(values.get("reach", REACH)), prior_scale, line)
+        return cls(coefficients, int(values.get("reach", REACH)), prior_scale, line,
+                   int(values.get("line_reach", LINE_REACH)))
 
 
 def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None,
