@@ -3,6 +3,7 @@ exactly blind through the whole predict path."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -143,9 +144,9 @@ def test_line_offsets_are_measured_on_each_pixels_own_lattice(direction):
         assert np.allclose((after - before)[line], 0.2 * PERTURBATION, atol=1e-9)
 
 
-def _camera_model(context: int, line: str = ""):
+def _camera_model(context: int, line: str = "", far: bool = False):
     """A tiny model with random weights, a variance head, a noise model and a lattice filter
-    (its residuals centred along `line`)."""
+    (its residuals centred along `line`, none read on the far ring where `far`)."""
     from napari_tbsn import TBSN
     from napari_tbsn.config import network_preset
     from napari_tbsn.lattice import LatticeFilter
@@ -159,7 +160,7 @@ def _camera_model(context: int, line: str = ""):
         for param in network.parameters():
             param.add_(torch.randn_like(param) * 0.05)
     lattice = LatticeFilter(((0.3, 0.15, 0.15, 0.05, 0.05, 0.2, -0.1, 0.1, -0.05, 0.05),), prior_scale=(0.8,),
-                            line=line)
+                            line=line, far=far)
     return FittedModel(network, Normalizer((100.0,), (120.0,)), pd=1, preset="tiny",
                        noise_model=NoiseModel.from_camera(1.0, 2.0, 100.0), lattice_filter=lattice,
                        camera={"mode": "auto", "found": []})
@@ -338,15 +339,79 @@ def test_a_saved_correction_loads_as_it_was(tmp_path, planes):
         assert np.array_equal(loaded.hot_for(target), correction.hot_for(target))
 
 
-def test_a_single_images_own_hot_pixel_decisions_keep_the_lattice_filter_off():
-    """On one image pixel q's hot decision reads q's lattice ring, which holds p, and the
-    lattice filter at p reads q: so with hot pixels found on the image itself it is not used."""
+def test_a_single_image_fits_a_lattice_filter_that_reads_no_far_ring():
+    """On one image pixel q's hot decision reads q's far lattice ring (4 pixels away), and the
+    lattice filter at p reads q only where that ring does not hold p: a far filter."""
     _, stack = camera_stack(planes=1, rows=0.0)
     image = stack[0]
     denoiser = Denoiser(preset="tiny", device="cpu").fit(image, "YX", iterations=2)
-    assert "hot" in denoiser.summary.camera and denoiser.lattice_filter is None
-    assert Denoiser(preset="tiny", device="cpu", camera="off").fit(image, "YX", iterations=2).lattice_filter \
-        is not None
+    assert "hot" in denoiser.summary.camera and denoiser.lattice_filter.far
+    off = Denoiser(preset="tiny", device="cpu", camera="off").fit(image, "YX", iterations=2).lattice_filter
+    assert off is not None and not off.far  # nothing decides on the image: the whole filter
+    assert not Denoiser(preset="tiny", device="cpu").fit(stack[:1].repeat(4, 0), "ZYX", iterations=2).lattice_filter.far
+
+
+def _hot_with(image, layout, pixel, value) -> bool:
+    changed = image.copy()
+    changed[pixel] = value
+    return bool(find_correction(changed, layout).hot[0][pixel])
+
+
+def test_a_single_images_hot_pixel_decisions_never_read_the_nearest_lattice_ring():
+    """What the lattice filter at p reads of a hot decision must not hold p: a hot pixel stays
+    hot, and a pixel beside it stays usable, whatever its 8 nearest lattice neighbours read."""
+    _, stack = camera_stack(planes=1, rows=0.0)
+    layout = PlaneLayout.of(stack[0].shape, "YX")
+    before = find_correction(stack[0], layout).hot[0]
+    assert all(before[y, x] for y, x in HOT)
+    y, x = HOT[1]
+    for dy, dx in [(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx]:
+        for value in (-500.0, 2000.0):
+            changed = stack[0].copy()
+            changed[y + dy, x + dx] += value
+            after = find_correction(changed, layout).hot[0]
+            assert after[y, x], (dy, dx, value)  # the hot pixel stays hot
+            ring = [(y + dy + a, x + dx + b) for a in (-2, 0, 2) for b in (-2, 0, 2) if a or b]
+            assert all(after[q] == before[q] for q in ring), (dy, dx, value)
+
+
+@pytest.mark.parametrize("rows", [1.0, 0.0])
+def test_a_single_image_deciding_its_own_hot_pixels_is_exactly_blind_through_the_filter(rows):
+    """A single image: hot pixels (and row offsets) decided on the image itself, again after each
+    perturbation; a far lattice filter (centred along the rows where they are taken out)."""
+    _, stack = camera_stack(planes=1, rows=rows)
+    image = stack[0]
+    layout = PlaneLayout.of(image.shape, "YX")
+    model = _camera_model(context=0, line="rows" if rows else "", far=True)
+    options = PredictOptions(estimator="blind_spot", ensemble=1, tile_size=64)
+    correction = find_correction(image, layout)
+    assert correction.decided_on_itself and bool(correction.lines) == (rows > 0), correction.describe()
+    before, _ = _predict(model, options, image, layout, correction)
+    y, x = HOT[1]
+    probes = [(y + dy, x + dx) for dy, dx in [(0, 2), (2, 2), (0, 4), (4, 4), (4, 0), (-4, 4), (2, 0)]] + [(20, 100)]
+    # A pixel that is only just hot beside a bright far-ring neighbour: raising another of its
+    # far-ring neighbours (p, 4 pixels away) makes it usable again. The filter at p must not read it.
+    image, (qy, qx) = image.copy(), (40, 150)
+    image[qy, qx + 4] += 60.0
+    base = image[qy, qx]
+    image[qy, qx] = base + next(h for h in np.arange(0.0, 400.0, 1.0)
+                                if _hot_with(image, layout, (qy, qx), base + h))
+    flips = (qy + 4, qx)
+    changed = image.copy()
+    changed[flips] += 1000.0
+    assert find_correction(image, layout).hot[0][qy, qx] and not find_correction(changed, layout).hot[0][qy, qx]
+    correction = dataclasses.replace(correction, hot=find_correction(image, layout).hot)
+    before, _ = _predict(model, options, image, layout, correction)
+    for py, px in [*probes, flips]:
+        for value in (PERTURBATION, 1000.0):
+            changed = image.copy()
+            changed[py, px] += value
+            # The hot pixels decided again; the line offsets' weights, like the normalisation, are
+            # statistics of the whole image and stay.
+            again = dataclasses.replace(correction, hot=find_correction(changed, layout).hot)
+            after, _ = _predict(model, options, changed, layout, again)
+            assert after[py, px] == before[py, px], (py, px, value)
+            assert after[py + 2, px] != before[py + 2, px], (py, px)  # the filter reads p there
 
 
 def test_an_uncertainty_map_that_a_measured_pattern_rules_out_is_refused_before_the_fit(tmp_path, capsys,

@@ -154,3 +154,33 @@ def test_refined_mean_stays_blind_at_every_offset_from_the_tile_edge():
         for y, x_pos in [(offset, 63 - offset), (63 - offset, offset), (offset, 30), (33, 63 - offset)]:
             (grad,) = torch.autograd.grad(refined[0, 0, y, x_pos], x, retain_graph=True)
             assert grad[0, 0, y, x_pos] == 0, (y, x_pos)
+
+
+@pytest.mark.parametrize("line", ["", "rows"])
+def test_a_far_filter_reads_nothing_on_the_far_ring(line):
+    """Where a single image decides its own hot pixels from the ring 4 pixels away, neither the
+    value nor the usability of p + FAR_OFFSETS may move p's refined mean."""
+    from napari_tbsn.lattice import FAR_OFFSETS
+
+    generator = torch.Generator().manual_seed(1)
+    mean = torch.randn(1, 1, 40, 64, generator=generator)
+    noisy = mean + torch.randn(1, 1, 40, 64, generator=generator) + torch.randn(1, 1, 40, 1, generator=generator)
+    lattice = LatticeFilter.fit(mean, noisy, 1.0, line=line, far=True)
+    near = LatticeFilter.fit(mean, noisy, 1.0, line=line)
+    far_classes = [k for k, offsets in enumerate(offset_classes()) if set(offsets) <= FAR_OFFSETS]
+    assert far_classes and all(lattice.coefficients[0][k] == 0 for k in far_classes)
+    assert all(near.coefficients[0][k] != 0 for k in far_classes)
+    y, x = 20, 30
+    before = lattice.apply(mean, noisy, 1.0, None)
+    for dy, dx in sorted(FAR_OFFSETS) + [(0, 2), (2, 0)]:
+        moved = noisy.clone()
+        moved[0, 0, y + dy, x + dx] += 5.0
+        unusable = torch.zeros_like(mean)
+        unusable[0, 0, y + dy, x + dx] = 1.0
+        value = lattice.apply(mean, moved, 1.0, None)[0, 0, y, x]
+        usable = lattice.apply(mean, noisy, 1.0, None, unusable)[0, 0, y, x]
+        if (dy, dx) in FAR_OFFSETS:
+            assert value == before[0, 0, y, x] and usable == before[0, 0, y, x], (dy, dx)
+        else:
+            assert value != before[0, 0, y, x], (dy, dx)
+    assert LatticeFilter.from_dict(lattice.to_dict()) == lattice

@@ -71,6 +71,12 @@ _LATTICE_RING[::2, ::2] = True
 _LATTICE_RING[2, 2] = False
 # The 8 lattice neighbours of a pixel: 2 pixels away in y, x or both.
 _LATTICE_OFFSETS = tuple((dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx)
+# A single image decides its own hot pixels from the ring twice as far out (4 pixels away), which
+# never holds a pixel's 8 nearest lattice neighbours: the lattice filter at p reads those, and
+# leaves out the far ring's offsets (lattice.FAR_OFFSETS), so no decision it reads holds p. The
+# far ring's wider spread of structure needs a higher threshold to find nothing on D1-D6.
+FAR_SPACING = 4
+HOT_SIGMAS_FAR = 8.0
 _LATTICES = ((0, 0), (0, 1), (1, 0), (1, 1))
 
 
@@ -225,21 +231,21 @@ class CameraCorrection:
     @property
     def decided_on_itself(self) -> bool:
         """Whether a single image's hot pixels were decided on the image itself: pixel q's decision
-        then read q's lattice ring, which holds p, and the lattice filter at p reads q (with weight
-        0 where q is hot), so a fit that finds them fits no lattice filter (blocks_lattice). A
-        prediction does not switch a model's filter off for what it finds: that switch would
-        itself depend on every pixel's value, p's included."""
+        then read q's far lattice ring (FAR_SPACING), and the lattice filter at p reads q (with
+        weight 0 where q is hot) only where that ring does not hold p: a filter fitted on single
+        images leaves the far ring's offsets out (LatticeFilter.far). A prediction does not switch
+        a model's filter for what it finds: that switch would itself depend on every pixel's
+        value, p's included."""
         return self.source == "detected" and self.hot is not None and self.hot_halves is None \
             and self.hot_looked is None
 
     @property
     def blocks_lattice(self) -> bool:
-        """Whether a fit leaves the lattice filter (which reads p's own lattice) out: a single
-        image's own hot-pixel decisions read p for its lattice neighbours. Beside line offsets it
+        """Whether a fit leaves the lattice filter (which reads p's own lattice) out. Beside line offsets it
         reads residuals centred along the lines (lattice.centred_residual_features), which is
         blind in any direction; with offsets in both directions, residuals centred along one
         would still carry the other's offsets, which the filter would put back into the output."""
-        return len(self.lines) > 1 or self.decided_on_itself
+        return len(self.lines) > 1
 
     def decision_key(self, target: int) -> object:
         """Planes with the same key are predicted with the same hot pixels (hot_for)."""
@@ -479,18 +485,28 @@ _SORT_8 = ((0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1
 _STRIP_ROWS = 256  # rows per strip: 8 neighbour images of a strip, not of the whole plane, in memory at once
 
 
-def _over_lattice_neighbours(image: np.ndarray, statistic) -> np.ndarray:
-    """`statistic` of each pixel's 8 lattice neighbours (mirrored at the edges, which keeps the
-    lattice: scipy's "mirror", numpy's "reflect"), computed strip by strip. `statistic` takes
-    the 8 neighbour images of a strip (read-only views) and returns the strip's result."""
-    padded = np.pad(image, 2, mode="reflect")
+def _over_lattice_neighbours(image: np.ndarray, statistic, spacing: int = 2) -> np.ndarray:
+    """`statistic` of each pixel's 8 lattice neighbours `spacing` pixels away (mirrored at the
+    edges, which keeps the lattice: scipy's "mirror", numpy's "reflect"), computed strip by
+    strip. `statistic` takes the 8 neighbour images of a strip (read-only views) and returns
+    the strip's result."""
+    padded = np.pad(image, spacing, mode="reflect")
     height, width = image.shape
     result = np.empty_like(image)
+    step = spacing // 2
     for top in range(0, height, _STRIP_ROWS):
         bottom = min(top + _STRIP_ROWS, height)
-        result[top:bottom] = statistic([padded[2 + dy + top: 2 + dy + bottom, 2 + dx: 2 + dx + width]
+        result[top:bottom] = statistic([padded[spacing + step * dy + top: spacing + step * dy + bottom,
+                                               spacing + step * dx: spacing + step * dx + width]
                                         for dy, dx in _LATTICE_OFFSETS])
     return result
+
+
+def _ring_footprint(spacing: int) -> np.ndarray:
+    footprint = np.zeros((2 * spacing + 1, 2 * spacing + 1), dtype=bool)
+    footprint[::spacing, ::spacing] = True
+    footprint[spacing, spacing] = False
+    return footprint
 
 
 def _fifth_smallest(values: list[np.ndarray]) -> np.ndarray:
@@ -508,25 +524,26 @@ def _second_largest(values: list[np.ndarray]) -> np.ndarray:
     return second
 
 
-def lattice_median(image: np.ndarray) -> np.ndarray:
-    """The median of each pixel's 8 lattice neighbours as scipy's median_filter takes it (the 5th
-    smallest), by a sorting network over whole image strips: the same values, several times
-    faster than the filter's per-pixel selection on a megapixel plane."""
-    if min(image.shape) < 3:  # too small to mirror twice by padding
+def lattice_median(image: np.ndarray, spacing: int = 2) -> np.ndarray:
+    """The median of each pixel's 8 lattice neighbours (`spacing` pixels away) as scipy's
+    median_filter takes it (the 5th smallest), by a sorting network over whole image strips:
+    the same values, several times faster than the filter's per-pixel selection on a megapixel
+    plane."""
+    if min(image.shape) <= spacing:  # too small to mirror by padding
         from scipy.ndimage import median_filter
 
-        return median_filter(image, footprint=_LATTICE_RING, mode="mirror")
-    return _over_lattice_neighbours(image, _fifth_smallest)
+        return median_filter(image, footprint=_ring_footprint(spacing), mode="mirror")
+    return _over_lattice_neighbours(image, _fifth_smallest, spacing)
 
 
-def second_brightest_neighbour(image: np.ndarray) -> np.ndarray:
-    """The second largest of each pixel's 8 lattice neighbours (scipy's rank_filter(image, -2)
-    on the lattice ring), by a running top two."""
-    if min(image.shape) < 3:
+def second_brightest_neighbour(image: np.ndarray, spacing: int = 2) -> np.ndarray:
+    """The second largest of each pixel's 8 lattice neighbours `spacing` pixels away (scipy's
+    rank_filter(image, -2) on that ring), by a running top two."""
+    if min(image.shape) <= spacing:
         from scipy.ndimage import rank_filter
 
-        return rank_filter(image, -2, footprint=_LATTICE_RING, mode="mirror")
-    return _over_lattice_neighbours(image, _second_largest)
+        return rank_filter(image, -2, footprint=_ring_footprint(spacing), mode="mirror")
+    return _over_lattice_neighbours(image, _second_largest, spacing)
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -547,6 +564,13 @@ def _binned(level: np.ndarray, values: np.ndarray, statistic) -> np.ndarray:
     for part in np.array_split(order, LEVEL_BINS):
         result[part] = statistic(values.ravel()[part])
     return result.reshape(level.shape)
+
+
+def decides_on_itself(setting, layout: PlaneLayout) -> bool:
+    """Whether the camera `setting` ("auto", "off" or a Calibration) makes an image of this layout
+    decide its own hot pixels (a single plane: detect_hot_pixels, from the far ring), whatever
+    it finds."""
+    return isinstance(setting, str) and setting == "auto" and layout.plane_count == 1
 
 
 def find_correction(data, layout: PlaneLayout, calibration: Calibration | None = None) -> CameraCorrection:
@@ -751,6 +775,8 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
     own output is then the blind-spot mean, which never reads it)."""
     correction = CameraCorrection("detected")
     looked = layout.evenly_spaced(4)
+    # A single image decides on itself, from the far ring (FAR_SPACING).
+    spacing, sigmas = (FAR_SPACING, HOT_SIGMAS_FAR) if len(looked) == 1 else (2, HOT_SIGMAS_IN_PLANE)
     decisions = []
     for plane in looked:
         block = layout.read_plane(data, plane)
@@ -758,10 +784,10 @@ def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
         block = block.astype(np.float64)
         found = np.zeros(block.shape, dtype=bool)
         for channel, image in enumerate(block):
-            neighbours = lattice_median(image)
+            neighbours = lattice_median(image, spacing)
             sigma = _binned(neighbours, image - neighbours, _robust_sigma)
-            second = second_brightest_neighbour(image)
-            found[channel] = image - second > HOT_SIGMAS_IN_PLANE * sigma
+            second = second_brightest_neighbour(image, spacing)
+            found[channel] = image - second > sigmas * sigma
         decisions.append(found)
     if len(decisions) == 1:  # a single image decides on itself (CameraCorrection.decided_on_itself)
         correction.hot = _gated(decisions[0], correction)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout
-from .camera import Calibration, CameraCorrection, CorrectedStack, camera_record, find_correction
+from .camera import Calibration, CameraCorrection, CorrectedStack, camera_record, decides_on_itself, find_correction
 from .channels import ChannelChoice, choose_channels
 from .config import FitConfig, network_preset
 from .ddp import world
@@ -312,7 +312,8 @@ def fit_model(
         # Line offsets are estimated on p's own lattice, which the lattice filter reads (camera.py):
         # it reads residuals centred along them.
         if settings.lattice and model.pd == 1 and not analysis.blocks_lattice:
-            model = _with_lattice_filter(model, sampler, rng, device, cancel, "".join(analysis.lattice_lines))
+            far = any(decides_on_itself(settings.camera, image.layout) for image in analysis.images)
+            model = _with_lattice_filter(model, sampler, rng, device, cancel, "".join(analysis.lattice_lines), far)
     except FitCancelled:
         if previous is not None:
             raise stopped from None
@@ -333,10 +334,12 @@ def _with_variance_head(model: FittedModel, sampler: PatchSampler, rng: np.rando
 
 
 def _with_lattice_filter(model: FittedModel, sampler: PatchSampler, rng: np.random.Generator, device: torch.device,
-                         cancel: threading.Event, line: str = "") -> FittedModel:
+                         cancel: threading.Event, line: str = "", far: bool = False) -> FittedModel:
     """The model with a lattice filter fitted to its mean (pixel-independent noise), reading
-    residuals centred along `line` where line offsets came out (patches then keep their rows)."""
+    residuals centred along `line` where line offsets came out (patches then keep their rows),
+    and none on the far ring where single images decide their own hot pixels (`far`)."""
     raise_if_cancelled(cancel, FitCancelled, "the fit")
     patches = torch.from_numpy(sampler.sample(rng, LATTICE_PATCHES, turns=not line))
-    lattice = fit_lattice_filter(model.network, patches, model.noise_terms(device), cancel=cancel, line=line)
+    lattice = fit_lattice_filter(model.network, patches, model.noise_terms(device), cancel=cancel, line=line,
+                                 far=far)
     return dataclasses.replace(model, lattice_filter=lattice)

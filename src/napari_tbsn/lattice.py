@@ -53,11 +53,18 @@ LATTICE_PATCHES = 32  # training patches the filter is fitted on
 FIT_BORDER = 8  # pixels this close to a patch edge lack context and are left out of the fit
 MEAN_PADDING = "reflect"  # parity-preserving; "replicate" or "symmetric" would break the blind spot
 LINE_REACH = 16  # lattice pixels on either side of a neighbour that its line's mean residual takes
+# The lattice offsets whose hot-pixel decision, on a single image that decides on itself, read p
+# (camera.FAR_SPACING): a `far` filter reads no residual there.
+FAR_OFFSETS = frozenset((dy, dx) for dy in (-4, 0, 4) for dx in (-4, 0, 4) if dy or dx)
+
+
+def _offsets_within(reach: int) -> list[tuple[int, int]]:
+    return [(dy, dx) for dy in range(-reach, reach + 1, 2) for dx in range(-reach, reach + 1, 2) if dy or dx]
 
 
 def offset_classes(reach: int = REACH) -> list[list[tuple[int, int]]]:
     """The non-zero even offsets (dy, dx) within `reach`, grouped by (|dy|, |dx|) up to order."""
-    offsets = [(dy, dx) for dy in range(-reach, reach + 1, 2) for dx in range(-reach, reach + 1, 2) if dy or dx]
+    offsets = _offsets_within(reach)
     keys = sorted({tuple(sorted((abs(dy), abs(dx)))) for dy, dx in offsets})
     return [[o for o in offsets if tuple(sorted((abs(o[0]), abs(o[1])))) == key] for key in keys]
 
@@ -89,11 +96,13 @@ def _shifted(planes: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 
 def centred_residual_features(residual: torch.Tensor, usable: torch.Tensor, weight: torch.Tensor | float,
-                              reach: int, line: str, line_reach: int = LINE_REACH) -> torch.Tensor:
+                              reach: int, line: str, line_reach: int = LINE_REACH, far: bool = False) -> torch.Tensor:
     """(B, C * K, H, W): per offset class k, the sum over its offsets d of w_q (r_q - m(p, d_y)) at
     q = p + d, where m(p, d_y) is the mean residual along the line through p + (d_y, 0) over the
     lattice pixels within `line_reach` of p (p itself left out) and `usable` (B, 1 or C, H, W)
-    marks the residuals that may be read (1) at all. For "columns" the roles of y and x swap.
+    marks the residuals that may be read (1) at all; `far` leaves p + FAR_OFFSETS out of the
+    means too (and the caller's coefficients leave them out of the sums). For "columns" the roles
+    of y and x swap.
     No sum ever holds r_p, not even times zero (shifted copies, not a convolution): blind to y_p
     in floating point too, on any device."""
     if line == "columns":
@@ -101,19 +110,31 @@ def centred_residual_features(residual: torch.Tensor, usable: torch.Tensor, weig
         weight = weight.transpose(-1, -2) if torch.is_tensor(weight) else weight
     usable = usable.expand_as(residual).to(residual)
     values = residual * usable
-    # Along p's own line, p left out; the other lines also take their pixel at p's place.
+    # Along a line, the lattice pixels within line_reach but those at p's place and 4 pixels off
+    # it; then each line adds those it may read: p's own never p, a `far` filter's never p + FAR_OFFSETS.
     sums, counts = torch.zeros_like(values), torch.zeros_like(values)
     for step in range(1, line_reach + 1):
-        for dx in (-2 * step, 2 * step):
-            sums = sums + _shifted(values, 0, dx)
-            counts = counts + _shifted(usable, 0, dx)
+        for dx in (-2 * step, 2 * step) if step != 2 else ():
+            sums, counts = sums + _shifted(values, 0, dx), counts + _shifted(usable, 0, dx)
+    near_sums = sums + _shifted(values, 0, -4) + _shifted(values, 0, 4) if line_reach >= 2 else sums
+    near_counts = counts + _shifted(usable, 0, -4) + _shifted(usable, 0, 4) if line_reach >= 2 else counts
+
+    def mean(dy: int) -> torch.Tensor:
+        if far and abs(dy) in (0, 4):  # 4 pixels off p's place on p's line, and p's place 4 lines off
+            total, count = sums, counts
+        elif dy:
+            total, count = near_sums + values, near_counts + usable
+        else:
+            total, count = near_sums, near_counts
+        return _shifted(total, dy, 0) / _shifted(count, dy, 0).clamp_min(1.0)
+
     weighted = weight * usable
-    means = {dy: _shifted(sums + values, dy, 0) / _shifted(counts + usable, dy, 0).clamp_min(1.0) if dy
-             else sums / counts.clamp_min(1.0) for dy in range(-reach, reach + 1, 2)}
+    means = {dy: mean(dy) for dy in range(-reach, reach + 1, 2)}
     features = []
     for offsets in offset_classes(reach):  # shifted copies, not a convolution: nothing times zero
-        features.append(sum(_shifted(weighted, dy, dx) * (_shifted(residual, dy, dx) - means[dy])
-                            for dy, dx in offsets))
+        read = [(dy, dx) for dy, dx in offsets if not (far and (dy, dx) in FAR_OFFSETS)]
+        features.append(sum((_shifted(weighted, dy, dx) * (_shifted(residual, dy, dx) - means[dy])
+                             for dy, dx in read), torch.zeros_like(residual)))
     features = torch.stack(features, dim=2).flatten(1, 2)  # (B, C * K, H, W), channel by channel
     return features.transpose(-1, -2) if line == "columns" else features
 
@@ -135,6 +156,7 @@ class LatticeFilter:
     prior_scale: tuple[float, ...] = ()  # per channel; empty: 1
     line: str = ""  # "rows" or "columns": residuals centred along those lines (line offsets taken out)
     line_reach: int = LINE_REACH  # lattice pixels on either side that a line's mean residual takes
+    far: bool = False  # reads no residual at FAR_OFFSETS (fitted on single images that decide on themselves)
 
     def reads_blindly(self, lines: tuple[str, ...]) -> bool:
         """Whether the filter stays blind to y_p beside a camera correction that took out the
@@ -156,6 +178,9 @@ class LatticeFilter:
             raise ValueError(f"the lattice filter has coefficients for shape {tuple(coefficients.shape)}, "
                              f"the network gives {channels} channel(s)")
         residual = torch.einsum("ck,kihw->cihw", coefficients[:, :classes], basis)
+        if self.far:  # exactly zero there, whatever the coefficients
+            for dy, dx in FAR_OFFSETS & set(_offsets_within(self.reach)):
+                residual[:, 0, self.reach + dy, self.reach + dx] = 0.0
         difference = torch.einsum("ck,kihw->cihw", coefficients[:, classes:], basis)
         difference[:, 0, self.reach, self.reach] = -(coefficients[:, classes:] * counts).sum(dim=1)
         return residual, difference
@@ -173,7 +198,8 @@ class LatticeFilter:
         if self.line:
             usable = inside if inside is not None else torch.ones_like(mean[:, :1])
             usable = usable if unusable is None else usable * (1 - unusable)
-            features = centred_residual_features(noisy - mean, usable, weight, self.reach, self.line, self.line_reach)
+            features = centred_residual_features(noisy - mean, usable, weight, self.reach, self.line, self.line_reach,
+                                                 self.far)
             classes = len(self.coefficients[0]) // 2
             weights = torch.tensor([c[:classes] for c in self.coefficients], dtype=mean.dtype, device=mean.device)
             residuals = torch.einsum("bckhw,ck->bchw", features.unflatten(1, (mean.shape[1], classes)), weights)
@@ -187,7 +213,7 @@ class LatticeFilter:
     @classmethod
     def fit(
         cls, mean: torch.Tensor, noisy: torch.Tensor, weight: torch.Tensor | float, border: int = FIT_BORDER,
-        reach: int = REACH, line: str = "", line_reach: int = LINE_REACH,
+        reach: int = REACH, line: str = "", line_reach: int = LINE_REACH, far: bool = False,
     ) -> LatticeFilter:
         """Least squares of the blind-spot loss over patches (B, C, H, W), away from their edges
         (patches in the plane's own orientation where there is a `line`)."""
@@ -197,8 +223,11 @@ class LatticeFilter:
         weight = weight.double() if torch.is_tensor(weight) else weight
         stacked = basis.repeat(channels, 1, 1, 1)
         residual = (centred_residual_features(noisy - mean, torch.ones_like(mean[:, :1]), weight, reach, line,
-                                              line_reach)
+                                              line_reach, far)
                     if line else _filter(weight * (noisy - mean), stacked, reach, "constant"))
+        # A far filter's classes that lie on FAR_OFFSETS are left out of the least squares (zero).
+        kept = [k for k in range(2 * classes)
+                if not (far and k < classes and set(offset_classes(reach)[k]) <= FAR_OFFSETS)]
         features = torch.cat([
             residual.unflatten(1, (channels, classes)),
             (_filter(mean, stacked, reach, MEAN_PADDING).unflatten(1, (channels, classes))
@@ -209,18 +238,20 @@ class LatticeFilter:
         features = features[(*inner[:2], slice(None), *inner[2:])]
         coefficients = []
         for channel in range(channels):
-            x = features[:, channel].movedim(1, -1).reshape(-1, 2 * classes)
+            x = features[:, channel].movedim(1, -1).reshape(-1, 2 * classes)[:, kept]
             t = target[:, channel].reshape(-1)
             gram = x.T @ x
             # A whisper of ridge keeps a flat patch set from making the system singular.
-            gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(2 * classes, dtype=gram.dtype)
-            solution = torch.linalg.solve(gram, x.T @ t)
+            gram += 1e-9 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(kept), dtype=gram.dtype)
+            solution = torch.zeros(2 * classes, dtype=torch.float64)
+            solution[kept] = torch.linalg.solve(gram, x.T @ t)
             coefficients.append(tuple(float(v) for v in solution))
-        return cls(tuple(coefficients), reach, line=line, line_reach=line_reach)
+        return cls(tuple(coefficients), reach, line=line, line_reach=line_reach, far=far)
 
     def to_dict(self) -> dict:
         return {"coefficients": [list(c) for c in self.coefficients], "reach": self.reach,
-                "prior_scale": list(self.prior_scale), "line": self.line, "line_reach": self.line_reach}
+                "prior_scale": list(self.prior_scale), "line": self.line, "line_reach": self.line_reach,
+                "far": self.far}
 
     @classmethod
     def from_dict(cls, values: dict) -> LatticeFilter:
@@ -230,11 +261,11 @@ class LatticeFilter:
         if line not in ("", "rows", "columns"):
             raise ValueError(f"unknown line {line!r}")
         return cls(coefficients, int(values.get("reach", REACH)), prior_scale, line,
-                   int(values.get("line_reach", LINE_REACH)))
+                   int(values.get("line_reach", LINE_REACH)), bool(values.get("far", False)))
 
 
 def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None,
-                       cancel: threading.Event | None = None, line: str = "") -> LatticeFilter:
+                       cancel: threading.Event | None = None, line: str = "", far: bool = False) -> LatticeFilter:
     """Fit the filter to a fitted network's mean on noisy patches (B, C [+ context], H, W) (in
     their plane's orientation where there is a `line`, which their line offsets came out along)."""
     config = network.config
@@ -253,7 +284,7 @@ def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: N
     else:
         mean, weight = output, 1.0
     weight = weight.cpu() if torch.is_tensor(weight) else weight
-    lattice = LatticeFilter.fit(mean.cpu(), noisy, weight, line=line)
+    lattice = LatticeFilter.fit(mean.cpu(), noisy, weight, line=line, far=far)
     if not config.variance_head or noise is None:
         return lattice
     refined = lattice.apply(mean.cpu(), noisy, weight, None)
