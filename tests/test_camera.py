@@ -357,6 +357,43 @@ def _hot_with(image, layout, pixel, value) -> bool:
     return bool(find_correction(changed, layout).hot[0][pixel])
 
 
+def test_the_far_ring_never_reads_the_nearest_ring_not_even_at_the_edges():
+    """Mirrored past an edge, the ring 4 pixels away must land on the pixel itself or 4 pixels
+    away, never 2 (a whole image mirrored by 4 pixels would): checked at every pixel of small images."""
+    from napari_tbsn.camera import lattice_median, second_brightest_neighbour
+
+    rng = np.random.default_rng(3)
+    for shape in [(12, 14), (7, 9), (3, 4)]:
+        image = rng.normal(size=shape)
+        before = [lattice_median(image, 4), second_brightest_neighbour(image, 4)]
+        for y, x in np.ndindex(*shape):
+            changed = image.copy()
+            changed[y, x] += 50.0
+            after = [lattice_median(changed, 4), second_brightest_neighbour(changed, 4)]
+            for dy, dx in [(dy, dx) for dy in (-2, 0, 2) for dx in (-2, 0, 2) if dy or dx]:
+                if 0 <= y + dy < shape[0] and 0 <= x + dx < shape[1]:
+                    assert all(a[y + dy, x + dx] == b[y + dy, x + dx] for a, b in zip(after, before)), \
+                        (shape, y, x, dy, dx)
+
+
+def test_a_prediction_of_a_single_image_never_reads_the_far_ring():
+    """A model whose filter reads the far ring (fitted on a stack, or with the camera off) reads
+    none of it where the predicted image decides its own hot pixels: the rule is the setting's
+    and the layout's, not what is found."""
+    from napari_tbsn.prediction import as_predicted
+
+    model = _camera_model(context=0)
+    single, stack = PlaneLayout.of((64, 256), "YX"), PlaneLayout.of((4, 64, 256), "ZYX")
+    assert as_predicted(model, "auto", single).lattice_filter.far
+    assert as_predicted(model, "auto", stack) is model and as_predicted(model, "off", single) is model
+    _, recorded = camera_stack(planes=1, rows=0.0)
+    denoiser = Denoiser(preset="tiny", device="cpu", context=0).fit(recorded[:1].repeat(4, 0), "ZYX", iterations=2)
+    assert not denoiser.lattice_filter.far
+    far = Denoiser.from_model(dataclasses.replace(denoiser.model, lattice_filter=dataclasses.replace(
+        denoiser.lattice_filter, far=True)), camera="auto")
+    assert np.array_equal(denoiser.predict(recorded[0], "YX"), far.predict(recorded[0], "YX"))
+
+
 def test_a_single_images_hot_pixel_decisions_never_read_the_nearest_lattice_ring():
     """What the lattice filter at p reads of a hot decision must not hold p: a hot pixel stays
     hot, and a pixel beside it stays usable, whatever its 8 nearest lattice neighbours read."""
@@ -402,6 +439,11 @@ def test_a_single_image_deciding_its_own_hot_pixels_is_exactly_blind_through_the
     assert find_correction(image, layout).hot[0][qy, qx] and not find_correction(changed, layout).hot[0][qy, qx]
     correction = dataclasses.replace(correction, hot=find_correction(image, layout).hot)
     before, _ = _predict(model, options, image, layout, correction)
+    # The whole filter reads q, 4 pixels from p: p's output moves with the decision y_p flips.
+    whole = _camera_model(context=0, line="rows" if rows else "")
+    again = dataclasses.replace(correction, hot=find_correction(changed, layout).hot)
+    assert _predict(whole, options, changed, layout, again)[0][flips] != _predict(whole, options, image, layout,
+                                                                                   correction)[0][flips]
     for py, px in [*probes, flips]:
         for value in (PERTURBATION, 1000.0):
             changed = image.copy()

@@ -232,10 +232,10 @@ class CameraCorrection:
     def decided_on_itself(self) -> bool:
         """Whether a single image's hot pixels were decided on the image itself: pixel q's decision
         then read q's far lattice ring (FAR_SPACING), and the lattice filter at p reads q (with
-        weight 0 where q is hot) only where that ring does not hold p: a filter fitted on single
-        images leaves the far ring's offsets out (LatticeFilter.far). A prediction does not switch
-        a model's filter for what it finds: that switch would itself depend on every pixel's
-        value, p's included."""
+        weight 0 where q is hot) only where that ring does not hold p: a prediction of a single
+        image under "auto" leaves the far ring's offsets out of the filter (LatticeFilter.far,
+        prediction.as_predicted), by the setting and the layout, not by what it finds: a switch on
+        what it finds would itself depend on every pixel's value, p's included."""
         return self.source == "detected" and self.hot is not None and self.hot_halves is None \
             and self.hot_looked is None
 
@@ -485,28 +485,18 @@ _SORT_8 = ((0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7), (0, 1
 _STRIP_ROWS = 256  # rows per strip: 8 neighbour images of a strip, not of the whole plane, in memory at once
 
 
-def _over_lattice_neighbours(image: np.ndarray, statistic, spacing: int = 2) -> np.ndarray:
-    """`statistic` of each pixel's 8 lattice neighbours `spacing` pixels away (mirrored at the
-    edges, which keeps the lattice: scipy's "mirror", numpy's "reflect"), computed strip by
-    strip. `statistic` takes the 8 neighbour images of a strip (read-only views) and returns
-    the strip's result."""
-    padded = np.pad(image, spacing, mode="reflect")
+def _over_lattice_neighbours(image: np.ndarray, statistic) -> np.ndarray:
+    """`statistic` of each pixel's 8 lattice neighbours (mirrored at the edges, which keeps the
+    lattice: scipy's "mirror", numpy's "reflect"), computed strip by strip. `statistic` takes
+    the 8 neighbour images of a strip (read-only views) and returns the strip's result."""
+    padded = np.pad(image, 2, mode="reflect")
     height, width = image.shape
     result = np.empty_like(image)
-    step = spacing // 2
     for top in range(0, height, _STRIP_ROWS):
         bottom = min(top + _STRIP_ROWS, height)
-        result[top:bottom] = statistic([padded[spacing + step * dy + top: spacing + step * dy + bottom,
-                                               spacing + step * dx: spacing + step * dx + width]
+        result[top:bottom] = statistic([padded[2 + dy + top: 2 + dy + bottom, 2 + dx: 2 + dx + width]
                                         for dy, dx in _LATTICE_OFFSETS])
     return result
-
-
-def _ring_footprint(spacing: int) -> np.ndarray:
-    footprint = np.zeros((2 * spacing + 1, 2 * spacing + 1), dtype=bool)
-    footprint[::spacing, ::spacing] = True
-    footprint[spacing, spacing] = False
-    return footprint
 
 
 def _fifth_smallest(values: list[np.ndarray]) -> np.ndarray:
@@ -524,26 +514,45 @@ def _second_largest(values: list[np.ndarray]) -> np.ndarray:
     return second
 
 
+def _on_each_lattice(image: np.ndarray, spacing: int, statistic) -> np.ndarray:
+    """`statistic` (a function of an image) with its ring `spacing` pixels away: for the far ring
+    (4), the nearest ring (2) of each of the four lattices as an image of its own. Mirrored at the
+    edges there, a neighbour past the edge is the pixel itself or one 4 pixels away, never one 2
+    pixels away (as mirroring the whole image by 4 would give)."""
+    if spacing == 2:
+        return statistic(image)
+    result = np.empty_like(image)
+    for a, b in _LATTICES:
+        result[a::2, b::2] = statistic(np.ascontiguousarray(image[a::2, b::2]))
+    return result
+
+
 def lattice_median(image: np.ndarray, spacing: int = 2) -> np.ndarray:
-    """The median of each pixel's 8 lattice neighbours (`spacing` pixels away) as scipy's
+    """The median of each pixel's 8 lattice neighbours (`spacing` pixels away: 2 or 4) as scipy's
     median_filter takes it (the 5th smallest), by a sorting network over whole image strips:
     the same values, several times faster than the filter's per-pixel selection on a megapixel
     plane."""
-    if min(image.shape) <= spacing:  # too small to mirror by padding
-        from scipy.ndimage import median_filter
+    def nearest(plane: np.ndarray) -> np.ndarray:
+        if min(plane.shape) < 3:  # too small to mirror twice by padding
+            from scipy.ndimage import median_filter
 
-        return median_filter(image, footprint=_ring_footprint(spacing), mode="mirror")
-    return _over_lattice_neighbours(image, _fifth_smallest, spacing)
+            return median_filter(plane, footprint=_LATTICE_RING, mode="mirror")
+        return _over_lattice_neighbours(plane, _fifth_smallest)
+
+    return _on_each_lattice(image, spacing, nearest)
 
 
 def second_brightest_neighbour(image: np.ndarray, spacing: int = 2) -> np.ndarray:
-    """The second largest of each pixel's 8 lattice neighbours `spacing` pixels away (scipy's
-    rank_filter(image, -2) on that ring), by a running top two."""
-    if min(image.shape) <= spacing:
-        from scipy.ndimage import rank_filter
+    """The second largest of each pixel's 8 lattice neighbours `spacing` pixels away (2 or 4;
+    scipy's rank_filter(image, -2) on that ring), by a running top two."""
+    def nearest(plane: np.ndarray) -> np.ndarray:
+        if min(plane.shape) < 3:
+            from scipy.ndimage import rank_filter
 
-        return rank_filter(image, -2, footprint=_ring_footprint(spacing), mode="mirror")
-    return _over_lattice_neighbours(image, _second_largest, spacing)
+            return rank_filter(plane, -2, footprint=_LATTICE_RING, mode="mirror")
+        return _over_lattice_neighbours(plane, _second_largest)
+
+    return _on_each_lattice(image, spacing, nearest)
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -769,7 +778,7 @@ def remeasured(correction: CameraCorrection, data, layout: PlaneLayout) -> Camer
 def detect_hot_pixels(data, layout: PlaneLayout) -> CameraCorrection:
     """Hot pixels of a single image (or a few planes): pixels HOT_SIGMAS_IN_PLANE noise sd above
     the second brightest of their 8 lattice neighbours (the noise sd of pixels at a similar
-    level), decided plane by plane on up to 4
+    level; a single image: HOT_SIGMAS_FAR above those 4 pixels away), decided plane by plane on up to 4
     planes. A plane is predicted with the pixels hot in every other plane looked at (hot_for),
     so its own values decide nothing for it; a single image decides for itself (a hot pixel's
     own output is then the blind-spot mean, which never reads it)."""

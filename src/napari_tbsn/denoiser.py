@@ -35,6 +35,7 @@ from .noise import NoiseModel
 from .prediction import (
     PredictProgress,
     QualityEstimate,
+    as_predicted,
     check_prediction_input,
     check_uncertainty_possible,
     describe_output,
@@ -575,7 +576,7 @@ class Denoiser:
         check_array(data)
         layout = PlaneLayout.of(data.shape, axes or self._default_axes(data))
         check_prediction_input(model, layout, out, uncertainty, options)
-        return model, options, layout
+        return as_predicted(model, self._settings.camera, layout), options, layout
 
     def predict_on_cluster(self, client, data, axes: str | None, out, ensemble: int | str | None = None, *,
                            options: PredictOptions | None = None, cancel: threading.Event | None = None,

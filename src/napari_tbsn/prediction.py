@@ -14,6 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Generator
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from .axes import PlaneLayout, Region
-from .camera import CameraCorrection, CorrectedStack
+from .camera import CameraCorrection, CorrectedStack, decides_on_itself
 from .errors import BadInput
 from .config import MIN_TILE_SIZE, PredictOptions
 from .devices import TILE_MEMORY_SHARE, OutOfMemory, autocast_dtype, free_memory, out_of_memory_error, tile_for_memory
@@ -323,6 +324,17 @@ class StudentModel:
         return tiler.predict_iter(normalized, region)
 
 
+
+
+def as_predicted(model: FittedModel, camera_setting, layout: PlaneLayout) -> FittedModel:
+    """The model as a prediction of `layout` under `camera_setting` runs it: where the image
+    decides its own hot pixels (camera.decides_on_itself: a single plane under "auto", whatever
+    it finds there), a lattice filter that reads the far ring, whose decisions hold p, reads none
+    of it (LatticeFilter.far; the rest of its coefficients as fitted)."""
+    lattice = model.lattice_filter
+    if lattice is None or lattice.far or not decides_on_itself(camera_setting, layout):
+        return model
+    return dataclasses.replace(model, lattice_filter=dataclasses.replace(lattice, far=True))
 
 
 def make_runner(model: FittedModel, options: PredictOptions, device: torch.device, views: int,
