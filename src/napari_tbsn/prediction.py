@@ -8,13 +8,13 @@ asked, R3-refined for correlated noise), the lattice filter's correction, then t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import threading
 import time
 import warnings
 from collections.abc import Generator
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
