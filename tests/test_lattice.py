@@ -100,6 +100,8 @@ def test_a_filter_centred_along_rows_puts_no_row_offset_back():
     moved = noisy + torch.randn(8, 1, 128, 1, generator=generator) * 3
     assert torch.allclose(centred.apply(mean, moved, 1.0, None), centred.apply(mean, noisy, 1.0, None), atol=1e-4)
     assert LatticeFilter.from_dict(centred.to_dict()) == centred and centred.line == "rows"
+    with pytest.raises(ValueError, match="line reach"):
+        LatticeFilter.from_dict({**centred.to_dict(), "line_reach": 0})
     columns = LatticeFilter.fit(mean.transpose(-1, -2), noisy.transpose(-1, -2), 1.0, line="columns")
     assert np.allclose(columns.coefficients, centred.coefficients, atol=1e-6)
     assert centred.reads_blindly(("rows",)) and not centred.reads_blindly(("columns",))

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .camera import FAR_SPACING
 from .posterior import NoiseTerms, posterior_weight, split_output
 from .progress import FitCancelled, raise_if_cancelled
 
@@ -55,7 +56,8 @@ MEAN_PADDING = "reflect"  # parity-preserving; "replicate" or "symmetric" would 
 LINE_REACH = 16  # lattice pixels on either side of a neighbour that its line's mean residual takes
 # The lattice offsets whose hot-pixel decision, on a single image that decides on itself, read p
 # (camera.FAR_SPACING): a `far` filter reads no residual there.
-FAR_OFFSETS = frozenset((dy, dx) for dy in (-4, 0, 4) for dx in (-4, 0, 4) if dy or dx)
+FAR_OFFSETS = frozenset((dy, dx) for dy in (-FAR_SPACING, 0, FAR_SPACING) for dx in (-FAR_SPACING, 0, FAR_SPACING)
+                        if dy or dx)
 
 
 def _offsets_within(reach: int) -> list[tuple[int, int]]:
@@ -110,17 +112,19 @@ def centred_residual_features(residual: torch.Tensor, usable: torch.Tensor, weig
         weight = weight.transpose(-1, -2) if torch.is_tensor(weight) else weight
     usable = usable.expand_as(residual).to(residual)
     values = residual * usable
-    # Along a line, the lattice pixels within line_reach but those at p's place and 4 pixels off
+    # Along a line, the lattice pixels within line_reach but those at p's place and FAR_SPACING off
     # it; then each line adds those it may read: p's own never p, a `far` filter's never p + FAR_OFFSETS.
     sums, counts = torch.zeros_like(values), torch.zeros_like(values)
     for step in range(1, line_reach + 1):
-        for dx in (-2 * step, 2 * step) if step != 2 else ():
+        for dx in (-2 * step, 2 * step) if 2 * step != FAR_SPACING else ():
             sums, counts = sums + _shifted(values, 0, dx), counts + _shifted(usable, 0, dx)
-    near_sums = sums + _shifted(values, 0, -4) + _shifted(values, 0, 4) if line_reach >= 2 else sums
-    near_counts = counts + _shifted(usable, 0, -4) + _shifted(usable, 0, 4) if line_reach >= 2 else counts
+    near_sums, near_counts = sums, counts
+    if 2 * line_reach >= FAR_SPACING:
+        for dx in (-FAR_SPACING, FAR_SPACING):
+            near_sums, near_counts = near_sums + _shifted(values, 0, dx), near_counts + _shifted(usable, 0, dx)
 
     def mean(dy: int) -> torch.Tensor:
-        if far and abs(dy) in (0, 4):  # 4 pixels off p's place on p's line, and p's place 4 lines off
+        if far and abs(dy) in (0, FAR_SPACING):  # p + FAR_OFFSETS: on p's line, and FAR_SPACING lines off
             total, count = sums, counts
         elif dy:
             total, count = near_sums + values, near_counts + usable
@@ -260,8 +264,11 @@ class LatticeFilter:
         line = str(values.get("line", ""))
         if line not in ("", "rows", "columns"):
             raise ValueError(f"unknown line {line!r}")
-        return cls(coefficients, int(values.get("reach", REACH)), prior_scale, line,
-                   int(values.get("line_reach", LINE_REACH)), bool(values.get("far", False)))
+        line_reach = int(values.get("line_reach", LINE_REACH))
+        if line_reach < 1:
+            raise ValueError(f"a line reach of {line_reach}: at least 1 lattice pixel")
+        return cls(coefficients, int(values.get("reach", REACH)), prior_scale, line, line_reach,
+                   bool(values.get("far", False)))
 
 
 def fit_lattice_filter(network: torch.nn.Module, patches: torch.Tensor, noise: NoiseTerms | None,
