@@ -339,6 +339,23 @@ def test_a_saved_correction_loads_as_it_was(tmp_path, planes):
         assert np.array_equal(loaded.hot_for(target), correction.hot_for(target))
 
 
+def test_a_pattern_measured_with_another_kernel_size_is_remeasured_with_its_own(monkeypatch):
+    """A correction saved before the predictor's reach changed keeps its kernels when a
+    blindness test (or a cluster task) sums its pattern again."""
+    from napari_tbsn import camera
+
+    _, stack = camera_stack(planes=12, rows=0.0)
+    layout = PlaneLayout.of(stack.shape, "ZYX")
+    monkeypatch.setattr(camera, "PREDICTOR_REACH", 2)
+    older = find_correction(stack, layout)
+    monkeypatch.undo()
+    assert older.pattern is not None and older.pattern.kernels.shape[-1] == 5
+    again = remeasured(older, stack, layout)
+    assert np.array_equal(again.pattern.kernels, older.pattern.kernels)
+    assert np.allclose(again.pattern.sums, older.pattern.sums)
+    assert find_correction(stack, layout).pattern.kernels.shape[-1] == 2 * camera.PREDICTOR_REACH + 1
+
+
 def test_a_single_image_fits_a_lattice_filter_that_reads_no_far_ring():
     """On one image pixel q's hot decision reads q's far lattice ring (4 pixels away), and the
     lattice filter at p reads q only where that ring does not hold p: a far filter."""
