@@ -139,7 +139,7 @@ class StackPattern:
 
     sums: np.ndarray  # (2, 2, C, Y, X): [deciding half, summed half]: the sum of r over the summed half's planes
     planes: tuple[tuple[int, ...], tuple[int, ...]]  # the flat plane indices each half sums
-    kernels: np.ndarray  # (2, C, 5, 5)
+    kernels: np.ndarray  # (2, C, k, k): k = 2 PREDICTOR_REACH + 1 where measured (a saved one keeps its own)
     biases: np.ndarray  # (2, C)
     weights: np.ndarray  # (C,): the share of a map taken out (how much of it the halves agree on)
     usable: np.ndarray  # (2, C, Y, X) bool: not hot, as each half decides
