@@ -339,9 +339,9 @@ def test_a_saved_correction_loads_as_it_was(tmp_path, planes):
         assert np.array_equal(loaded.hot_for(target), correction.hot_for(target))
 
 
-def test_a_pattern_measured_with_another_kernel_size_is_remeasured_with_its_own(monkeypatch):
-    """A correction saved before the predictor's reach changed keeps its kernels when a
-    blindness test (or a cluster task) sums its pattern again."""
+def test_a_pattern_measured_with_another_kernel_size_is_remeasured_with_its_own(monkeypatch, tmp_path):
+    """A correction measured before the predictor's reach changed keeps its kernels when it is
+    summed again (what a blindness test perturbs) or saved and loaded (a cluster task's)."""
     from napari_tbsn import camera
 
     _, stack = camera_stack(planes=12, rows=0.0)
@@ -353,7 +353,31 @@ def test_a_pattern_measured_with_another_kernel_size_is_remeasured_with_its_own(
     again = remeasured(older, stack, layout)
     assert np.array_equal(again.pattern.kernels, older.pattern.kernels)
     assert np.allclose(again.pattern.sums, older.pattern.sums)
+    older.save(tmp_path / "camera.npz")
+    loaded = camera.CameraCorrection.load(tmp_path / "camera.npz")
+    raw = {flat: stack[flat][np.newaxis] for flat in (2, 3, 4)}
+    for before, after in zip(older.pattern.maps_for(3, raw), loaded.pattern.maps_for(3, raw)):
+        assert np.array_equal(before, after)
     assert find_correction(stack, layout).pattern.kernels.shape[-1] == 2 * camera.PREDICTOR_REACH + 1
+
+
+@pytest.mark.parametrize("height", [8, 10, 16])
+@pytest.mark.parametrize("offsets", [0.0, 2.0])
+def test_a_thin_stack_finds_its_pattern_and_nothing_else(height, offsets):
+    """A plane a few pixels high fits a smaller kernel (with 11x11 on 8 rows the kernel had more
+    weights than pixels to fit, and took the structure for pattern) and looks for no row offsets
+    (on 10 or 16 rows, structure agreed as offsets would)."""
+    from napari_tbsn.camera import predictor_reach
+
+    shape = (height, 256)
+    clean = np.stack([noisy_image(shape, seed=plane)[0] for plane in range(16)]) + 100
+    rng = np.random.default_rng(0)
+    stack = (rng.poisson(clean - 100) + 100 + rng.normal(0, offsets, shape) + rng.normal(0, 1, clean.shape))
+    correction = find_correction(stack.astype(np.float32), PlaneLayout.of(stack.shape, "ZYX"))
+    assert not correction.lines and (correction.pattern is not None) == (offsets > 0), correction.describe()
+    if correction.pattern is not None:
+        reach = predictor_reach(*shape)
+        assert 0 < reach < 5 and not correction.pattern.kernels[..., : 5 - reach, :].any()
 
 
 def test_a_single_image_fits_a_lattice_filter_that_reads_no_far_ring():

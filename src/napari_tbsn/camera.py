@@ -29,6 +29,7 @@ lines, from the plane before its line offsets came out (lattice.centred_residual
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,9 @@ PATTERN_SHARE = 0.3  # fixed offsets count as found when the halves agree on thi
 LINE_SHARE = 0.3  # line offsets count as found when the two lattices of a line agree on this share
 LINE_PLANES = 8  # planes sampled to look for line offsets
 LINE_MIN_LENGTH = 256  # pixels along a line: half a line on one lattice is then 64 pixels
+# Lines: fewer make the share they agree on too noisy (a 10x256 or 16x256 stack without row offsets
+# "found" them, at 41% and 32%).
+LINE_MIN_COUNT = 64
 LINE_DIRECTIONALITY = 2.0  # and at least this many times the share found across the other direction
 LINE_WINDOW = 4  # neighbouring lines on each side whose medians give a line's expected median
 LEVEL_BINS = 16
@@ -67,7 +71,8 @@ LEVEL_BINS = 16
 # error that a 3x3 mean keeps (what the network takes for structure) was 0.36 with 5x5, 0.31 with
 # 9x9, 0.30 with 11x11 (0.19: the planes' noise alone).
 PREDICTOR_REACH = 5
-PREDICTOR_PIXELS = 2**17
+PREDICTOR_PIXELS = 2**17  # at most this many pixels fit it (a 121-column design: 127 MB)
+PREDICTOR_PIXELS_PER_WEIGHT = 20
 # A pixel's 8 lattice neighbours, 2 pixels away: the only neighbours a decision about the pixel
 # may read (the network at p sees the pixels off p's lattice; their corrections must not read p).
 _LATTICE_RING = np.zeros((5, 5), dtype=bool)
@@ -633,6 +638,8 @@ def detect_pattern(data, layout: PlaneLayout) -> CameraCorrection:
     StackPattern. Halves of the stack agree on the pattern (and on whatever structure the
     prediction from around leaves), not on the noise: the share they agree on decides and
     weights the map."""
+    if not predictor_reach(layout.height, layout.width):  # too few pixels to tell a pattern from structure
+        return detect_hot_pixels(data, layout)
     sums, level, planes = _residual_sums(data, layout)
     if min(len(half) for half in planes) < PATTERN_MIN_PLANES // 2:  # halves this thin give no estimate
         return detect_hot_pixels(data, layout)
@@ -730,7 +737,7 @@ def _stack_pattern(sums: np.ndarray, planes: tuple[tuple, tuple], usable: np.nda
     its decisions)."""
     channels = usable.shape[1]
     residual_sums = np.empty((2, 2, *usable.shape[1:]))
-    size = fitted.kernels.shape[-1] if fitted is not None else 2 * PREDICTOR_REACH + 1  # a saved model's own
+    size = fitted.kernels.shape[-1] if fitted is not None else 2 * PREDICTOR_REACH + 1  # a saved correction's own
     kernels = np.empty((2, channels, size, size))
     biases = np.empty((2, channels))
     for half in (0, 1):
@@ -749,22 +756,37 @@ def _stack_pattern(sums: np.ndarray, planes: tuple[tuple, tuple], usable: np.nda
     return StackPattern(residual_sums, planes, kernels, biases, weights, usable)
 
 
+def predictor_reach(height: int, width: int) -> int:
+    """The reach of the kernel that tells a pattern pixel from structure in planes of this size:
+    PREDICTOR_REACH, or less where the pixels away from the edges number fewer than
+    PREDICTOR_PIXELS_PER_WEIGHT per weight; 0 where not even a 3x3 kernel fits so (no pattern is
+    measured)."""
+    for reach in range(PREDICTOR_REACH, 0, -1):
+        if (height - 2 * reach) * (width - 2 * reach) >= PREDICTOR_PIXELS_PER_WEIGHT * (2 * reach + 1) ** 2:
+            return reach
+    return 0
+
+
 def _neighbour_predictor(image: np.ndarray, usable: np.ndarray) -> tuple[np.ndarray, float]:
-    """The (2R+1)^2 kernel (centre 0) and bias that best predict each pixel from the pixels
-    around it (least squares over up to PREDICTOR_PIXELS usable pixels away from the edges)."""
-    reach = PREDICTOR_REACH
+    """The (2 PREDICTOR_REACH + 1)^2 kernel (centre 0) and bias that best predict each pixel from
+    the pixels around it (least squares over up to PREDICTOR_PIXELS usable pixels away from the
+    edges). A thin image fits a smaller kernel (zeros outside it): at least PREDICTOR_PIXELS_PER_WEIGHT
+    pixels per weight, or the kernel would reproduce the image, structure and all."""
+    height, width = image.shape
+    reach = predictor_reach(height, width)
     offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx]
-    inner = (slice(reach, image.shape[0] - reach), slice(reach, image.shape[1] - reach))
-    step = max(1, int(np.sqrt(image[inner].size / PREDICTOR_PIXELS)))
-    picked = (slice(reach, image.shape[0] - reach, step), slice(reach, image.shape[1] - reach, step))
-    keep = usable[picked].ravel()
-    features = [image[picked[0].start + dy : picked[0].stop + dy : step,
-                      picked[1].start + dx : picked[1].stop + dx : step].ravel()[keep] for dy, dx in offsets]
-    design = np.stack([*features, np.ones(int(keep.sum()))], axis=1)
-    weights = np.linalg.lstsq(design, image[picked].ravel()[keep], rcond=None)[0]
-    kernel = np.zeros((2 * reach + 1, 2 * reach + 1))
+    step = max(1, math.ceil(math.sqrt((height - 2 * reach) * (width - 2 * reach) / PREDICTOR_PIXELS)))
+    rows, columns = slice(reach, height - reach, step), slice(reach, width - reach, step)
+    keep = usable[rows, columns].ravel()
+    design = np.empty((int(keep.sum()), len(offsets) + 1))  # filled column by column: one copy of the pixels
+    for column, (dy, dx) in enumerate(offsets):
+        design[:, column] = image[rows.start + dy : rows.stop + dy : step,
+                                  columns.start + dx : columns.stop + dx : step].ravel()[keep]
+    design[:, -1] = 1.0
+    weights = np.linalg.lstsq(design, image[rows, columns].ravel()[keep], rcond=None)[0]
+    kernel = np.zeros((2 * PREDICTOR_REACH + 1,) * 2)
     for (dy, dx), weight in zip(offsets, weights[:-1]):
-        kernel[reach + dy, reach + dx] = weight
+        kernel[PREDICTOR_REACH + dy, PREDICTOR_REACH + dx] = weight
     return kernel, float(weights[-1])
 
 
@@ -846,8 +868,9 @@ def _find_lines(data, layout: PlaneLayout, correction: CameraCorrection) -> None
     measured = {"rows": 0.0, "columns": 0.0}
     offset = correction.any_offset()  # the same for every plane read here (a stack's whole map)
     for direction in ("rows", "columns"):
-        if (layout.width if direction == "rows" else layout.height) < LINE_MIN_LENGTH:
-            continue  # short lines: structure spanning both halves agrees as offsets would
+        length, count = (layout.width, layout.height) if direction == "rows" else (layout.height, layout.width)
+        if length < LINE_MIN_LENGTH or count < LINE_MIN_COUNT:
+            continue  # short lines: structure spanning both halves agrees as offsets would; few: a noisy share
         shares = []
         for plane in layout.evenly_spaced(LINE_PLANES):
             block = layout.read_plane(data, plane)
