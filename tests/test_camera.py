@@ -12,7 +12,8 @@ import torch
 
 from napari_tbsn import Calibration, Denoiser, PredictOptions
 from napari_tbsn.axes import PlaneLayout
-from napari_tbsn.camera import CorrectedStack, find_correction, remeasured, remove_line_offsets, replace_hot
+from napari_tbsn.camera import (CameraCorrection, CorrectedStack, find_correction, remeasured, remove_line_offsets,
+                                 replace_hot)
 from napari_tbsn.errors import BadInput
 from napari_tbsn.progress import drive
 
@@ -23,17 +24,24 @@ PERTURBATION = 40.0
 
 
 def camera_stack(planes: int = 12, shape=(64, 256), rows: float = 1.0, offsets: float = 2.0, hot: float = 80.0,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(clean, recorded): moving synthetic cells through a camera with per-pixel offsets, hot
-    pixels at HOT and per-frame row offsets (all in photons, baseline 100)."""
-    clean = np.stack([noisy_image(shape, seed=seed + plane)[0] for plane in range(planes)]) + 100
+                 seed: int = 0, drifting: bool = False, with_rows: bool = False) -> tuple[np.ndarray, ...]:
+    """(clean, recorded): synthetic cells through a camera with per-pixel offsets, hot pixels at
+    HOT and per-frame row offsets (all in photons, baseline 100). The cells are new in every
+    plane, or where `drifting` the same cells moving a pixel a plane (a Z-stack's structure, which
+    changes slowly from plane to plane). `with_rows`: the row offsets (planes, rows) too."""
+    if drifting:
+        cells = noisy_image((shape[0], shape[1] + planes), seed=seed)[0]
+        clean = np.stack([cells[:, plane: plane + shape[1]] for plane in range(planes)]) + 100
+    else:
+        clean = np.stack([noisy_image(shape, seed=seed + plane)[0] for plane in range(planes)]) + 100
     rng = np.random.default_rng(seed)
     pattern = rng.normal(0, offsets, shape)
     for y, x in HOT:
         pattern[y, x] += hot
-    recorded = (rng.poisson(clean - 100) + 100 + pattern + rng.normal(0, 1, clean.shape)
-                + rng.normal(0, rows, (planes, shape[0], 1)))
-    return clean, recorded.astype(np.float32)
+    recorded = rng.poisson(clean - 100) + 100 + pattern + rng.normal(0, 1, clean.shape)
+    row_offsets = rng.normal(0, rows, (planes, shape[0], 1))
+    recorded = (recorded + row_offsets).astype(np.float32)
+    return (clean, recorded, row_offsets[..., 0]) if with_rows else (clean, recorded)
 
 
 def test_a_stacks_fixed_pattern_hot_pixels_and_row_offsets_are_found():
@@ -214,35 +222,105 @@ PROBES = [(3, 30 + dy, 41 + dx) for dy, dx in [(0, 1), (0, 2), (1, 1), (2, 2), (
 
 # With row offsets the lattice filter reads residuals centred along the rows, or is off (a filter
 # fitted without them).
-@pytest.mark.parametrize("rows, line", [(1.0, "rows"), (1.0, ""), (0.0, "")])
-def test_the_camera_correction_is_exactly_blind_through_the_whole_prediction(rows, line):
+# Drifting: the row offsets measured against the planes around.
+@pytest.mark.parametrize("rows, line, drifting", [(1.0, "rows", False), (1.0, "", False), (0.0, "", False),
+                                                  (0.5, "rows", True)])
+def test_the_camera_correction_is_exactly_blind_through_the_whole_prediction(rows, line, drifting):
     """A fixed pattern, hot pixels and row offsets found in the stack: perturbing y_p at plane z
     never moves output p at plane z (the blind-spot mean: the output where a pattern is
     measured on the stack)."""
-    _, stack = camera_stack(planes=8, rows=rows)
+    _, stack = camera_stack(planes=8, rows=rows, drifting=drifting)
     layout = PlaneLayout.of(stack.shape, "ZYX")
     correction = find_correction(stack, layout)
     assert correction.pattern is not None and correction.hot is not None
     assert bool(correction.lines) == (rows > 0), correction.describe()
+    if drifting:  # the path chosen for 12 such planes (test_a_stack_whose_structure_drifts_...); 8 are too few to choose
+        correction = dataclasses.replace(correction, lines_across=True)
     leaks = _own_outputs_that_moved(stack, layout, correction, "blind_spot", PROBES, line=line)
     assert not leaks, f"pixels whose own output moved with their own value: {leaks}"
 
 
-@pytest.mark.parametrize("rows, estimator", [(1.0, "blind_spot"), (1.0, "posterior"), (0.0, "posterior")])
-def test_a_calibrated_prediction_is_exactly_blind(rows, estimator):  # the lattice filter centred along rows
+@pytest.mark.parametrize("rows, estimator, drifting", [(1.0, "blind_spot", False), (1.0, "posterior", False),
+                                                       (0.0, "posterior", False), (0.5, "posterior", True)])
+def test_a_calibrated_prediction_is_exactly_blind(rows, estimator, drifting):  # the lattice filter centred along rows
     """Dark-frame maps (offsets, per-pixel read variance, unusable pixels), with row offsets
-    found in the data or none, through the whole path, the posterior included."""
-    _, stack = camera_stack(planes=6, rows=rows)
-    rng = np.random.default_rng(5)
-    dark = 100 + rng.normal(0, 2, (1, 64, 256)) + rng.normal(0, 1.5, (30, 64, 256))
-    for y, x in HOT:
-        dark[:, y, x] += rng.normal(0, 15, 30)  # hot pixels: their dark current's shot noise
+    found in the data (within each plane, or against the planes around) or none, through the
+    whole path, the posterior included."""
+    _, stack = camera_stack(planes=6, rows=rows, drifting=drifting)
     layout = PlaneLayout.of(stack.shape, "ZYX")
-    correction = find_correction(stack, layout, Calibration.from_dark(dark))
+    correction = find_correction(stack, layout, Calibration.from_dark(_dark_frames()))
     assert all(correction.hot[0][y, x] for y, x in HOT) and bool(correction.lines) == (rows > 0)
+    if drifting:
+        correction = dataclasses.replace(correction, lines_across=True)
     leaks = _own_outputs_that_moved(stack, layout, correction, estimator, PROBES, remeasure=False,
                                     line="rows" if rows else "")
     assert not leaks, f"pixels whose own output moved with their own value: {leaks}"
+
+
+@pytest.mark.parametrize("drifting", [True, False])
+def test_a_stack_whose_structure_drifts_measures_its_line_offsets_against_the_planes_around(drifting, tmp_path):
+    """The same cells from plane to plane: each row's offset is told from its structure by the
+    same rows of the planes around, and these estimates are closer to the true offsets than the
+    ones within each plane. New cells in every plane: within each plane."""
+    _, stack, true_rows = camera_stack(planes=12, rows=0.5, drifting=drifting, with_rows=True)
+    layout = PlaneLayout.of(stack.shape, "ZYX")
+    correction = find_correction(stack, layout)
+    assert correction.lines == ("rows",) and correction.lines_across == drifting, correction.describe()
+    correction.save(tmp_path / "camera.npz")  # a cluster task's correction, and a model file's
+    assert CameraCorrection.load(tmp_path / "camera.npz").lines_across == drifting
+    if not drifting:
+        return
+    left = {}  # the error of the row offsets taken out of each plane predicted and of its context planes
+    for name, found in (("across", correction), ("within", dataclasses.replace(correction, lines_across=False))):
+        errors = []
+        for z in range(12):
+            planes = [z, *(plane[0] for plane in layout.context_planes((z,), 1))]
+            unlined = CorrectedStack(stack, layout, dataclasses.replace(found, lines=()))
+            taken = unlined.read_plane_with_context((z,), 1) - CorrectedStack(stack, layout, found).read_plane_with_context((z,), 1)
+            error = np.median(taken, axis=2) - true_rows[planes]
+            errors.append(error - error.mean(axis=1, keepdims=True))
+        left[name] = float(np.std(errors))
+    assert left["across"] < 0.8 * left["within"], left
+
+
+def _dark_frames(shape=(64, 256)):
+    """30 dark frames of camera_stack's camera, as far as a calibration tells it: offsets and read noise."""
+    rng = np.random.default_rng(5)
+    dark = 100 + rng.normal(0, 2, (1, *shape)) + rng.normal(0, 1.5, (30, *shape))
+    for y, x in HOT:
+        dark[:, y, x] += rng.normal(0, 15, 30)  # hot pixels: their dark current's shot noise
+    return dark
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_line_offsets_measured_across_planes_never_read_the_plane_predicted(dark):
+    """Predicting plane z, with line offsets measured against the planes around: whatever y_p
+    is (alone, or with its whole row on its own lattice), the plane's pixels off p's lattice and
+    every pixel of its context planes read the same. The planes around are read (their values
+    move what a prediction of the next plane reads), plane z only for the row's level on p's
+    own lattice."""
+    _, stack = camera_stack(planes=12, rows=0.5, drifting=True)
+    layout = PlaneLayout.of(stack.shape, "ZYX")
+    correction = find_correction(stack, layout, Calibration.from_dark(_dark_frames()) if dark else None)
+    assert correction.lines_across, correction.describe()
+    for z in (0, 1, 6, 11):
+        for y, x in [(20, 20), (21, 33), (0, 1)]:
+            for where in ((y, x), (y, slice(x % 2, None, 2))):
+                changed = stack.copy()
+                changed[z][where] += PERTURBATION
+                again = correction if dark else remeasured(correction, changed, layout)
+                before = CorrectedStack(stack, layout, correction).read_plane_with_context((z,), 2)
+                after = CorrectedStack(changed, layout, again).read_plane_with_context((z,), 2)
+                seen = _other_lattice_pixels(stack.shape[1:], y, x)
+                assert np.array_equal(before[0][seen], after[0][seen]), (z, y, x, where)
+                assert np.array_equal(before[1:], after[1:]), (z, y, x, where)
+                if where != (y, x):  # not vacuous: the row's level on p's lattice moved with it ...
+                    assert not np.array_equal(before[0][where], after[0][where]), (z, y, x)
+                    # ... and the next plane's prediction reads plane z
+                    near = z + 1 if z < 11 else z - 1
+                    beside = CorrectedStack(changed, layout, again).read_plane_with_context((near,), 1)[0]
+                    assert not np.array_equal(beside, CorrectedStack(stack, layout, correction)
+                                              .read_plane_with_context((near,), 1)[0]), (z, y, x)
 
 
 def test_fit_and_predict_say_what_was_found_and_files_keep_it(tmp_path):
@@ -326,8 +404,6 @@ def test_a_planes_own_values_never_decide_its_hot_pixels(planes):
 @pytest.mark.parametrize("planes", [12, 4, 1])
 def test_a_saved_correction_loads_as_it_was(tmp_path, planes):
     """Cluster tasks read the client's correction from a file: every field comes back."""
-    from napari_tbsn.camera import CameraCorrection
-
     _, stack = camera_stack(planes=planes)
     stack = stack[0] if planes == 1 else stack
     correction = find_correction(stack, PlaneLayout.of(stack.shape, "YX" if planes == 1 else "ZYX"))
