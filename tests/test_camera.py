@@ -234,7 +234,7 @@ def test_the_camera_correction_is_exactly_blind_through_the_whole_prediction(row
     correction = find_correction(stack, layout)
     assert correction.pattern is not None and correction.hot is not None
     assert bool(correction.lines) == (rows > 0), correction.describe()
-    if drifting:  # the path chosen for 12 such planes (test_a_stack_whose_structure_drifts_...); 8 are too few to choose
+    if drifting:  # chosen on 12 such planes with dark frames (test_a_stack_whose_structure_drifts_...), not always here
         correction = dataclasses.replace(correction, lines_across=True)
     leaks = _own_outputs_that_moved(stack, layout, correction, "blind_spot", PROBES, line=line)
     assert not leaks, f"pixels whose own output moved with their own value: {leaks}"
@@ -259,14 +259,15 @@ def test_a_calibrated_prediction_is_exactly_blind(rows, estimator, drifting):  #
 
 @pytest.mark.parametrize("drifting", [True, False])
 def test_a_stack_whose_structure_drifts_measures_its_line_offsets_against_the_planes_around(drifting, tmp_path):
-    """The same cells from plane to plane: each row's offset is told from its structure by the
-    same rows of the planes around, and these estimates are closer to the true offsets than the
-    ones within each plane. New cells in every plane: within each plane."""
+    """The same cells from plane to plane (dark frames given: the choice measured on the rows
+    alone): each row's offset is told from its structure by the same rows of the planes around,
+    and these estimates are closer to the true offsets than the ones within each plane. New
+    cells in every plane: within each plane."""
     _, stack, true_rows = camera_stack(planes=12, rows=0.5, drifting=drifting, with_rows=True)
     layout = PlaneLayout.of(stack.shape, "ZYX")
-    correction = find_correction(stack, layout)
+    correction = find_correction(stack, layout, Calibration.from_dark(_dark_frames()))
     assert correction.lines == ("rows",) and correction.lines_across == drifting, correction.describe()
-    correction.save(tmp_path / "camera.npz")  # a cluster task's correction, and a model file's
+    correction.save(tmp_path / "camera.npz")  # a cluster task's correction
     assert CameraCorrection.load(tmp_path / "camera.npz").lines_across == drifting
     if not drifting:
         return
@@ -296,31 +297,32 @@ def _dark_frames(shape=(64, 256)):
 def test_line_offsets_measured_across_planes_never_read_the_plane_predicted(dark):
     """Predicting plane z, with line offsets measured against the planes around: whatever y_p
     is (alone, or with its whole row on its own lattice), the plane's pixels off p's lattice and
-    every pixel of its context planes read the same. The planes around are read (their values
-    move what a prediction of the next plane reads), plane z only for the row's level on p's
-    own lattice."""
+    every pixel of its context planes read the same, also where the reader kept what it measured
+    for another plane. The planes around are read (their values move what a prediction of the
+    next plane reads), plane z only for the row's level on p's own lattice."""
     _, stack = camera_stack(planes=12, rows=0.5, drifting=True)
     layout = PlaneLayout.of(stack.shape, "ZYX")
     correction = find_correction(stack, layout, Calibration.from_dark(_dark_frames()) if dark else None)
-    assert correction.lines_across, correction.describe()
+    assert correction.lines, correction.describe()
+    correction = dataclasses.replace(correction, lines_across=True)
+    unchanged = CorrectedStack(stack, layout, correction)
     for z in (0, 1, 6, 11):
+        near = z + 1 if z < 11 else z - 1  # a plane of the other half: the other hot decisions and map
         for y, x in [(20, 20), (21, 33), (0, 1)]:
             for where in ((y, x), (y, slice(x % 2, None, 2))):
                 changed = stack.copy()
                 changed[z][where] += PERTURBATION
-                again = correction if dark else remeasured(correction, changed, layout)
-                before = CorrectedStack(stack, layout, correction).read_plane_with_context((z,), 2)
-                after = CorrectedStack(changed, layout, again).read_plane_with_context((z,), 2)
+                again = CorrectedStack(changed, layout, correction if dark else remeasured(correction, changed, layout))
+                beside = again.read_plane_with_context((near,), 2)  # what it keeps must not leak into z's
+                before, after = unchanged.read_plane_with_context((z,), 2), again.read_plane_with_context((z,), 2)
                 seen = _other_lattice_pixels(stack.shape[1:], y, x)
                 assert np.array_equal(before[0][seen], after[0][seen]), (z, y, x, where)
                 assert np.array_equal(before[1:], after[1:]), (z, y, x, where)
-                if where != (y, x):  # not vacuous: the row's level on p's lattice moved with it ...
-                    assert not np.array_equal(before[0][where], after[0][where]), (z, y, x)
+                if where != (y, x):  # not vacuous: the row's shift was taken out as its offset on p's lattice ...
+                    assert np.allclose(before[0][where], after[0][where], atol=1e-3), (z, y, x)
                     # ... and the next plane's prediction reads plane z
-                    near = z + 1 if z < 11 else z - 1
-                    beside = CorrectedStack(changed, layout, again).read_plane_with_context((near,), 1)[0]
-                    assert not np.array_equal(beside, CorrectedStack(stack, layout, correction)
-                                              .read_plane_with_context((near,), 1)[0]), (z, y, x)
+                    moved = np.abs(beside[0] - unchanged.read_plane_with_context((near,), 2)[0])
+                    assert moved.max() > 0.1, (z, y, x)
 
 
 def test_fit_and_predict_say_what_was_found_and_files_keep_it(tmp_path):
