@@ -25,9 +25,10 @@ where no correction reads y_p. Line offsets measured across planes read, for the
 predicted, a line's level on its own lattice and the planes around z; for its context planes,
 their own lines and the planes around them, never z. A stack's fixed-offset map is estimated
 twice, from the planes of even and of odd flat index, and everything read to predict plane z (z
-and its context) is corrected with the map that does not hold z. The lattice filter reads residuals on p's own
-lattice, whose line offsets did read y_p: beside line offsets it reads them centred along the
-lines, from the plane before its line offsets came out (lattice.centred_residual_features).
+and its context) is corrected with the map that does not hold z. The lattice filter reads
+residuals on p's own lattice, whose line offsets did read y_p: beside line offsets it reads them
+centred along the lines, from the plane before its line offsets came out
+(lattice.centred_residual_features).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scipy.ndimage import correlate
+from scipy.ndimage import correlate, uniform_filter1d
 
 from .axes import PlaneLayout, PlaneSource, Region
 from .errors import BadInput
@@ -408,6 +409,7 @@ class CorrectedStack(PlaneSource):
         self.shape, self.dtype, self.ndim = tuple(data.shape), np.dtype(np.float32), len(data.shape)
         self._last = None  # (plane, planes each side), _decisions' result
         self._levels: dict = {}  # (plane, decisions) -> direction -> (C, 3, lines): line_levels
+        self._half_maps: dict = {}  # half of the stack -> its whole fixed-offset map (a pattern's)
 
     def _cut(self, block: np.ndarray, offset: np.ndarray | None, hot: np.ndarray | None,
              region: Region | None, lines: bool | dict = True) -> np.ndarray:
@@ -450,11 +452,7 @@ class CorrectedStack(PlaneSource):
         from `raw`, flat index -> raw plane, where it is there)."""
         key = (flat, self.correction.decision_key(target), target % 2 if self.correction.pattern is not None else None)
         if key not in self._levels:
-            if self.correction.pattern is not None:
-                other = 1 - target % 2
-                offset = self.correction.pattern.map_without(other, other, [])
-            else:
-                offset = self.correction.offset
+            offset = self._half_map(1 - target % 2) if self.correction.pattern is not None else self.correction.offset
             block = raw[flat] if flat in raw else self.layout.read_plane(self.source, self.layout.plane_index(flat))
             block = self.correction.correct(block, offset, self.correction.hot_for(target), lines=False)
             if len(self._levels) >= LEVELS_KEPT:
@@ -462,6 +460,12 @@ class CorrectedStack(PlaneSource):
             self._levels[key] = {direction: np.stack([line_levels(image, direction) for image in block])
                                  for direction in self.correction.lines}
         return self._levels[key]
+
+    def _half_map(self, half: int) -> np.ndarray:
+        """The whole map of one half of the stack, with its own hot-pixel decisions (made once)."""
+        if half not in self._half_maps:
+            self._half_maps[half] = self.correction.pattern.map_without(half, half, [])
+        return self._half_maps[half]
 
     def _around(self, flat: int, excluded: set[int]) -> list[tuple[int, int]]:
         """(step, flat index) of the planes up to LINE_PLANE_REACH along the context axis from
@@ -506,18 +510,10 @@ class CorrectedStack(PlaneSource):
         if not around:
             return None
         weights = _plane_weights(tuple(step for step, _ in around))
-        reach = LINE_ACROSS_REACH
-        fitted = {}
-        for direction in self.correction.lines:
-            total = 0.0
-            for (_, other), weight in zip(around, weights):
-                whole = self._line_levels(other, target, raw)[direction][:, 0]
-                padded = np.pad(whole, ((0, 0), (reach, reach)), mode="reflect")
-                lines = whole.shape[1]
-                total = total + weight * np.mean([padded[:, shift: shift + lines] for shift in range(2 * reach + 1)],
-                                                 axis=0)
-            fitted[direction] = total
-        return fitted
+        return {direction: sum(weight * uniform_filter1d(self._line_levels(other, target, raw)[direction][:, 0],
+                                                         2 * LINE_ACROSS_REACH + 1, axis=1, mode="mirror")
+                               for (_, other), weight in zip(around, weights))
+                for direction in self.correction.lines}
 
     def read_plane_with_context(self, plane: tuple[int, ...], planes_each_side: int,
                                 region: Region | None = None) -> np.ndarray:
